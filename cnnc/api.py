@@ -1,0 +1,116 @@
+"""The Python API: `cnnc.compile(...)` for CI pipelines, and `cnnc.verify(...)`.
+
+    result = cnnc.compile("model.onnx", passes=["fold-bn"])          # or an nn.Module with example_input=
+    result.report["equivalence"]["passed"]                             # proven on seeded inputs
+    result.save("model.cnnc.onnx")                                     # atomic write
+
+Failures raise `cnnc.ModelError` (bad input), `cnnc.UsageError` (bad options) or `cnnc.EquivalenceError`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+import cnnc.passes  # noqa: F401  (registers every pass)
+from cnnc import backend, target
+from cnnc.errors import EquivalenceError, ModelError
+from cnnc.frontend import load_model, load_state_dict
+from cnnc.model_stats import model_stats
+from cnnc.pass_contract import Pass, default_pass_names, parse_pipeline
+from cnnc.pipeline import run_pipeline
+from cnnc.runtime.equivalence import DEFAULT_ATOL, DEFAULT_RTOL, check_equivalence
+
+
+@dataclass
+class CompileResult:
+    model: onnx.ModelProto
+    report: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path, external_data: bool | None = None) -> list[Path]:
+        """Write the compiled model atomically; `external_data=None` uses external data above 2 GB only."""
+        written = backend.save(self.model, path, external_data=external_data)
+        self.report["written"] = [str(p) for p in written]
+        return written
+
+
+def runnable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model`, or a copy stamped with an IR version onnxruntime accepts (the original is never modified)."""
+    if model.ir_version <= target.max_ir_version():
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.ir_version = target.max_ir_version()
+    return copy
+
+
+def _equivalence(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: dict) -> dict:
+    report = check_equivalence(reference, candidate, **check)
+    return {**report.as_dict(), "summary": report.summary()}
+
+
+def compile(model: Any, passes: str | list | None = None, example_input: Any = None, *, check: bool = True,
+            check_n: int = 2, seed: int = 0, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+            input_shapes=None, inputs=None, verify_each: bool = False, state_dict: str | Path | None = None,
+            strict: bool = False) -> CompileResult:
+    """Compile `model` (ONNX path, ModelProto or nn.Module) with `passes` (default: every default exact pass).
+
+    With `check` (the default) the result is proven equivalent to the original on seeded inputs (DESIGN §6) and
+    `EquivalenceError` is raised otherwise; `verify_each` checks after every pass and names the pass that broke it.
+    """
+    started = time.perf_counter()
+    if state_dict is not None:
+        model.load_state_dict(load_state_dict(state_dict))
+    original = runnable(load_model(model, example_input))
+    pipeline: list[Pass] = parse_pipeline(passes if passes is not None else default_pass_names())
+    check_options = dict(n=check_n, seed=seed, rtol=rtol, atol=atol, input_shapes=input_shapes, user_inputs=inputs)
+    per_pass: dict[str, dict] = {}
+
+    def verify_after(pass_: Pass, graph: gs.Graph) -> None:
+        candidate = backend.to_model(graph.copy(), template=original)
+        result = _equivalence(original, candidate, check_options)
+        per_pass[pass_.spec()] = result
+        if not result["passed"]:
+            raise EquivalenceError(f"pass {pass_.spec()} broke equivalence: {result['summary']}",
+                                   {"equivalence": result, "failed_pass": pass_.spec()})
+
+    try:
+        graph = gs.import_onnx(original)
+    except Exception as error:  # graphsurgeon raises assorted types on malformed graphs
+        raise ModelError(f"cannot import the model into the IR: {error}") from None
+    graph, pipeline_report = run_pipeline(graph, pipeline, verify=verify_after if verify_each else None,
+                                          strict=strict)
+    compiled = backend.to_model(graph, template=original)
+    backend.check(compiled)
+    report: dict = {
+        "passes": pipeline_report.as_dict(),
+        "canonicalize_seconds": round(pipeline_report.canonicalize_seconds, 6),
+        "before": model_stats(original),
+        "after": model_stats(compiled),
+    }
+    if verify_each:
+        report["equivalence_per_pass"] = per_pass
+    if check:
+        report["equivalence"] = _equivalence(original, compiled, check_options)
+        if not report["equivalence"]["passed"]:
+            raise EquivalenceError(f"compiled model is not equivalent: {report['equivalence']['summary']}", report)
+    else:
+        report["equivalence"] = None
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return CompileResult(compiled, report)
+
+
+def verify(a: Any, b: Any, *, check_n: int = 2, seed: int = 0, rtol: float = DEFAULT_RTOL,
+           atol: float = DEFAULT_ATOL, input_shapes=None, inputs=None) -> dict:
+    """Equivalence of two models (paths or ModelProtos); returns the report, raises EquivalenceError on mismatch."""
+    reference, candidate = runnable(load_model(a)), runnable(load_model(b))
+    result = _equivalence(reference, candidate, dict(n=check_n, seed=seed, rtol=rtol, atol=atol,
+                                                     input_shapes=input_shapes, user_inputs=inputs))
+    if not result["passed"]:
+        raise EquivalenceError(f"models are not equivalent: {result['summary']}", {"equivalence": result})
+    return result

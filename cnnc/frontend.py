@@ -1,0 +1,130 @@
+"""Frontends: an ONNX file, a PyTorch module, or a `.pt`/`.pth` state dict, into an ONNX ModelProto.
+
+Untrusted files are the normal case. An ONNX file is parsed without following its external-data references, checked
+(`cnnc.validate`), and only then are its external tensors read, through the checks of `cnnc.external_data`.
+A `.pt` file is only ever read with `torch.load(weights_only=True)`, never retried otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from cnnc.errors import ModelError, UsageError
+from cnnc.external_data import load_external_data
+from cnnc.validate import validate_model
+
+# Opset that the torch exporter is asked for: new enough for every op cnnc rewrites, old enough for any onnxruntime.
+TORCH_EXPORT_OPSET = 17
+
+
+def _sniff(data: bytes, path: Path) -> None:
+    if not data:
+        raise ModelError(f"{path} is empty")
+    if data[:1] == b"\x80" and len(data) > 1 and data[1] <= 5:
+        raise ModelError(f"{path} is a Python pickle, not an ONNX model; cnnc never unpickles .onnx files")
+    if data[:4] == b"PK\x03\x04":
+        raise ModelError(f"{path} is a zip archive (a torch.save file?), not an ONNX model")
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Read, validate and return the ONNX model at `path` with its external data inlined."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path} does not exist")
+    if not path.is_file():
+        raise ModelError(f"{path} is not a file")
+    data = path.read_bytes()
+    _sniff(data, path)
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeWarning, ValueError) as error:
+        raise ModelError(f"{path} is not a valid ONNX model (protobuf parse failed: {error})") from None
+    if not model.HasField("graph") or model.ir_version == 0:
+        raise ModelError(f"{path} is not a valid ONNX model (no graph or no IR version)")
+    validate_model(model)
+    load_external_data(model, path.parent)
+    return model
+
+
+def from_torch(module: Any, example_input: Any, dynamic_batch: bool = True) -> onnx.ModelProto:
+    """Export a torch `nn.Module` at `example_input` (a tensor or a tuple of tensors) with the TorchScript exporter.
+
+    The batch dimension of every input and output stays symbolic unless `dynamic_batch` is False. The exporter's
+    own constant folding is off, so that what cnnc rewrites (BN folding and the rest) shows in its report.
+    """
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise UsageError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    if example_input is None:
+        raise UsageError("compiling a torch module needs example_input")
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    module = module.eval()
+    with torch.no_grad():
+        outputs = module(*args)
+    n_outputs = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+    input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
+    dynamic_axes = {name: {0: "batch"} for name in input_names + output_names} if dynamic_batch else None
+    buffer = io.BytesIO()
+    try:
+        torch.onnx.export(module, args, buffer, dynamo=False, opset_version=TORCH_EXPORT_OPSET,
+                          do_constant_folding=False, input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic_axes)
+    except Exception as error:  # the exporter raises many unrelated types
+        raise ModelError(f"torch.onnx.export failed: {error}") from error
+    model = onnx.load_model_from_string(buffer.getvalue())
+    validate_model(model)
+    return model
+
+
+def load_state_dict(path: str | Path) -> dict:
+    """Load a `.pt`/`.pth` state dict with `weights_only=True`. Pickled modules and TorchScript are refused."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist or is not a file")
+    data = path.read_bytes()
+    if not data:
+        raise ModelError(f"{path} is empty")
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            if any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist()):
+                raise ModelError(f"{path} is a TorchScript archive; cnnc does not execute TorchScript files")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, RuntimeError, EOFError...: all mean "not a safe state dict"
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"{path} cannot be read with weights_only=True: {message}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ModelError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
+    return state
+
+
+def load_model(source: Any, example_input: Any = None) -> onnx.ModelProto:
+    """Any supported source (ModelProto, ONNX path, torch module) into a validated ModelProto."""
+    if isinstance(source, onnx.ModelProto):
+        validate_model(source)
+        return source
+    if isinstance(source, (str, Path)):
+        suffix = Path(source).suffix.lower()
+        if suffix in (".pt", ".pth"):
+            raise UsageError(f"{source} is a PyTorch file: pass the module and load it with state_dict=")
+        return load_onnx(source)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(source, torch.nn.Module):
+        return from_torch(source, example_input)
+    raise UsageError(f"cannot compile a {type(source).__name__}: give an ONNX path, a ModelProto or an nn.Module")

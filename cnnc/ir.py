@@ -1,0 +1,164 @@
+"""Small typed helpers over onnx-graphsurgeon's `Graph`, the IR of cnnc.
+
+graphsurgeon pitfalls this module exists to contain:
+- `Node.__eq__` is structural, so node sets and dicts are keyed by `id(node)`;
+- `tensor.inputs` are a tensor's producers and `tensor.outputs` its consumers;
+- a rewrite must be followed by `graph.cleanup().toposort()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+# Tensors larger than this are never materialised by constant folding (a folded Tile or Expand could be huge).
+FOLD_SIZE_LIMIT_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The attributes of a Conv / ConvTranspose / pooling node with ONNX defaults resolved."""
+
+    kernel_shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]  # ONNX order: all begins, then all ends
+    dilations: tuple[int, ...]
+    group: int
+    auto_pad: str
+
+    @property
+    def spatial_rank(self) -> int:
+        return len(self.kernel_shape)
+
+    @property
+    def has_padding(self) -> bool:
+        return self.auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(p != 0 for p in self.pads)
+
+
+def conv_geometry(node: gs.Node) -> ConvGeometry:
+    """Resolve a conv-like node's attributes; the kernel shape comes from the weight when the attribute is absent."""
+    attrs = node.attrs
+    kernel = attrs.get("kernel_shape")
+    if kernel is None:
+        weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        if weight is None:
+            raise ValueError(f"{node.op} '{node.name}' has no kernel_shape and a non-constant weight")
+        kernel = weight.shape[2:]
+    rank = len(kernel)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    return ConvGeometry(
+        kernel_shape=tuple(int(k) for k in kernel),
+        strides=tuple(int(s) for s in attrs.get("strides", [1] * rank)),
+        pads=tuple(int(p) for p in attrs.get("pads", [0] * (2 * rank))),
+        dilations=tuple(int(d) for d in attrs.get("dilations", [1] * rank)),
+        group=int(attrs.get("group", 1)),
+        auto_pad=auto_pad,
+    )
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a tensor that is a constant (an initializer or the output of a Constant node), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        producer = tensor.inputs[0]
+        attr = producer.attrs.get("value")
+        if isinstance(attr, gs.Constant):
+            return np.asarray(attr.values)
+        if isinstance(attr, np.ndarray):
+            return attr
+    return None
+
+
+def is_empty_input(tensor: gs.Tensor) -> bool:
+    """ONNX marks an omitted optional input with an empty name."""
+    return isinstance(tensor, gs.Variable) and tensor.name == ""
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(out is tensor for out in graph.outputs)
+
+
+def sole_consumer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
+    """The one node reading `tensor`, or None when it has several readers or is also a graph output."""
+    if is_graph_output(graph, tensor) or len(tensor.outputs) != 1:
+        return None
+    return tensor.outputs[0]
+
+
+def sole_producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def make_constant(name_hint: str, values: np.ndarray, graph: gs.Graph) -> gs.Constant:
+    """A new constant with a name unused in `graph` (never mutate a constant in place: it may be shared)."""
+    return gs.Constant(unique_name(graph, name_hint), np.ascontiguousarray(values))
+
+
+def unique_name(graph: gs.Graph, hint: str) -> str:
+    taken = graph.tensors().keys() | {node.name for node in graph.nodes}
+    if hint not in taken:
+        return hint
+    index = 1
+    while f"{hint}_{index}" in taken:
+        index += 1
+    return f"{hint}_{index}"
+
+
+def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every reader of `old` read `new` instead.
+
+    When `old` is a graph output, `new` takes its place and its name, so that the model's interface is unchanged.
+    """
+    for consumer in list(old.outputs):
+        consumer.inputs = [new if t is old else t for t in consumer.inputs]
+    if is_graph_output(graph, old):
+        graph.outputs = [new if t is old else t for t in graph.outputs]
+        old_name = old.name
+        old.name = unique_name(graph, old_name + "_replaced")
+        new.name = old_name
+        if isinstance(new, gs.Variable) and isinstance(old, gs.Variable):
+            new.dtype = new.dtype or old.dtype
+            new.shape = new.shape or old.shape
+
+
+def tidy(graph: gs.Graph) -> gs.Graph:
+    """Drop dead nodes and tensors and restore topological order; run after every rewrite."""
+    return graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def fold_constant_subgraphs(graph: gs.Graph) -> gs.Graph:
+    """Evaluate the constant sub-graphs that exporters emit (torch's F.pad gives ConstantOfShape/Concat/Slice/
+    Reshape chains) so that passes see plain constants. graphsurgeon evaluates them with onnxruntime's CPU provider.
+    """
+    graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_SIZE_LIMIT_BYTES)
+    return tidy(graph)
+
+
+def refresh_shapes(graph: gs.Graph) -> gs.Graph:
+    """Annotate the graph's variables, in place, with the shapes and dtypes of ONNX shape inference."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    tensors = graph.tensors()
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor = tensors.get(info.name)
+        if not isinstance(tensor, gs.Variable) or not info.type.HasField("tensor_type"):
+            continue
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape"):
+            tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                            for d in tensor_type.shape.dim]
+        if tensor_type.elem_type and tensor.dtype is None:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+    return graph
+
+
+def tensor_rank(tensor: gs.Tensor) -> int | None:
+    if isinstance(tensor, gs.Constant):
+        return tensor.values.ndim
+    return len(tensor.shape) if tensor.shape is not None else None

@@ -1,0 +1,12 @@
+"""cnnc's passes, one per module; importing this package registers them all.
+
+Installed as `cnnc.passes` (pyproject maps it from the top-level `passes/` folder). Importing it as plain `passes`
+from a checkout would create a second copy of every pass module and register every pass twice, so it refuses.
+"""
+
+if __name__ != "cnnc.passes":
+    raise ImportError(f"import this package as cnnc.passes, not {__name__} (run from an installed cnnc)")
+
+from cnnc.passes import fold_bn  # noqa: E402,F401
+
+__all__ = ["fold_bn"]

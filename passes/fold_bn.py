@@ -1,0 +1,245 @@
+"""fold-bn: fold inference-mode BatchNormalization into the neighbouring Conv, ConvTranspose or Gemm.
+
+Maths. In inference form BN is a per-channel affine map on channel axis 1:
+    BN(y) = γ·(y − μ)/√(σ² + ε) + β = s·y + t,   s = γ/√(σ² + ε),   t = β − μ·s.
+All of it is computed in float64 and cast back to the weight's dtype.
+- BN after Conv (W: Cout × Cin/g × k…):       W'[o] = s[o]·W[o],   b' = s·b + t = (b − μ)·s + β.
+  This is seed 003's Eq. 7 (w' = γw/√(σ²+ε), b' = β − γμ/√(σ²+ε)) generalised to a conv that has a bias b;
+  the two agree when b = 0.
+- BN after ConvTranspose (W: Cin × Cout/g × k…): output channel o = g_idx·Cout/g + j, so W'[i, j] = s[o]·W[i, j].
+- BN after Gemm  Y = α·A·op(B) + β_g·C:  column n of op(B) times s[n];  C' = s·(β_g·C) + t,  β_g' = 1.
+- BN before a Conv without padding:  conv(s·x + t) = conv_{W·s}(x) + Σ_{i,k} W[o,i,k]·t[c(o,i)], where c(o,i) is the
+  input channel that weight column i of output o reads (groups respected). Zero padding would read 0 where the BN
+  output is t, so a padded conv is never folded this way.
+- BN before a Gemm (transA = 0, channels on the K axis): row k of op(B) times s[k];  C' = β_g·C + α·t·op(B).
+- A lone BN becomes Mul(s) + Add(t) broadcast on axis 1.
+
+Preconditions (a BN that fails one is left alone and the reason recorded): inference mode (training_mode = 0 and
+only the Y output used), spatial BN, constant γ, β, μ, σ², a finite scale s, and constant weights in the op it folds
+into. Folding into a producer needs the BN to be the producer's only reader; a conv whose output also feeds another
+consumer keeps its weights and the BN becomes Mul + Add. New weights are always new constants, so a weight shared
+with another node is never modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from cnnc import ir
+from cnnc.pass_contract import Pass, PassResult, register
+
+
+def _bn_affine(bn: gs.Node) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+    """(s, t) in float64 for an inference-mode BN, or (None, reason)."""
+    if int(bn.attrs.get("training_mode", 0)) != 0:
+        return None, "training_mode=1: batch statistics are not constants"
+    if any(out.outputs for out in bn.outputs[1:]) or len(bn.outputs) > 1 and any(
+            out.name for out in bn.outputs[1:]):
+        return None, "running mean/variance outputs are used (training form)"
+    if int(bn.attrs.get("spatial", 1)) != 1:
+        return None, "spatial=0 (per-activation statistics) is not supported"
+    params = [ir.constant_value(t) for t in bn.inputs[1:5]]
+    if len(params) != 4 or any(p is None for p in params):
+        return None, "scale, bias, mean or variance is not a constant"
+    gamma, beta, mean, var = (np.asarray(p, dtype=np.float64) for p in params)
+    if not (gamma.ndim == beta.ndim == mean.ndim == var.ndim == 1) or len({p.size for p in params}) != 1:
+        return None, "parameters are not 1-D vectors of one length"
+    eps = float(bn.attrs.get("epsilon", 1e-5))
+    with np.errstate(all="ignore"):
+        scale = gamma / np.sqrt(var + eps)
+        shift = beta - mean * scale
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        return None, "scale γ/√(σ²+ε) or shift is not finite (NaN/Inf or negative variance)"
+    return (scale, shift), ""
+
+
+def _axis1(vector: np.ndarray, rank: int) -> np.ndarray:
+    """A per-channel vector shaped to broadcast on axis 1 of a rank-`rank` tensor."""
+    return vector.reshape((-1,) + (1,) * max(rank - 2, 0))
+
+
+def _float_weight(node: gs.Node, index: int) -> np.ndarray | None:
+    if len(node.inputs) <= index or ir.is_empty_input(node.inputs[index]):
+        return None
+    value = ir.constant_value(node.inputs[index])
+    return value if value is not None and np.issubdtype(value.dtype, np.floating) else None
+
+
+def _set_input(graph: gs.Graph, node: gs.Node, index: int, hint: str, value: np.ndarray) -> None:
+    constant = ir.make_constant(hint, value, graph)
+    while len(node.inputs) <= index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[index] = constant
+
+
+def _fold_into_producer(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray) -> str | None:
+    """Fold BN into the Conv/ConvTranspose/Gemm that produces its input. Returns the reason when it cannot."""
+    x = bn.inputs[0]
+    producer = ir.sole_producer(x)
+    if producer is None or producer.op not in ("Conv", "ConvTranspose", "Gemm"):
+        return f"input is produced by {producer.op if producer else 'no node'}, not Conv/ConvTranspose/Gemm"
+    if ir.sole_consumer(graph, x) is not bn:
+        return f"{producer.op} '{producer.name}' output has another consumer"
+    weight = _float_weight(producer, 1)
+    if weight is None:
+        return f"{producer.op} '{producer.name}' weight is not a float constant"
+    n = s.size
+    if producer.op == "Gemm":
+        if not (len(producer.inputs) < 3 or ir.is_empty_input(producer.inputs[2])
+                or _float_weight(producer, 2) is not None):
+            return f"Gemm '{producer.name}' C is not a constant"
+        trans_b = int(producer.attrs.get("transB", 0))
+        out_features = weight.shape[0] if trans_b else weight.shape[1]
+        if weight.ndim != 2 or out_features != n:
+            return f"Gemm '{producer.name}' has {out_features} outputs, BN has {n} channels"
+        new_w = weight.astype(np.float64) * (s[:, None] if trans_b else s[None, :])
+        c = _float_weight(producer, 2)
+        c_eff = float(producer.attrs.get("beta", 1.0)) * (c.astype(np.float64) if c is not None else np.zeros(n))
+        if c_eff.ndim == 0 or (c_eff.ndim == 2 and c_eff.shape[0] == 1):
+            c_eff = np.broadcast_to(c_eff, (n,)) if c_eff.ndim == 0 else c_eff[0]  # a row vector: keep it 1-D
+        new_c = c_eff * s + t
+        producer.attrs["beta"] = 1.0
+        bias_dtype = c.dtype if c is not None else weight.dtype
+        _set_input(graph, producer, 1, producer.name + "_B_bnfold", new_w.astype(weight.dtype))
+        _set_input(graph, producer, 2, producer.name + "_C_bnfold", new_c.astype(bias_dtype))
+    else:
+        group = int(producer.attrs.get("group", 1))
+        if producer.op == "Conv":
+            out_channels = weight.shape[0]
+            scaled = None
+            if out_channels == n:
+                scaled = weight.astype(np.float64) * s.reshape((-1,) + (1,) * (weight.ndim - 1))
+        else:  # ConvTranspose: W is Cin × Cout/g × k…, output channel o = g_idx·Cout/g + j
+            out_channels = weight.shape[1] * group
+            scaled = None
+            if out_channels == n:
+                grouped = weight.astype(np.float64).reshape((group, weight.shape[0] // group) + weight.shape[1:])
+                scaled = (grouped * s.reshape((group, 1, weight.shape[1]) + (1,) * (weight.ndim - 2))
+                          ).reshape(weight.shape)
+        if scaled is None:
+            return f"{producer.op} '{producer.name}' has {out_channels} output channels, BN has {n}"
+        bias = _float_weight(producer, 2)
+        if len(producer.inputs) > 2 and not ir.is_empty_input(producer.inputs[2]) and bias is None:
+            return f"{producer.op} '{producer.name}' bias is not a float constant"
+        new_b = (bias.astype(np.float64) if bias is not None else np.zeros(n)) * s + t
+        _set_input(graph, producer, 1, producer.name + "_W_bnfold", scaled.astype(weight.dtype))
+        _set_input(graph, producer, 2, producer.name + "_B_bnfold", new_b.astype(weight.dtype))
+    producer.outputs = list(bn.outputs[:1])  # the producer now writes the BN's output tensor, name and all
+    bn.outputs.clear()
+    bn.inputs.clear()
+    return None
+
+
+def _fold_into_consumer(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray) -> str | None:
+    """Fold BN into the pad-free Conv or Gemm that is its only reader. Returns the reason when it cannot."""
+    y = bn.outputs[0]
+    consumer = ir.sole_consumer(graph, y)
+    if consumer is None or consumer.op not in ("Conv", "Gemm") or consumer.inputs[0] is not y:
+        return "output is not read by exactly one Conv/Gemm data input"
+    weight = _float_weight(consumer, 1)
+    if weight is None:
+        return f"{consumer.op} '{consumer.name}' weight is not a float constant"
+    n = s.size
+    bias = _float_weight(consumer, 2)
+    if len(consumer.inputs) > 2 and not ir.is_empty_input(consumer.inputs[2]) and bias is None:
+        return f"{consumer.op} '{consumer.name}' bias is not a float constant"
+    w64 = weight.astype(np.float64)
+    if consumer.op == "Conv":
+        geometry = ir.conv_geometry(consumer)
+        if geometry.has_padding:
+            return f"Conv '{consumer.name}' pads its input: the border would read 0 where BN gives t"
+        out_channels, in_per_group = weight.shape[:2]
+        group = geometry.group
+        if in_per_group * group != n:
+            return f"Conv '{consumer.name}' reads {in_per_group * group} channels, BN has {n}"
+        # channel[o, i]: the input channel that weight column i of output channel o reads.
+        channel = (np.arange(out_channels)[:, None] // (out_channels // group)) * in_per_group + \
+            np.arange(in_per_group)[None, :]
+        spatial = (1,) * (weight.ndim - 2)
+        new_w = w64 * s[channel].reshape(channel.shape + spatial)
+        shift = (w64.reshape(out_channels, in_per_group, -1).sum(axis=2) * t[channel]).sum(axis=1)
+        new_b = (bias.astype(np.float64) if bias is not None else 0.0) + shift
+        bias_index, bias_dtype = 2, weight.dtype
+    else:
+        if int(consumer.attrs.get("transA", 0)) != 0:
+            return f"Gemm '{consumer.name}' has transA=1: BN channels are not its K axis"
+        trans_b = int(consumer.attrs.get("transB", 0))
+        op_b = w64.T if trans_b else w64  # K × N
+        if op_b.shape[0] != n:
+            return f"Gemm '{consumer.name}' has K={op_b.shape[0]}, BN has {n} channels"
+        new_op_b = op_b * s[:, None]
+        new_w = new_op_b.T if trans_b else new_op_b
+        beta = float(consumer.attrs.get("beta", 1.0))
+        alpha = float(consumer.attrs.get("alpha", 1.0))
+        new_b = (beta * bias.astype(np.float64) if bias is not None else 0.0) + alpha * (t @ op_b)
+        consumer.attrs["beta"] = 1.0
+        bias_index, bias_dtype = 2, bias.dtype if bias is not None else weight.dtype
+    _set_input(graph, consumer, 1, consumer.name + "_W_bnfold", new_w.astype(weight.dtype))
+    _set_input(graph, consumer, bias_index, consumer.name + "_B_bnfold", np.asarray(new_b).astype(bias_dtype))
+    consumer.inputs[0] = bn.inputs[0]
+    bn.outputs.clear()
+    bn.inputs.clear()
+    return None
+
+
+def _to_mul_add(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray) -> str | None:
+    x, y = bn.inputs[0], bn.outputs[0]
+    rank = ir.tensor_rank(x) or ir.tensor_rank(y)
+    if rank is None or rank < 2:
+        return "input rank is unknown, so the per-channel constants cannot be shaped"
+    dtype = x.dtype or y.dtype or ir.constant_value(bn.inputs[1]).dtype
+    scaled = gs.Variable(ir.unique_name(graph, bn.name + "_scaled"), dtype=dtype, shape=x.shape)
+    scale = ir.make_constant(bn.name + "_scale", _axis1(s, rank).astype(dtype), graph)
+    graph.nodes.append(gs.Node("Mul", ir.unique_name(graph, bn.name + "_mul"), inputs=[x, scale], outputs=[scaled]))
+    shift = ir.make_constant(bn.name + "_shift", _axis1(t, rank).astype(dtype), graph)
+    add = gs.Node("Add", ir.unique_name(graph, bn.name + "_add"), inputs=[scaled, shift], outputs=list(bn.outputs[:1]))
+    graph.nodes.append(add)
+    bn.outputs.clear()
+    bn.inputs.clear()
+    return None
+
+
+@register
+@dataclass(frozen=True)
+class FoldBatchNorm(Pass):
+    """Fold BatchNormalization into Conv / ConvTranspose / Gemm; a lone BN becomes Mul + Add."""
+
+    name = "fold-bn"
+    summary = "fold inference BatchNormalization into the adjacent Conv/ConvTranspose/Gemm (else Mul+Add)"
+    into_consumer: bool = True  # also fold a BN into the pad-free Conv/Gemm that follows it
+    lone_to_mul_add: bool = True  # rewrite a BN with no foldable neighbour as Mul + Add
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        result = PassResult()
+        for bn in [node for node in graph.nodes if node.op == "BatchNormalization"]:
+            where = f"BatchNormalization '{bn.name}'"
+            affine, why = _bn_affine(bn)
+            if affine is None:
+                result.skip(where, why)
+                continue
+            s, t = affine
+            producer = ir.sole_producer(bn.inputs[0])
+            consumer = ir.sole_consumer(graph, bn.outputs[0])
+            reasons = []
+            why = _fold_into_producer(graph, bn, s, t)
+            if why is None:
+                result.did(f"{where} folded into {producer.op} '{producer.name}'")
+                continue
+            reasons.append(why)
+            if self.into_consumer:
+                why = _fold_into_consumer(graph, bn, s, t)
+                if why is None:
+                    result.did(f"{where} folded into the following {consumer.op} '{consumer.name}'")
+                    continue
+                reasons.append(why)
+            if self.lone_to_mul_add:
+                why = _to_mul_add(graph, bn, s, t)
+                if why is None:
+                    result.did(f"{where} rewritten as Mul+Add ({'; '.join(reasons)})")
+                    continue
+                reasons.append(why)
+            result.skip(where, "; ".join(reasons))
+        return result
