@@ -45,7 +45,28 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
             if opset.domain not in domains:
                 model.opset_import.append(opset)
     model.ir_version = min(model.ir_version, target.max_ir_version())
+    # graphsurgeon exports a value_info for every typed tensor, shape or not; the full checker rejects shapeless
+    # ones and they tell onnxruntime nothing that inference does not.
+    shaped = [v for v in model.graph.value_info if v.type.tensor_type.HasField("shape")]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(shaped)
+    _fill_output_shapes(model)
     return model
+
+
+def _fill_output_shapes(model: onnx.ModelProto) -> None:
+    """Give graph outputs that lack a shape the one ONNX shape inference finds (the full checker requires it)."""
+    missing = [o for o in model.graph.output if not o.type.tensor_type.HasField("shape")]
+    if not missing or model.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+        return
+    found = {o.name: o for o in inferred.graph.output}
+    for output in missing:
+        if output.name in found and found[output.name].type.tensor_type.HasField("shape"):
+            output.type.CopyFrom(found[output.name].type)
 
 
 def check(model: onnx.ModelProto) -> None:

@@ -8,6 +8,7 @@ A `.pt` file is only ever read with `torch.load(weights_only=True)`, never retri
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,12 @@ def from_torch(module: Any, example_input: Any, dynamic_batch: bool = True) -> o
     dynamic_axes = {name: {0: "batch"} for name in input_names + output_names} if dynamic_batch else None
     buffer = io.BytesIO()
     try:
-        torch.onnx.export(module, args, buffer, dynamo=False, opset_version=TORCH_EXPORT_OPSET,
-                          do_constant_folding=False, input_names=input_names, output_names=output_names,
-                          dynamic_axes=dynamic_axes)
+        # The TorchScript exporter: the torch.export-based one needs onnxscript, which cnnc does not depend on.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, buffer, dynamo=False, opset_version=TORCH_EXPORT_OPSET,
+                              do_constant_folding=False, input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes)
     except Exception as error:  # the exporter raises many unrelated types
         raise ModelError(f"torch.onnx.export failed: {error}") from error
     model = onnx.load_model_from_string(buffer.getvalue())

@@ -47,8 +47,9 @@ class PipelineReport:
 
 
 def canonicalize(graph: gs.Graph) -> gs.Graph:
-    """Fold exporter constant sub-graphs and tidy, so that passes see plain constants in topological order."""
-    return ir.fold_constant_subgraphs(ir.tidy(graph))
+    """Fold exporter constant sub-graphs, tidy and infer shapes, so that passes see plain constants in topological
+    order and tensors with known ranks."""
+    return ir.refresh_shapes(ir.fold_constant_subgraphs(ir.tidy(graph)))
 
 
 def run_pipeline(graph: gs.Graph, passes: list[Pass], verify: VerifyHook | None = None,
@@ -66,6 +67,8 @@ def run_pipeline(graph: gs.Graph, passes: list[Pass], verify: VerifyHook | None 
         try:
             result = pass_.run(graph)
             graph = ir.tidy(graph)
+            if result.changed:  # the next pass may need the ranks of tensors this one created
+                graph = ir.refresh_shapes(graph)
         except Exception as exc:
             if strict:
                 raise
