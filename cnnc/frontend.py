@@ -8,6 +8,7 @@ A `.pt` file is only ever read with `torch.load(weights_only=True)`, never retri
 from __future__ import annotations
 
 import io
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from google.protobuf.message import DecodeError
 
 from cnnc.errors import ModelError, UsageError
 from cnnc.external_data import load_external_data
-from cnnc.validate import validate_model
+from cnnc.validate import check_with_onnx, validate_model
 
 # Opset that the torch exporter is asked for: new enough for every op cnnc rewrites, old enough for any onnxruntime.
 TORCH_EXPORT_OPSET = 17
@@ -49,8 +50,9 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise ModelError(f"{path} is not a valid ONNX model (protobuf parse failed: {error})") from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise ModelError(f"{path} is not a valid ONNX model (no graph or no IR version)")
-    validate_model(model)
+    validate_model(model, onnx_checker=False)
     load_external_data(model, path.parent)
+    check_with_onnx(model)  # only now: the checker would open external-data files itself, unchecked
     return model
 
 
@@ -89,6 +91,20 @@ def from_torch(module: Any, example_input: Any, dynamic_batch: bool = True) -> o
     return model
 
 
+def _torch_load_reason(error: Exception) -> str:
+    """The informative part of a torch.load error, on one line without terminal colour codes.
+
+    torch's weights_only refusal opens with advice to retry with weights_only=False (which cnnc never does) and
+    names the offending class only in its `WeightsUnpickler error:` line.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+    return lines[0] if lines else type(error).__name__
+
+
 def load_state_dict(path: str | Path) -> dict:
     """Load a `.pt`/`.pth` state dict with `weights_only=True`. Pickled modules and TorchScript are refused."""
     import torch
@@ -106,8 +122,7 @@ def load_state_dict(path: str | Path) -> dict:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, RuntimeError, EOFError...: all mean "not a safe state dict"
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"{path} cannot be read with weights_only=True: {message}") from None
+        raise ModelError(f"{path} cannot be read with weights_only=True: {_torch_load_reason(error)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):

@@ -101,11 +101,22 @@ def _check_names_and_order(graph: onnx.GraphProto, outer_names: set[str], depth:
         raise ModelError(f"graph has a cycle through node(s) {', '.join(stuck[:5])}")
 
 
-def validate_model(model: onnx.ModelProto) -> None:
-    """Raise ModelError with a clear message if `model` is not something cnnc can safely work on."""
+def validate_model(model: onnx.ModelProto, onnx_checker: bool = True) -> None:
+    """Raise ModelError with a clear message if `model` is not something cnnc can safely work on.
+
+    `onnx_checker=False` runs only cnnc's own structural checks: onnx's checker opens external-data files (relative
+    to the current directory for an in-memory model), so a model with external data is checked only once
+    `cnnc.external_data` has validated and inlined its tensors (see `check_with_onnx`).
+    """
     _check_versions(model)
     _check_ranks(model.graph)
     _check_names_and_order(model.graph, set(), 0)
+    if onnx_checker:
+        check_with_onnx(model)
+
+
+def check_with_onnx(model: onnx.ModelProto) -> None:
+    """onnx's checker, its first line as a ModelError."""
     try:
         # Not full_check: strict shape inference rejects custom-domain ops, which cnnc passes through.
         onnx.checker.check_model(model)
