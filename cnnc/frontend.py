@@ -70,8 +70,12 @@ def from_torch(module: Any, example_input: Any, dynamic_batch: bool = True) -> o
         raise UsageError("compiling a torch module needs example_input")
     args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     module = module.eval()
-    with torch.no_grad():
-        outputs = module(*args)
+    try:
+        with torch.no_grad():
+            outputs = module(*args)
+    except Exception as error:  # a wrong example shape (or a broken module) raises whatever torch raises
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"the torch module fails on its example input: {message}") from None
     n_outputs = len(outputs) if isinstance(outputs, (tuple, list)) else 1
     input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
     output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
