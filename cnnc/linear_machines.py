@@ -1,0 +1,167 @@
+"""Linear machines: the maximal connected sets of ops that are affine in their non-constant inputs.
+
+Seed 002 reads a network as a machine f on X = X0 ⊕ … ⊕ Xn whose output is the resolvent (id − f)^-1(x0); seed 000's
+Theorem 3.1 says a network made only of linear layers, skips, paddings and resamplings is one affine map
+f(X) = W X + B. In a ReLU network the linear machines are the pieces between nonlinearities; a fully linear network
+is one machine. `collapse` replaces each machine by the cheapest exact equivalent.
+
+A machine must be *convex*: no path may leave it through an outside op and come back in, or replacing it by one op
+would create a cycle. Components that are not convex are split at the re-entry point until they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from cnnc import ir
+
+# Ops that move or rearrange data without arithmetic: a machine made only of these has nothing to collapse.
+DATA_MOVEMENT_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout",
+                               "Concat", "Split", "Slice", "SpaceToDepth", "DepthToSpace"})
+ALWAYS_LINEAR_OPS = frozenset({"AveragePool", "GlobalAveragePool", "Flatten", "Transpose", "SpaceToDepth",
+                               "DepthToSpace", "Identity", "Concat"})
+
+
+def _constant(tensor: gs.Tensor) -> bool:
+    return ir.is_empty_input(tensor) or ir.constant_value(tensor) is not None
+
+
+def linear_reason(node: gs.Node) -> str | None:
+    """None when `node` is affine in its non-constant inputs; otherwise why it is not."""
+    op = node.op
+    data = [t for t in node.inputs if not _constant(t)]
+    constants_after_first = all(_constant(t) for t in node.inputs[1:])
+    if op in ALWAYS_LINEAR_OPS:
+        return None
+    if op in ("Conv", "ConvTranspose", "Gemm", "BatchNormalization", "Pad", "Resize", "Reshape", "Squeeze",
+              "Unsqueeze", "Slice", "Split", "ReduceMean", "ReduceSum"):
+        if not constants_after_first:
+            return f"{op} has a non-constant weight, shape or parameter input"
+        if op == "BatchNormalization" and (int(node.attrs.get("training_mode", 0))
+                                           or any(out.outputs for out in node.outputs[1:])):
+            return "BatchNormalization in training mode"
+        if op == "Pad" and str(node.attrs.get("mode", "constant")) not in ("constant", "reflect", "edge"):
+            return f"Pad mode {node.attrs.get('mode')} is not supported"
+        if op == "Resize" and str(node.attrs.get("mode", "nearest")) not in ("nearest", "linear"):
+            return f"Resize mode {node.attrs.get('mode')} is not supported"
+        return None
+    if op == "MatMul":
+        return None if len(data) == 1 else "MatMul of two non-constant values is bilinear"
+    if op in ("Add", "Sub"):
+        return None
+    if op == "Mul":
+        return None if len(data) == 1 else "Mul of two non-constant values is bilinear"
+    if op == "Div":
+        return None if _constant(node.inputs[1]) and not _constant(node.inputs[0]) else \
+            "Div by a non-constant value is not linear"
+    if op == "Dropout":
+        training = node.inputs[2] if len(node.inputs) > 2 else None
+        if training is not None and not ir.is_empty_input(training):
+            value = ir.constant_value(training)
+            if value is None or bool(value):
+                return "Dropout in training mode"
+        return None if not any(out.outputs for out in node.outputs[1:]) else "Dropout mask is used"
+    return f"{op} is not linear"
+
+
+@dataclass
+class LinearMachine:
+    """A convex set of linear nodes with the tensors that enter and leave it."""
+
+    nodes: list[gs.Node]
+    inputs: list[gs.Tensor] = field(default_factory=list)
+    outputs: list[gs.Tensor] = field(default_factory=list)
+
+    @property
+    def has_arithmetic(self) -> bool:
+        return any(node.op not in DATA_MOVEMENT_OPS for node in self.nodes)
+
+    def describe(self) -> str:
+        ops: dict[str, int] = {}
+        for node in self.nodes:
+            ops[node.op] = ops.get(node.op, 0) + 1
+        body = ", ".join(f"{count}×{op}" for op, count in sorted(ops.items()))
+        return f"machine of {len(self.nodes)} ops ({body}) from {[t.name for t in self.inputs]} " \
+               f"to {[t.name for t in self.outputs]}"
+
+
+def _components(nodes: list[gs.Node]) -> list[list[gs.Node]]:
+    """Connected components of `nodes`, connected through tensors one produces and another reads."""
+    member = {id(n): n for n in nodes}
+    parent = {id(n): id(n) for n in nodes}
+
+    def find(key):
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for node in nodes:
+        for tensor in node.outputs:
+            for consumer in tensor.outputs:
+                if id(consumer) in member:
+                    parent[find(id(consumer))] = find(id(node))
+    groups: dict[int, list[gs.Node]] = {}
+    for node in nodes:  # graph order is topological order, and it is kept inside each group
+        groups.setdefault(find(id(node)), []).append(node)
+    return list(groups.values())
+
+
+def _reenters(component: list[gs.Node]) -> set[int]:
+    """ids of component nodes reachable from the component through at least one outside node."""
+    inside = {id(n) for n in component}
+    frontier = [c for n in component for t in n.outputs for c in t.outputs if id(c) not in inside]
+    seen: set[int] = set()
+    hit: set[int] = set()
+    while frontier:
+        node = frontier.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for tensor in node.outputs:
+            for consumer in tensor.outputs:
+                if id(consumer) in inside:
+                    hit.add(id(consumer))
+                frontier.append(consumer)  # keep walking: everything downstream of a re-entry re-enters too
+    return hit
+
+
+def _convex_parts(component: list[gs.Node]) -> list[list[gs.Node]]:
+    downstream = _reenters(component)
+    if not downstream:
+        return [component]
+    parts = []
+    for piece in ([n for n in component if id(n) not in downstream], [n for n in component if id(n) in downstream]):
+        for sub in _components(piece):
+            parts.extend(_convex_parts(sub))
+    return parts
+
+
+def find_linear_machines(graph: gs.Graph, supported=None) -> list[LinearMachine]:
+    """Maximal convex linear machines of `graph`, in topological order of their first node.
+
+    `supported(node) -> str | None` can veto nodes further (e.g. ops the float64 evaluator cannot run).
+    """
+    graph.toposort()
+    linear = [n for n in graph.nodes if linear_reason(n) is None and (supported is None or supported(n) is None)]
+    machines = []
+    for component in _components(linear):
+        for part in _convex_parts(component):
+            inside = {id(n) for n in part}
+            produced = {id(t) for n in part for t in n.outputs}
+            inputs, outputs, seen_in, seen_out = [], [], set(), set()
+            for node in part:
+                for tensor in node.inputs:
+                    if id(tensor) not in produced and not _constant(tensor) and id(tensor) not in seen_in:
+                        seen_in.add(id(tensor))
+                        inputs.append(tensor)
+                for tensor in node.outputs:
+                    used_outside = any(id(c) not in inside for c in tensor.outputs)
+                    if (used_outside or ir.is_graph_output(graph, tensor)) and id(tensor) not in seen_out:
+                        seen_out.add(id(tensor))
+                        outputs.append(tensor)
+            if inputs and outputs:
+                machines.append(LinearMachine(part, inputs, outputs))
+    return machines
