@@ -44,7 +44,9 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
         for opset in template.opset_import:
             if opset.domain not in domains:
                 model.opset_import.append(opset)
-    model.ir_version = min(model.ir_version, target.max_ir_version())
+    # Always the newest IR onnxruntime accepts, never the input's: graphsurgeon keeps the imported IR version but
+    # writes IR >= 4 structure (initializers not listed as graph inputs), which an IR 3 model may not have.
+    model.ir_version = target.max_ir_version()
     # graphsurgeon exports a value_info for every typed tensor, shape or not; the full checker rejects shapeless
     # ones and they tell onnxruntime nothing that inference does not.
     shaped = [v for v in model.graph.value_info if v.type.tensor_type.HasField("shape")]
@@ -152,9 +154,13 @@ def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = 
             data_name = _fresh_data_name(folder, path.name)
             to_write = onnx.ModelProto()
             to_write.CopyFrom(model)
+            # Forced external data moves every initializer out; above 2 GB only those over 1 KB need to go.
             onnx.save_model(to_write, staged_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            _fsync_file(staging / data_name)
+                            location=data_name, size_threshold=0 if external_data else 1024)
+            if (staging / data_name).is_file():
+                _fsync_file(staging / data_name)
+            else:  # no tensor qualified (a model without initializers): onnx wrote no data file
+                data_name = None
         else:
             onnx.save_model(model, staged_model)
         _fsync_file(staged_model)
