@@ -8,5 +8,6 @@ if __name__ != "cnnc.passes":
     raise ImportError(f"import this package as cnnc.passes, not {__name__} (run from an installed cnnc)")
 
 from cnnc.passes import fold_bn  # noqa: E402,F401
+from cnnc.passes import remove_skip  # noqa: E402,F401
 
-__all__ = ["fold_bn"]
+__all__ = ["fold_bn", "remove_skip"]
