@@ -73,7 +73,11 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
 
     def verify_after(pass_: Pass, graph: gs.Graph) -> None:
         candidate = backend.to_model(graph.copy(), template=original)
-        result = _equivalence(original, candidate, check_options)
+        try:
+            result = _equivalence(original, candidate, check_options)
+        except EquivalenceError as error:  # other output names or shapes, or a candidate that fails to run
+            raise EquivalenceError(f"pass {pass_.spec()} broke equivalence: {error}",
+                                   {"failed_pass": pass_.spec()}) from None
         per_pass[pass_.spec()] = result
         if not result["passed"]:
             raise EquivalenceError(f"pass {pass_.spec()} broke equivalence: {result['summary']}",
