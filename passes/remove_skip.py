@@ -161,7 +161,8 @@ def _fold_scale(graph: gs.Graph, mul: gs.Node, branch: gs.Tensor, scale: np.ndar
     params = [ir.constant_value(t) if not ir.is_empty_input(t) else None for t in producer.inputs[1:]]
     if producer.op in ("Conv", "ConvTranspose") and params and params[0] is not None and channels is not None:
         weight = params[0]
-        out_channels = weight.shape[0] if producer.op == "Conv" else weight.shape[1] * int(producer.attrs.get("group", 1))
+        group = int(producer.attrs.get("group", 1))
+        out_channels = weight.shape[0] if producer.op == "Conv" else weight.shape[1] * group
         if not scalar and (producer.op == "ConvTranspose" or channels.size != out_channels):
             return f"its per-channel scale does not match {producer.op} '{producer.name}' and stays a Mul"
         bias = params[1] if len(params) > 1 else None

@@ -8,6 +8,8 @@ import onnx
 import onnx.helper as oh
 import onnx_graphsurgeon as gs
 import pytest
+from cnnc.passes.remove_skip import RemoveSkip, RemoveSkipApprox
+from helpers import assert_same_outputs, bn_params, make_model, op_counts, run_model
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,9 +17,7 @@ import cnnc
 from cnnc import backend
 from cnnc.errors import UsageError
 from cnnc.pass_contract import parse_pipeline, registered_passes
-from cnnc.passes.remove_skip import RemoveSkip, RemoveSkipApprox
 from cnnc.pipeline import run_pipeline
-from helpers import assert_same_outputs, bn_params, make_model, op_counts, run_model
 
 
 def _run(model, pass_=None):
@@ -117,7 +117,7 @@ def test_identity_skip_only_loses_the_multiplier(rng):
     model.graph.node.remove(_node(model, "proj"))
     model.graph.node.remove(proj_bn)
     _node(model, "scale_skip").input[1] = "x"
-    compiled, result = _run(model)
+    compiled, _ = _run(model)
     assert op_counts(compiled) == {"Conv": 2, "Relu": 2}
     assert _node(compiled, "conv1").input[0] == "x"
     assert_same_outputs(model, compiled, _feeds(rng, (2, 6, 7, 9)))
@@ -187,7 +187,7 @@ def test_sum_drops_only_its_zero_operands(rng):
              oh.make_node("Sum", ["a", "b0", "c0"], ["y1"], name="sum_all"),
              oh.make_node("Sum", ["a", "b", "c0"], ["y2"], name="sum_two")]
     model = make_model(nodes, [("x", ["N", 3, 4, 5])], [("y1", None), ("y2", None)], [("zero", _f32(0.0))])
-    compiled, result = _run(model)
+    compiled, _ = _run(model)
     assert op_counts(compiled) == {"Relu": 1, "Sigmoid": 1, "Sum": 1}  # Tanh fed only zero-weighted operands
     assert len(_node(compiled, "sum_two").input) == 2
     assert_same_outputs(model, compiled, _feeds(rng, (2, 3, 4, 5)))
