@@ -9,5 +9,6 @@ if __name__ != "cnnc.passes":
 
 from cnnc.passes import fold_bn  # noqa: E402,F401
 from cnnc.passes import remove_skip  # noqa: E402,F401
+from cnnc.passes import destride, destride_network  # noqa: E402,F401
 
-__all__ = ["fold_bn", "remove_skip"]
+__all__ = ["fold_bn", "remove_skip", "destride", "destride_network"]
