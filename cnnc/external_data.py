@@ -68,9 +68,10 @@ def resolve_location(model_dir: Path, tensor_name: str, location: str) -> Path:
             raise ModelError(f"external data of tensor '{tensor_name}' location {location!r} contains '..'")
     base = model_dir.resolve()
     candidate = model_dir / location
-    # Every component between the folder and the file must be a real directory, not a symlink to elsewhere.
+    # Every component between the folder and the file must be a real directory, not a symlink to elsewhere. The
+    # walk splits the location as the file system will when it is opened (on POSIX a backslash is part of a name).
     walk = model_dir
-    for part in PurePosixPath(location.replace("\\", "/")).parts:
+    for part in Path(location).parts:
         walk = walk / part
         if walk.is_symlink():
             raise ModelError(f"external data of tensor '{tensor_name}': {location!r} goes through a symlink")

@@ -212,6 +212,14 @@ def test_external_data_symlink_out_of_the_folder(tmp_path):
     _assert_refused(tmp_path, _external_model(folder, "w.bin"), reason="symlink")
 
 
+def test_external_data_symlink_whose_name_has_a_backslash(tmp_path):
+    # On POSIX `a\\w.bin` is one file name; splitting it at the backslash would check `a/w.bin` instead.
+    folder = tmp_path / "model"
+    _weight_file(folder / "real.bin")
+    (folder / "a\\w.bin").symlink_to("real.bin")
+    _assert_refused(tmp_path, _external_model(folder, "a\\w.bin"), reason="symlink")
+
+
 def test_external_data_under_a_symlinked_parent_folder(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
