@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 import cnnc.passes  # noqa: F401  (registers every pass)
 from cnnc import backend, target
 from cnnc.errors import EquivalenceError, ModelError
-from cnnc.frontend import load_model, load_state_dict
+from cnnc.frontend import apply_state_dict, load_model
 from cnnc.model_stats import model_stats
 from cnnc.pass_contract import Pass, default_pass_names, parse_pipeline
 from cnnc.pipeline import run_pipeline
@@ -65,7 +65,7 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
     """
     started = time.perf_counter()
     if state_dict is not None:
-        model.load_state_dict(load_state_dict(state_dict))
+        apply_state_dict(model, state_dict)
     original = runnable(load_model(model, example_input))
     pipeline: list[Pass] = parse_pipeline(passes if passes is not None else default_pass_names())
     check_options = dict(n=check_n, seed=seed, rtol=rtol, atol=atol, input_shapes=input_shapes, user_inputs=inputs)

@@ -134,6 +134,20 @@ def load_state_dict(path: str | Path) -> dict:
     return state
 
 
+def apply_state_dict(module: Any, path: str | Path) -> None:
+    """Load the state dict at `path` (weights_only) into the torch module `module`; mismatches are ModelErrors."""
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise UsageError(f"state_dict= needs a torch.nn.Module to load into, got {type(module).__name__}")
+    state = load_state_dict(path)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:  # missing or unexpected keys, shape mismatches: torch lists them over lines
+        details = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ModelError(f"{path} does not fit the module: {details}") from None
+
+
 def load_model(source: Any, example_input: Any = None) -> onnx.ModelProto:
     """Any supported source (ModelProto, ONNX path, torch module) into a validated ModelProto."""
     if isinstance(source, onnx.ModelProto):

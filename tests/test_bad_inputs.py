@@ -318,6 +318,15 @@ def test_torchscript_archive_is_refused(tmp_path, net_factory):
                     reason="TorchScript")
 
 
+def test_state_dict_of_another_network_is_refused(tmp_path, net_factory):
+    import torch
+
+    path = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(3, 4).state_dict(), path)
+    _assert_refused(tmp_path, path, "--module", net_factory, "--input-shape", "input:1,3,6,5",
+                    reason="does not fit the module")
+
+
 def test_state_dict_without_module_is_a_usage_error(tmp_path):
     path = tmp_path / "weights.pt"
     path.write_bytes(b"irrelevant")

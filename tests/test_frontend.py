@@ -227,6 +227,17 @@ def test_compile_a_module_with_its_state_dict(tmp_path):
     np.testing.assert_allclose(run_model(result.model, {"input": x.numpy()})[0], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_a_state_dict_that_does_not_fit_the_module_is_a_model_error(tmp_path):
+    path = tmp_path / "conv.pt"
+    torch.save(torch.nn.Conv2d(3, 4, 3).state_dict(), path)
+    with pytest.raises(ModelError, match="does not fit the module.*size mismatch for weight"):
+        cnnc.compile(torch.nn.Conv2d(3, 5, 3), example_input=torch.zeros(1, 3, 5, 5), state_dict=path)
+    with pytest.raises(ModelError, match="does not fit the module.*Missing key"):
+        cnnc.compile(_net(), example_input=_input(1), state_dict=path)
+    with pytest.raises(UsageError, match="needs a torch.nn.Module"):
+        cnnc.compile(str(tmp_path / "m.onnx"), state_dict=path)
+
+
 def test_load_model_dispatch(tmp_path):
     model = from_torch(_net(), _input(1))
     assert load_model(model) is model
