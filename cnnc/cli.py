@@ -102,7 +102,10 @@ def _print_compile_report(report: dict) -> None:
 
 def _write_json(path: str | None, payload: dict) -> None:
     if path:
-        Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        try:
+            Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        except OSError as error:  # a typo in the path is the user's error, not an internal one
+            raise UsageError(f"cannot write --json {path}: {error.strerror or error}") from None
 
 
 def _check_options(function):

@@ -183,6 +183,13 @@ def test_inputs_from_npy_files(conv_bn_path, tmp_path, rng):
     _usage_error("compile", conv_bn_path, "--inputs", "x", contains="bad --inputs")
 
 
+def test_json_into_a_missing_folder_is_a_usage_error(conv_bn_path, tmp_path):
+    _usage_error("compile", conv_bn_path, "--passes", "fold-bn", "-o", tmp_path / "o.onnx", "--json",
+                 tmp_path / "absent" / "r.json", contains="cannot write --json")
+    _usage_error("verify", conv_bn_path, conv_bn_path, "--json", tmp_path / "absent" / "r.json",
+                 contains="cannot write --json")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     path = tmp_path / "empty.onnx"
     path.write_bytes(b"")
@@ -214,6 +221,23 @@ def test_inspect_table_and_json(conv_bn_path):
     assert stats["inputs"] == {"x": ["N", 4, 5, 5]} and stats["outputs"] == {"y": ["N", 8, 5, 5]}
     assert stats["ir_version"] == 8 and stats["opsets"] == {"ai.onnx": 17}
     _usage_error("inspect", conv_bn_path.parent / "missing.onnx", contains="does not exist")
+
+
+def test_inspect_counts_macs_of_conv_transpose_gemm_and_matmul(tmp_path):
+    nodes = [oh.make_node("ConvTranspose", ["x", "Wt"], ["c"], strides=[2, 2]),
+             oh.make_node("GlobalAveragePool", ["c"], ["p"]),
+             oh.make_node("Flatten", ["p"], ["f"]),
+             oh.make_node("Gemm", ["f", "G", "gb"], ["g"], transB=1),
+             oh.make_node("MatMul", ["g", "M"], ["y"])]
+    inits = [("Wt", np.zeros((4, 6, 3, 2), np.float32)), ("G", np.zeros((7, 6), np.float32)),
+             ("gb", np.zeros(7, np.float32)), ("M", np.zeros((7, 3), np.float32))]
+    path = tmp_path / "mixed.onnx"
+    onnx.save(make_model(nodes, [("x", ["N", 4, 5, 4])], [("y", None)], inits), path)
+    stats = json.loads(_ok("inspect", path, "--json").stdout)
+    # ConvTranspose: every input element feeds Cout/g·kh·kw outputs; Gemm/MatMul: output elements × K.
+    assert stats["macs"] == 4 * 5 * 4 * (6 * 3 * 2) + 7 * 6 + 3 * 7
+    assert stats["parameters"] == 4 * 6 * 3 * 2 + 7 * 6 + 7 + 7 * 3
+    assert stats["outputs"] == {"y": ["N", 3]}
 
 
 def test_verify_equivalent_and_perturbed(conv_bn_path, tmp_path, rng):
