@@ -128,8 +128,27 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
 
 
 def tidy(graph: gs.Graph) -> gs.Graph:
-    """Drop dead nodes and tensors and restore topological order; run after every rewrite."""
-    return graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    """Drop dead nodes and tensors and restore topological order; run after every rewrite.
+
+    graphsurgeon's toposort regroups all nodes by depth level, so it is run only when the order is not already
+    topological: an order that is valid (the exporter's, or the one the schedule pass chose for peak memory) is kept.
+    """
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return graph if is_topologically_sorted(graph) else graph.toposort()
+
+
+def is_topologically_sorted(graph: gs.Graph) -> bool:
+    """Whether every node reads only graph inputs, constants and tensors written by earlier nodes. Nodes with
+    subgraphs read outer tensors implicitly, so a graph that has any is reported unsorted (toposort handles them)."""
+    available = {id(tensor) for tensor in graph.inputs}
+    for node in graph.nodes:
+        if any(True for _ in node.subgraphs()):
+            return False
+        for tensor in node.inputs:
+            if tensor.inputs and id(tensor) not in available:
+                return False
+        available.update(id(tensor) for tensor in node.outputs)
+    return True
 
 
 def fold_constant_subgraphs(graph: gs.Graph) -> gs.Graph:
