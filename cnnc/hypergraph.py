@@ -1,0 +1,525 @@
+"""The hypergraph view of a network (seed 002, Vertechi & Bergomi, "Machines of finite depth").
+
+Seed 002 reads a network as a *machine*: on the global space X = X₀ ⊕ X₁ ⊕ … ⊕ Xₙ the network function is the sum
+f = f₁ + … + fₘ of its layers, and the output solves the machine equation x = f(x) + x₀, i.e. x = (id − f)⁻¹(x₀),
+the resolvent R_f applied to the input. Architectures with arbitrary shortcuts are hypergraphs: a layer (hyperedge)
+reads many spaces and writes many. Here the spaces are the non-constant tensors of the IR and the hyperedges are its
+ops; constants (initializers, Constant-op outputs) are parameters of an edge, not spaces.
+
+Depth. A graph input has depth 0; a tensor written by an op has depth 1 + the largest depth among the op's
+non-constant inputs (1 for an op that reads only constants). It is the longest path from the inputs. Tensors of equal
+depth form a *level*: no tensor of a level depends on another of the same level, so a level can be computed in any
+order or all at once. The *width* of a level is its number of tensors; the *critical path* is a longest chain of
+ops, as long as the deepest tensor.
+
+Independence (seed 002): if f₁ does not depend on f₂ then R_{f₁+f₂} = R_{f₂} R_{f₁}. Writing f = Σ_d f_d with f_d the
+ops of level d, f_d reads only levels < d, so R_f = R_{f_D} ⋯ R_{f_1}, and f_d ∘ f_d = 0 gives R_{f_d} = id + f_d.
+For a *linear* machine F this is the finite Neumann series (id − F)⁻¹ = Σ_{k ≤ D} F^k (F is nilpotent: F^{D+1} = 0),
+and `resolvent` evaluates it level by level: one pass over the levels, each op applied once.
+
+Memory. For an execution order the live activation bytes at each step are the bytes of the tensors alive while that
+op runs: the graph inputs (owned by the caller, alive throughout), every tensor already written that a later op or
+the caller (graph outputs) still reads, and the op's own outputs (its inputs are alive by the same rule). A tensor is
+freed right after its last reader. Sizes come from ONNX shape inference; a symbolic dimension that is the batch axis
+of a graph input counts as `batch`; any other symbolic or unknown dimension makes the tensor *unsized*: it counts as
+0 bytes and is listed with the reason, so the peak is then a lower bound and says so.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from cnnc import ir
+
+
+@dataclass(frozen=True)
+class Hyperedge:
+    """One op: the spaces it reads (non-constant inputs, each once, in order) and the spaces it writes."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Level:
+    depth: int
+    tensors: tuple[str, ...]
+    edges: tuple[int, ...]  # indices of the hyperedges that write this level
+
+    @property
+    def width(self) -> int:
+        return len(self.tensors)
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """Live activation bytes while each op of `order` runs; `peak` is their maximum (a lower bound if `exact` is
+    False, because some tensors have no known size)."""
+
+    order: tuple[int, ...]
+    live_bytes: tuple[int, ...]
+    peak: int
+    peak_step: int
+    exact: bool
+
+
+@dataclass
+class Hypergraph:
+    """Spaces (tensor names) and hyperedges (ops). `sources` are given from outside (graph inputs), `sinks` are read
+    from outside (graph outputs); `sizes` maps a space to its bytes and `unsized` to why its size is unknown."""
+
+    edges: list[Hyperedge]
+    sources: tuple[str, ...]
+    sinks: tuple[str, ...]
+    sizes: dict[str, int] = field(default_factory=dict)
+    unsized: dict[str, str] = field(default_factory=dict)
+    # For a hypergraph built from an IR graph: edge index -> index of its node in graph.nodes.
+    node_index: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.producer: dict[str, int] = {}
+        self.readers: dict[str, list[int]] = {}
+        for index, edge in enumerate(self.edges):
+            for space in edge.outputs:
+                if space in self.producer or space in self.sources:
+                    raise ValueError(f"space '{space}' is written twice (by '{edge.name}' and another)")
+                self.producer[space] = index
+            for space in edge.inputs:
+                self.readers.setdefault(space, []).append(index)
+        self._depth: dict[str, int] | None = None
+
+    # ---- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_graph(cls, graph: gs.Graph, batch: int = 1, infer_shapes: bool = True) -> "Hypergraph":
+        """The hypergraph of `graph` in its node order; Constant ops are parameters, not edges."""
+        if infer_shapes:
+            ir.refresh_shapes(graph)
+        return cls.from_nodes(graph.nodes, inputs=graph.inputs, outputs=graph.outputs, batch=batch)
+
+    @classmethod
+    def from_nodes(cls, nodes: Sequence[gs.Node], inputs: Sequence[gs.Tensor] | None = None,
+                   outputs: Sequence[gs.Tensor] | None = None, batch: int = 1) -> "Hypergraph":
+        """The hypergraph of a set of nodes (a whole graph, or one linear machine of `collapse`). Without `inputs`,
+        the sources are the non-constant tensors read but not written by `nodes`; without `outputs`, the sinks are
+        the tensors written by `nodes` and read by nothing among them."""
+        edges, node_index, tensors = [], [], {}
+        # A Constant op's value is a parameter of the ops that read it, whichever attribute holds it (onnxruntime
+        # turns these ops into initializers as it loads a model).
+        constants = {t.name for node in nodes if node.op == "Constant" for t in node.outputs}
+        for position, node in enumerate(nodes):
+            if node.op == "Constant":
+                continue
+            reads = []
+            for tensor in node.inputs:
+                if ir.is_empty_input(tensor) or tensor.name in constants or ir.constant_value(tensor) is not None \
+                        or tensor.name in reads:
+                    continue
+                reads.append(tensor.name)
+                tensors[tensor.name] = tensor
+            writes = [t.name for t in node.outputs if not ir.is_empty_input(t)]
+            tensors.update((t.name, t) for t in node.outputs if not ir.is_empty_input(t))
+            edges.append(Hyperedge(node.name or f"{node.op}#{position}", node.op, tuple(reads), tuple(writes)))
+            node_index.append(position)
+        written = {space for edge in edges for space in edge.outputs}
+        read = {space for edge in edges for space in edge.inputs}
+        if inputs is None:
+            sources = [t.name for t in tensors.values() if t.name in read and t.name not in written]
+        else:
+            sources = [t.name for t in inputs if ir.constant_value(t) is None and t.name not in constants]
+            tensors.update((t.name, t) for t in inputs)
+            # Tensors read but produced by no node and not declared inputs: still given from outside.
+            sources += [s for s in dict.fromkeys(s for e in edges for s in e.inputs)
+                        if s not in written and s not in sources]
+        if outputs is None:
+            sinks = [space for space in dict.fromkeys(s for e in edges for s in e.outputs) if space not in read]
+        else:
+            sinks = [t.name for t in outputs if ir.constant_value(t) is None and t.name not in constants]
+        batch_symbols = {tensors[s].shape[0] for s in sources if s in tensors and tensors[s].shape
+                         and isinstance(tensors[s].shape[0], str)}
+        sizes, unsized = {}, {}
+        for name, tensor in tensors.items():
+            size, why = tensor_bytes(tensor, batch, batch_symbols)
+            if size is None:
+                unsized[name] = why
+            else:
+                sizes[name] = size
+        return cls(edges, tuple(sources), tuple(sinks), sizes, unsized, tuple(node_index))
+
+    # ---- structure ----------------------------------------------------------------------------------------------
+
+    @property
+    def spaces(self) -> list[str]:
+        return list(dict.fromkeys([*self.sources, *(s for e in self.edges for s in (*e.inputs, *e.outputs))]))
+
+    def predecessors(self, index: int) -> set[int]:
+        return {self.producer[s] for s in self.edges[index].inputs if s in self.producer}
+
+    def successors(self, index: int) -> set[int]:
+        return {r for s in self.edges[index].outputs for r in self.readers.get(s, ())}
+
+    def depth(self) -> dict[str, int]:
+        """Depth of every space: 0 for a source, else 1 + the deepest input of the op that writes it."""
+        if self._depth is None:
+            depth = {space: 0 for space in self.sources}
+            for index in self.topological_order():
+                edge = self.edges[index]
+                level = 1 + max((depth.get(s, 0) for s in edge.inputs), default=0)
+                depth.update((space, level) for space in edge.outputs)
+            self._depth = depth
+        return self._depth
+
+    def edge_depth(self, index: int) -> int:
+        edge = self.edges[index]
+        if edge.outputs:
+            return self.depth()[edge.outputs[0]]
+        return 1 + max((self.depth().get(s, 0) for s in edge.inputs), default=0)
+
+    def levels(self) -> list[Level]:
+        """The levels 0..D; level 0 holds the sources and no edges."""
+        depth = self.depth()
+        by_depth: dict[int, list[str]] = {}
+        for space in self.spaces:
+            by_depth.setdefault(depth.get(space, 0), []).append(space)
+        edges_by_depth: dict[int, list[int]] = {}
+        for index in range(len(self.edges)):
+            edges_by_depth.setdefault(self.edge_depth(index), []).append(index)
+        top = max([*by_depth, *edges_by_depth], default=0)
+        return [Level(d, tuple(by_depth.get(d, ())), tuple(edges_by_depth.get(d, ()))) for d in range(top + 1)]
+
+    def critical_path(self) -> list[int]:
+        """Indices of a longest chain of edges, from a graph input to the deepest tensor."""
+        depth = self.depth()
+        if not self.edges:
+            return []
+        deepest = max(range(len(self.edges)), key=lambda i: (self.edge_depth(i), -i))
+        path = [deepest]
+        while True:
+            edge = self.edges[path[-1]]
+            below = [s for s in edge.inputs if s in self.producer and depth[s] == self.edge_depth(path[-1]) - 1]
+            if not below:
+                break
+            path.append(self.producer[below[0]])
+        return path[::-1]
+
+    def topological_order(self) -> list[int]:
+        """Edge indices in a topological order, as close to the stored order as possible (Kahn, smallest index
+        first); raises ValueError on a cycle."""
+        pending = [len(self.predecessors(i)) for i in range(len(self.edges))]
+        ready = [i for i, count in enumerate(pending) if count == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            index = heapq.heappop(ready)
+            order.append(index)
+            for successor in self.successors(index):
+                pending[successor] -= 1
+                if pending[successor] == 0:
+                    heapq.heappush(ready, successor)
+        if len(order) != len(self.edges):
+            raise ValueError("the hypergraph has a cycle")
+        return order
+
+    def is_topological(self, order: Sequence[int]) -> bool:
+        """Whether `order` runs every edge exactly once and each after the writers of its inputs."""
+        if sorted(order) != list(range(len(self.edges))):
+            return False
+        position = {index: step for step, index in enumerate(order)}
+        return all(position[p] < position[i] for i in order for p in self.predecessors(i))
+
+    # ---- memory -------------------------------------------------------------------------------------------------
+
+    def size(self, space: str) -> int:
+        return self.sizes.get(space, 0)
+
+    def memory_profile(self, order: Sequence[int] | None = None) -> MemoryProfile:
+        """Live activation bytes per step of `order` (default: the stored order)."""
+        order = tuple(range(len(self.edges)) if order is None else order)
+        if not self.is_topological(order):
+            raise ValueError("the order is not a topological order of the hypergraph")
+        sinks = set(self.sinks)
+        remaining = {space: len(readers) for space, readers in self.readers.items()}
+        live = sum(self.size(s) for s in self.sources)
+        steps = []
+        for index in order:
+            edge = self.edges[index]
+            written = sum(self.size(s) for s in edge.outputs)
+            steps.append(live + written)
+            live += written
+            for space in edge.inputs:
+                remaining[space] -= 1
+            for space in (*edge.inputs, *edge.outputs):
+                if remaining.get(space, 0) == 0 and space not in sinks and space not in self.sources \
+                        and space in self.producer:
+                    live -= self.size(space)
+                    remaining[space] = -1  # freed once
+        peak = max(steps, default=live)
+        return MemoryProfile(order, tuple(steps), peak, steps.index(peak) if steps else 0, not self.unsized)
+
+    def peak_bytes(self, order: Sequence[int] | None = None) -> int:
+        return self.memory_profile(order).peak
+
+
+def tensor_bytes(tensor: gs.Tensor, batch: int, batch_symbols: set) -> tuple[int | None, str]:
+    """(bytes, "") of a variable from its inferred shape and dtype, or (None, why)."""
+    if tensor.dtype is None:
+        return None, "dtype unknown"
+    if tensor.shape is None:
+        return None, "shape unknown to shape inference"
+    numel = 1
+    for dim in tensor.shape:
+        if isinstance(dim, (int, np.integer)) and dim >= 0:
+            numel *= int(dim)
+        elif isinstance(dim, str) and dim in batch_symbols:
+            numel *= batch
+        elif dim is None:
+            return None, "a dimension is unknown to shape inference"
+        else:
+            return None, f"symbolic dimension {dim!r} is not the batch axis of a graph input"
+    try:
+        itemsize = np.dtype(tensor.dtype).itemsize
+    except TypeError:
+        return None, f"dtype {tensor.dtype} has no fixed size"
+    return numel * itemsize, ""
+
+
+# ---- execution orders ---------------------------------------------------------------------------------------------
+
+def min_peak_order(hypergraph: Hypergraph, state_limit: int = 100_000) -> tuple[list[int], bool]:
+    """An order of least peak live bytes: (order, proven_optimal).
+
+    Exact search first. After running a set S of edges (a down-set of the dependency order) the live bytes depend on
+    S alone, so the orders are the monotone paths ∅ → all edges in the lattice of down-sets, and the peak of an
+    order is the largest step cost on its path: a bottleneck shortest path, solved by Dijkstra with max in place of
+    +. It visits only down-sets cheaper than the optimum, which for chains with skips (ResNet, DenseNet, U-Net) and
+    narrow branching blocks (Inception) is a few per op. Past `state_limit` down-sets it gives up and returns the
+    best of the greedy orders below, the stored order and the onnxruntime order instead (not proven optimal).
+    """
+    count = len(hypergraph.edges)
+    if count == 0:
+        return [], True
+    sizes = [sum(hypergraph.size(s) for s in e.outputs) for e in hypergraph.edges]
+    pred_mask = [sum(1 << p for p in hypergraph.predecessors(i)) for i in range(count)]
+    succ = [sorted(hypergraph.successors(i)) for i in range(count)]
+    sinks = set(hypergraph.sinks) | set(hypergraph.sources)
+    # Bytes freed when an edge runs, given the edges run after it: an input (or dead output) whose readers are all
+    # done. reader_mask[space] is the set of its readers.
+    reader_mask = {space: sum(1 << r for r in readers) for space, readers in hypergraph.readers.items()}
+    freeable = [[(s, reader_mask.get(s, 0), hypergraph.size(s)) for s in dict.fromkeys((*e.inputs, *e.outputs))
+                 if s not in sinks and s in hypergraph.producer] for e in hypergraph.edges]
+    full = (1 << count) - 1
+    start_live = sum(hypergraph.size(s) for s in hypergraph.sources)
+    initial_ready = sum(1 << i for i in range(count) if pred_mask[i] == 0)
+    best = {0: start_live}
+    parent: dict[int, tuple[int, int]] = {}
+    heap = [(start_live, 0, 0, 0, start_live, initial_ready)]
+    serial = 0
+    while heap:
+        bottleneck, _, _, done, live, ready = heapq.heappop(heap)
+        if done == full:
+            order = []
+            while done:
+                done, index = parent[done]
+                order.append(index)
+            return order[::-1], True
+        if bottleneck > best.get(done, math.inf):
+            continue
+        if len(best) > state_limit:
+            break
+        bits = ready
+        while bits:
+            low = bits & -bits
+            bits ^= low
+            index = low.bit_length() - 1
+            after = done | low
+            step = live + sizes[index]
+            cost = max(bottleneck, step)
+            if cost >= best.get(after, math.inf):
+                continue
+            freed = sum(size for _, readers, size in freeable[index] if readers & ~after == 0)
+            next_ready = ready ^ low
+            for successor in succ[index]:
+                if pred_mask[successor] & ~after == 0:
+                    next_ready |= 1 << successor
+            best[after] = cost
+            parent[after] = (done, index)
+            serial += 1
+            # Ties go to the larger down-set (finish first) and then to the stored order (stay close to it).
+            heapq.heappush(heap, (cost, -after.bit_count(), serial, after, step - freed, next_ready))
+    candidates = [list(range(count)) if hypergraph.is_topological(range(count)) else hypergraph.topological_order(),
+                  greedy_order(hypergraph), onnxruntime_default_order(hypergraph)]
+    return min(candidates, key=hypergraph.peak_bytes), False
+
+
+def greedy_order(hypergraph: Hypergraph) -> list[int]:
+    """Greedy: among the ready edges run the one that leaves the least live memory (allocates least net of what it
+    frees), then the one with the smallest peak during its step, then the earliest in the stored order."""
+    count = len(hypergraph.edges)
+    pending = [len(hypergraph.predecessors(i)) for i in range(count)]
+    remaining = {space: len(readers) for space, readers in hypergraph.readers.items()}
+    protected = set(hypergraph.sinks) | set(hypergraph.sources)
+    ready = {i for i in range(count) if pending[i] == 0}
+    order = []
+
+    def net_bytes(index: int) -> tuple[int, int, int]:
+        edge = hypergraph.edges[index]
+        written = sum(hypergraph.size(s) for s in edge.outputs)
+        freed = sum(hypergraph.size(s) for s in set(edge.inputs) if remaining[s] == 1 and s not in protected
+                    and s in hypergraph.producer)
+        freed += sum(hypergraph.size(s) for s in edge.outputs if s not in remaining and s not in protected)
+        return written - freed, written, index
+
+    while ready:
+        index = min(ready, key=net_bytes)
+        ready.remove(index)
+        order.append(index)
+        for space in set(hypergraph.edges[index].inputs):
+            remaining[space] -= 1
+        for successor in hypergraph.successors(index):
+            pending[successor] -= 1
+            if pending[successor] == 0:
+                ready.add(successor)
+    return order
+
+
+def onnxruntime_default_order(hypergraph: Hypergraph) -> list[int]:
+    """The order onnxruntime runs a graph in with its default `ExecutionOrder.DEFAULT` (its GraphViewer): a reverse
+    depth-first search from the leaf nodes (nodes whose outputs no node reads), the last leaf first and, at each
+    node, the input node of highest index first; a node is emitted once all its input nodes are. Node indices are
+    the positions in the stored order. It ignores the stored order except through these tie-breaks, which
+    tests/test_schedule.py checks against onnxruntime's own profile of the nodes it ran."""
+    count = len(hypergraph.edges)
+    leaves = [i for i in range(count) if not hypergraph.successors(i)]
+    stack = [(i, False) for i in leaves]
+    visited = [False] * count
+    order = []
+    while stack:
+        index, leaving = stack.pop()
+        if leaving:
+            order.append(index)
+            continue
+        if visited[index]:
+            continue
+        visited[index] = True
+        stack.append((index, True))
+        stack.extend((p, False) for p in sorted(hypergraph.predecessors(index)))
+    return order
+
+
+# ---- the resolvent of a linear machine ----------------------------------------------------------------------------
+
+# A hyperedge's linear map: a dense matrix from its stacked inputs to its stacked outputs, or a function that maps a
+# list of (dim_in × k) arrays, one per input, to a list of (dim_out × k) arrays, one per output.
+LinearMap = np.ndarray | Callable[[list], list]
+
+
+@dataclass(frozen=True)
+class LinearEdge:
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    linear_map: LinearMap
+
+
+@dataclass(frozen=True)
+class LinearMachine:
+    """A linear machine over named spaces of given dimensions: per-hyperedge linear maps, its input spaces (x₀) and
+    the output spaces whose block of the resolvent is wanted."""
+
+    edges: tuple[LinearEdge, ...]
+    dims: Mapping[str, int]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def hypergraph(self) -> Hypergraph:
+        edges = [Hyperedge(f"f{i}", "linear", tuple(e.inputs), tuple(e.outputs)) for i, e in enumerate(self.edges)]
+        return Hypergraph(edges, tuple(self.inputs), tuple(self.outputs), dict(self.dims))
+
+    def global_operator(self) -> tuple[np.ndarray, dict[str, slice]]:
+        """F on X = ⊕ spaces as one dense matrix, with the slice of each space (for tests and small machines)."""
+        spaces = self.hypergraph().spaces
+        offsets, start = {}, 0
+        for space in spaces:
+            offsets[space] = slice(start, start + self.dims[space])
+            start += self.dims[space]
+        operator = np.zeros((start, start))
+        for edge in self.edges:
+            matrix = _dense(edge, self.dims)
+            row = 0
+            for out in edge.outputs:
+                column = 0
+                for inp in edge.inputs:
+                    operator[offsets[out], offsets[inp]] += matrix[row:row + self.dims[out],
+                                                                   column:column + self.dims[inp]]
+                    column += self.dims[inp]
+                row += self.dims[out]
+        return operator, offsets
+
+
+def _dense(edge: LinearEdge, dims: Mapping[str, int]) -> np.ndarray:
+    if isinstance(edge.linear_map, np.ndarray):
+        return edge.linear_map
+    n = sum(dims[s] for s in edge.inputs)
+    columns = np.eye(n)
+    parts, start = [], 0
+    for space in edge.inputs:
+        parts.append(columns[start:start + dims[space]])
+        start += dims[space]
+    return np.concatenate(list(edge.linear_map(parts)), axis=0)
+
+
+def _apply(edge: LinearEdge, values: list[np.ndarray], dims: Mapping[str, int]) -> list[np.ndarray]:
+    if isinstance(edge.linear_map, np.ndarray):
+        result = edge.linear_map @ np.concatenate(values, axis=0)
+        return np.split(result, np.cumsum([dims[s] for s in edge.outputs])[:-1], axis=0)
+    return list(edge.linear_map(values))
+
+
+def resolvent(machine: LinearMachine) -> np.ndarray:
+    """The block of (id − F)⁻¹ = Σ_{k ≤ D} F^k from the machine's inputs to its outputs, computed level by level.
+
+    x₀ places the identity in each input space; then for d = 1..D the ops of level d apply R_{f_d} = id + f_d, each
+    reading only finished lower levels. The result maps the stacked inputs to the stacked outputs.
+    """
+    graph = machine.hypergraph()
+    n = sum(machine.dims[s] for s in machine.inputs)
+    state: dict[str, np.ndarray] = {}
+    start = 0
+    for space in machine.inputs:
+        state[space] = np.eye(n)[start:start + machine.dims[space]]
+        start += machine.dims[space]
+    for level in graph.levels()[1:]:
+        for index in level.edges:
+            edge = machine.edges[index]
+            values = [state.get(s, np.zeros((machine.dims[s], n))) for s in edge.inputs]
+            for space, value in zip(edge.outputs, _apply(edge, values, machine.dims)):
+                state[space] = value
+    return np.concatenate([state.get(s, np.zeros((machine.dims[s], n))) for s in machine.outputs], axis=0)
+
+
+# ---- a summary for reports ----------------------------------------------------------------------------------------
+
+def schedule_figures(hypergraph: Hypergraph, order: Sequence[int] | None = None) -> dict:
+    """Levels, widths, critical path and the peak of `order` (default: stored order), as plain data for reports."""
+    levels = hypergraph.levels()
+    profile = hypergraph.memory_profile(order)
+    path = hypergraph.critical_path()
+    return {
+        "ops": len(hypergraph.edges),
+        "depth": len(levels) - 1,
+        "levels": [{"depth": level.depth, "width": level.width, "tensors": list(level.tensors),
+                    "ops": [hypergraph.edges[i].name for i in level.edges]} for level in levels],
+        "max_width": max((level.width for level in levels[1:]), default=0),
+        "critical_path": [hypergraph.edges[i].name for i in path],
+        "peak_bytes": profile.peak,
+        "peak_at": hypergraph.edges[profile.order[profile.peak_step]].name if profile.order else None,
+        "peak_is_lower_bound": not profile.exact,
+        "unsized_tensors": dict(hypergraph.unsized),
+    }
