@@ -126,7 +126,8 @@ def test_output_defaults_to_model_dot_cnnc_dot_onnx(conv_bn_path):
 
 def test_compile_builtin_example(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _ok("compile", "--example", "resnet-bn", "--passes", "fold-bn", "--rtol", RTOL, "--atol", ATOL)
+    result = _ok("compile", "--example", "resnet-bn", "--rtol", RTOL, "--atol", ATOL)  # the default passes
+    assert "check: equivalent" in result.stdout
     compiled = onnx.load(tmp_path / "resnet-bn.cnnc.onnx")
     assert "BatchNormalization" not in op_counts(compiled)
     _ok("example", "resnet-bn", "-o", tmp_path / "resnet.onnx")
@@ -135,6 +136,24 @@ def test_compile_builtin_example(tmp_path, monkeypatch):
     assert "resnet-bn" in listing and "linear-resnet34" in listing
     _usage_error("compile", "--example", "nope", contains="unknown example")
     _usage_error("compile", contains="give either MODEL or --example")
+
+
+def test_compile_in_place_over_a_model_with_external_data(tmp_path, rng):
+    model = _conv_bn_model(rng)
+    path = tmp_path / "m.onnx"
+    to_save = onnx.ModelProto()
+    to_save.CopyFrom(model)  # onnx.save_model rewrites the tensors it externalises in place
+    onnx.save_model(to_save, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    _ok("compile", path, "-o", path, "--passes", "fold-bn", "--external-data")
+    (data_file,) = set(_listing(tmp_path)) - {"m.onnx"}  # a fresh data file; the input's one is gone
+    assert data_file != "m.onnx.data"
+    _ok("compile", path, "-o", path, "--passes", "fold-bn")  # now inline: no data file is left behind
+    assert _listing(tmp_path) == ["m.onnx"]
+    compiled = onnx.load(path)
+    assert op_counts(compiled) == {"Conv": 1, "Relu": 1}
+    x = rng.standard_normal((2, 4, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(run_model(compiled, {"x": x})[0], run_model(model, {"x": x})[0],
+                               rtol=RTOL, atol=ATOL)
 
 
 def test_verify_each_checks_after_every_changing_pass(conv_bn_path, tmp_path):
