@@ -273,6 +273,9 @@ def example_command(name, output):
     click.echo(f"wrote {output}")
 
 
+cli.add_command(importlib.import_module("cnnc.cli_bench").bench_command)  # `cnnc bench` (issue 7)
+
+
 def main() -> None:
     cli.main()
 

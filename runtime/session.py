@@ -1,7 +1,8 @@
 """onnxruntime sessions: provider choice and graph-optimisation level in one place.
 
 `provider`: "cpu", "cuda", or "auto" (CUDA when onnxruntime can create a CUDA session, else CPU). The providers a
-session actually runs on are read back from the session, never assumed.
+session actually runs on are read back from the session, never assumed: onnxruntime-gpu silently falls back to the
+CPU provider when its CUDA libraries do not load.
 """
 
 from __future__ import annotations
@@ -29,32 +30,54 @@ _IN_MEMORY_LIMIT = 2**31 - 2**26
 
 @functools.lru_cache(maxsize=None)
 def cuda_available() -> bool:
-    """True when onnxruntime has the CUDA provider and a CUDA device answers."""
+    """True when onnxruntime can actually run a session on its CUDA provider.
+
+    Asked of onnxruntime itself with a one-node model, not of torch: a CPU build of torch next to onnxruntime-gpu on
+    a GPU machine would say no, and a CUDA torch next to a CUDA provider whose libraries do not load would say yes.
+    """
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
+    probe = onnx.helper.make_model(
+        onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "cuda_probe",
+                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]),
+        opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # A provider library that fails to load is reported as an error on the default logger, not the session's:
+    # silence all but fatal messages for the probe (2, warnings, is onnxruntime's default level).
+    ort.set_default_logger_severity(4)
     try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:  # pragma: no cover - torch is a dependency
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+        return "CUDAExecutionProvider" in session.get_providers()
+    except Exception:  # onnxruntime raises its own hierarchy when no device answers
         return False
+    finally:
+        ort.set_default_logger_severity(2)
 
 
-def resolve_provider(provider: str) -> list:
+def resolve_provider(provider: str, cuda_options: dict | None = None) -> list:
+    """onnxruntime's `providers` list; `cuda_options` add to (or override) the CUDA provider's options."""
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     if provider == "cuda":
         if not cuda_available():
             raise UsageError("--provider cuda: no CUDA device or CUDA provider available")
-        return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
+        options = {"cudnn_conv_algo_search": "EXHAUSTIVE", **(cuda_options or {})}
+        return [("CUDAExecutionProvider", {k: str(v) for k, v in options.items()}), "CPUExecutionProvider"]
     if provider == "auto":
-        return resolve_provider("cuda" if cuda_available() else "cpu")
+        return resolve_provider("cuda" if cuda_available() else "cpu", cuda_options)
     raise UsageError(f"unknown provider {provider!r}; use auto, cuda or cpu")
 
 
 def make_session(model: onnx.ModelProto | str | Path, provider: str = "cpu", optimization: str = "disabled",
-                 threads: int | None = None, extra_options: dict | None = None) -> ort.InferenceSession:
-    """An InferenceSession on `provider` at graph-optimisation level `optimization`."""
+                 threads: int | None = None, extra_options: dict | None = None,
+                 cuda_options: dict | None = None) -> ort.InferenceSession:
+    """An InferenceSession on `provider` at graph-optimisation level `optimization`.
+
+    `extra_options` are session config entries (e.g. `session.set_denormal_as_zero`); `cuda_options` are CUDA
+    provider options (e.g. `enable_cuda_graph`), ignored when the session runs on the CPU.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     options.log_severity_level = 3
@@ -62,7 +85,7 @@ def make_session(model: onnx.ModelProto | str | Path, provider: str = "cpu", opt
         options.intra_op_num_threads = threads
     for key, value in (extra_options or {}).items():
         options.add_session_config_entry(key, value)
-    providers = resolve_provider(provider)
+    providers = resolve_provider(provider, cuda_options)
     try:
         if isinstance(model, onnx.ModelProto):
             if model.ByteSize() > _IN_MEMORY_LIMIT:

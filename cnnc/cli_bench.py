@@ -1,0 +1,82 @@
+"""`cnnc bench`: time ONNX models against the first one, interleaved, and write JSON / Markdown / PNG reports.
+
+Registered on the `cnnc` group at the end of `cnnc/cli.py`. The measurement is `cnnc.runtime.bench.bench_models`
+(DESIGN §7); this module only parses options and prints.
+"""
+
+from __future__ import annotations
+
+import click
+
+from cnnc.errors import UsageError
+
+
+def parse_batches(text: str | None) -> list[int] | None:
+    """`"1,64"` -> [1, 64]; None -> None (each model's own batch, 1 where it is symbolic)."""
+    if text is None:
+        return None
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"bad --batch {text!r}; expected positive integers separated by commas, e.g. 1,64")
+    return values
+
+
+@click.command("bench")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--batch", "batch", default=None, metavar="N[,N...]",
+              help="batch size(s); one interleaved comparison per size (default: the model's, 1 if symbolic)")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="auto: CUDA when onnxruntime can run it, else CPU")
+@click.option("--warmup", type=click.IntRange(0, None), default=None,
+              help="untimed rounds first [default: 10 on the CPU, 50 on CUDA]")
+@click.option("--iters", type=click.IntRange(1, None), default=None, help="timed rounds (one call per model each)")
+@click.option("--duration", type=click.FloatRange(0, None, min_open=True), default=None,
+              help="seconds of timed rounds per batch size [default: 5]")
+@click.option("--threads", type=click.IntRange(1, None), default=None,
+              help="intra-op threads (default: onnxruntime's, one per physical core)")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+              help="shape of an input with symbolic dims besides the batch (repeatable; the batch replaces D0)")
+@click.option("--label", "labels", multiple=True, help="a name per MODEL, in order (default: the file names)")
+@click.option("--peers", is_flag=True, help="also time onnxsim / OnnxSlim on the first model, when installed")
+@click.option("--no-cuda-graph", is_flag=True, help="on CUDA, do not try CUDA graphs")
+@click.option("--cudnn-algo-search", type=click.Choice(["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]),
+              default="EXHAUSTIVE", show_default=True, help="cuDNN convolution algorithm search on CUDA")
+@click.option("--spinning/--no-spinning", default=True, show_default=True,
+              help="let onnxruntime's intra-op threads spin between calls (its default)")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the random inputs")
+@click.option("--json", "json_path", default=None, metavar="R.json", help="write the full report as JSON")
+@click.option("--md", "md_path", default=None, metavar="R.md", help="write the table as Markdown")
+@click.option("--plot", "plot_path", default=None, metavar="R.png", help="write a plot (needs matplotlib)")
+def bench_command(models, batch, provider, warmup, iters, duration, threads, input_shapes, labels, peers,
+                  no_cuda_graph, cudnn_algo_search, spinning, seed, json_path, md_path, plot_path):
+    """Time MODEL [MORE...] interleaved (A B A B ...) at ORT_ENABLE_ALL; report each one's ratio to the first."""
+    from cnnc.runtime import bench_report
+    from cnnc.runtime.bench import bench_models
+
+    if iters is not None and duration is not None:
+        raise UsageError("give --iters or --duration, not both")
+    if labels and len(labels) != len(models):
+        raise UsageError(f"{len(models)} model(s) but {len(labels)} --label(s)")
+    if plot_path:  # fail before minutes of timing, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'cnnc[plot]' (or pip install matplotlib)") from None
+    report = bench_models(list(models), list(labels) or None, batch=parse_batches(batch), provider=provider,
+                          warmup=warmup, iters=iters, duration=duration, threads=threads,
+                          input_shapes=list(input_shapes), cuda_graph=not no_cuda_graph,
+                          cudnn_conv_algo_search=cudnn_algo_search, spinning=spinning, peers=peers, seed=seed,
+                          log=lambda line: click.echo(line, err=True))
+    click.echo(bench_report.text_table(bench_report.table_rows(report)))
+    click.echo()
+    for line in bench_report.environment_lines(report):
+        click.echo(line)
+    for note in list(report["notes"]) + bench_report.model_notes(report):
+        click.echo(f"note: {note}")
+    for path, writer in ((json_path, bench_report.write_json), (md_path, bench_report.write_markdown),
+                         (plot_path, bench_report.write_plot)):
+        if path:
+            click.echo(f"wrote {writer(report, path)}")
