@@ -307,6 +307,7 @@ def test_pickled_module_pt_is_refused(tmp_path, net_factory):
     assert "Sequential" in line and "\x1b" not in line and "weights_only=False" not in line
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # scripting is how such a file is made
 def test_torchscript_archive_is_refused(tmp_path, net_factory):
     import torch
 
