@@ -94,6 +94,8 @@ def ratio_to_first(first_s: Sequence[float], other_s: Sequence[float], seed: int
     other = np.asarray(other_s, dtype=np.float64)
     if first.shape != other.shape or first.size == 0:
         raise ValueError("ratio_to_first needs two non-empty sample lists of one length (one per round)")
+    if np.any(first <= 0) or np.any(other <= 0):
+        raise ValueError("latencies must be positive (a clock that did not move?)")
     ratio = float(np.median(other) / np.median(first))
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, first.size, size=(resamples, first.size))

@@ -21,9 +21,12 @@ TABLE_HEADERS = ("batch", "model", "provider", "p50", "p90", "p99", "mean ± std
 def format_ms(ms: float | None) -> str:
     if ms is None:
         return "-"
-    if ms < 1.0:
+    # Thresholds at 999.5 of the smaller unit: three significant digits of 999.7 µs read "1 ms", not "1e+03 µs".
+    if ms < 0.0009995:
+        return f"{ms * 1e6:.3g} ns"
+    if ms < 0.9995:
         return f"{ms * 1e3:.3g} µs"
-    if ms < 1000.0:
+    if ms < 999.5:
         return f"{ms:.3g} ms"
     return f"{ms / 1e3:.3g} s"
 
