@@ -192,6 +192,9 @@ def conv_spec(node: gs.Node) -> tuple[ConvSpec | None, str]:
         return None, f"spatial rank {len(lengths)} is not 1-3"
     pads = _resolve_pads(geometry, lengths)
     if node.op == "AveragePool":
+        if geometry.auto_pad.startswith("SAME") and any(
+                (-(-n // s) - 1) * s + k < n for n, k, s in zip(lengths, geometry.kernel_shape, geometry.strides)):
+            return None, "auto_pad SAME with a negative pad (kernel < stride): onnxruntime rejects the pool itself"
         rank, floors = len(lengths), []
         for i, (n, k, s) in enumerate(zip(lengths, geometry.kernel_shape, geometry.strides)):
             floors.append((n + pads[i] + pads[rank + i] - k) % s == 0)
