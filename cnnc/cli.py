@@ -216,17 +216,29 @@ def passes_command():
 @cli.command("inspect")
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-def inspect_command(model, as_json):
+@click.option("--schedule", is_flag=True, help="levels, widths, critical path and peak activation memory of the "
+              "exporter's node order against cnnc's")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="batch size for --schedule")
+@click.option("--plot", default=None, metavar="PNG", help="with --schedule: draw the level structure to PNG")
+def inspect_command(model, as_json, schedule, batch, plot):
     """Op counts, parameters, MACs, inputs and outputs of MODEL."""
     from cnnc.frontend import load_onnx
     from cnnc.model_stats import model_stats
 
-    stats = model_stats(load_onnx(model))
+    loaded = load_onnx(model)
+    stats = model_stats(loaded)
+    schedule_text = ""
+    if schedule or plot:
+        from cnnc.cli_schedule import schedule_section
+
+        stats["schedule"], schedule_text = schedule_section(loaded, batch=batch, plot=plot)
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
     rows = [(row[0], row[1]) for row in _stats_rows(stats, None)]
     click.echo(_table(rows, ("", Path(model).name)))
+    if schedule_text:
+        click.echo("\n" + schedule_text)
 
 
 @cli.command("verify")
