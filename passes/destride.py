@@ -157,12 +157,13 @@ def _float_constant(node: gs.Node, index: int) -> tuple[np.ndarray | None, bool]
 
 
 def _resolve_pads(geometry: ir.ConvGeometry, lengths) -> tuple[int, ...]:
+    """Explicit pads; for SAME_* the split onnxruntime makes (C++ division, not clamped: a kernel smaller than the
+    stride can give a negative total, i.e. rows cropped at the end, or at the start, which conv_spec refuses)."""
     if geometry.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        totals = [max(0, (-(-n // s) - 1) * s + k - n) for n, k, s in zip(lengths, geometry.kernel_shape,
-                                                                          geometry.strides)]
-        small = [t // 2 for t in totals]
-        big = [t - h for t, h in zip(totals, small)]
-        return tuple(big + small) if geometry.auto_pad == "SAME_LOWER" else tuple(small + big)
+        totals = [(-(-n // s) - 1) * s + k - n for n, k, s in zip(lengths, geometry.kernel_shape, geometry.strides)]
+        lower = geometry.auto_pad == "SAME_LOWER"
+        begins = [int((t + 1) / 2) if lower else int(t / 2) for t in totals]
+        return tuple(begins + [t - b for t, b in zip(totals, begins)])
     return (0,) * (2 * len(lengths)) if geometry.auto_pad == "VALID" else geometry.pads
 
 
@@ -191,9 +192,10 @@ def conv_spec(node: gs.Node) -> tuple[ConvSpec | None, str]:
     if not 1 <= len(lengths) <= 3 or len(lengths) != geometry.spatial_rank:
         return None, f"spatial rank {len(lengths)} is not 1-3"
     pads = _resolve_pads(geometry, lengths)
+    if any(p < 0 for p in pads[:len(lengths)]):
+        return None, "auto_pad SAME with kernel < stride gives a negative begin pad (a crop the spec does not define)"
     if node.op == "AveragePool":
-        if geometry.auto_pad.startswith("SAME") and any(
-                (-(-n // s) - 1) * s + k < n for n, k, s in zip(lengths, geometry.kernel_shape, geometry.strides)):
+        if any(p < 0 for p in pads):
             return None, "auto_pad SAME with a negative pad (kernel < stride): onnxruntime rejects the pool itself"
         rank, floors = len(lengths), []
         for i, (n, k, s) in enumerate(zip(lengths, geometry.kernel_shape, geometry.strides)):
@@ -362,7 +364,7 @@ class Destride(Pass):
             factors, operands = {}, {}
 
             def layout_of(node):  # a grouped conv needs each group's phases contiguous
-                return CHANNEL_MAJOR if specs[id(node)].group > 1 else PHASE_MAJOR
+                return CHANNEL_MAJOR if node is not None and specs[id(node)].group > 1 else PHASE_MAJOR
         polyphase = [n for n in region if id(n) not in specs and not is_one(factors[id(n.outputs[0])])]
         exits = network.rewrite_region(builder, region, specs, factors, operands, layout_of, emit)
         if polyphase:
