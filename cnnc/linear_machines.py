@@ -139,6 +139,24 @@ def _convex_parts(component: list[gs.Node]) -> list[list[gs.Node]]:
     return parts
 
 
+def machine_from_nodes(graph: gs.Graph, nodes: list[gs.Node]) -> LinearMachine | None:
+    """The machine formed by `nodes` (topologically ordered) with its boundary tensors, or None if it has none."""
+    inside = {id(n) for n in nodes}
+    produced = {id(t) for n in nodes for t in n.outputs}
+    inputs, outputs, seen_in, seen_out = [], [], set(), set()
+    for node in nodes:
+        for tensor in node.inputs:
+            if id(tensor) not in produced and not _constant(tensor) and id(tensor) not in seen_in:
+                seen_in.add(id(tensor))
+                inputs.append(tensor)
+        for tensor in node.outputs:
+            used_outside = any(id(c) not in inside for c in tensor.outputs)
+            if (used_outside or ir.is_graph_output(graph, tensor)) and id(tensor) not in seen_out:
+                seen_out.add(id(tensor))
+                outputs.append(tensor)
+    return LinearMachine(nodes, inputs, outputs) if inputs and outputs else None
+
+
 def find_linear_machines(graph: gs.Graph, supported=None) -> list[LinearMachine]:
     """Maximal convex linear machines of `graph`, in topological order of their first node.
 
@@ -149,19 +167,39 @@ def find_linear_machines(graph: gs.Graph, supported=None) -> list[LinearMachine]
     machines = []
     for component in _components(linear):
         for part in _convex_parts(component):
-            inside = {id(n) for n in part}
-            produced = {id(t) for n in part for t in n.outputs}
-            inputs, outputs, seen_in, seen_out = [], [], set(), set()
-            for node in part:
-                for tensor in node.inputs:
-                    if id(tensor) not in produced and not _constant(tensor) and id(tensor) not in seen_in:
-                        seen_in.add(id(tensor))
-                        inputs.append(tensor)
-                for tensor in node.outputs:
-                    used_outside = any(id(c) not in inside for c in tensor.outputs)
-                    if (used_outside or ir.is_graph_output(graph, tensor)) and id(tensor) not in seen_out:
-                        seen_out.add(id(tensor))
-                        outputs.append(tensor)
-            if inputs and outputs:
-                machines.append(LinearMachine(part, inputs, outputs))
+            machine = machine_from_nodes(graph, part)
+            if machine is not None:
+                machines.append(machine)
     return machines
+
+
+def split_at_outputs(graph: gs.Graph, machine: LinearMachine) -> list[LinearMachine]:
+    """One sub-machine per output: the nodes it depends on, stopping at the machine's other outputs.
+
+    A machine with several outputs (a residual sum that also feeds the next linear op) has no single-conv form as a
+    whole, but each piece may. Pieces that would share a node are not returned (a node is replaced at most once).
+    """
+    if len(machine.outputs) < 2:
+        return []
+    inside = {id(n): n for n in machine.nodes}
+    order = {id(n): i for i, n in enumerate(machine.nodes)}
+    boundary = {id(t) for t in machine.outputs}
+    cones, owner = [], {}
+    for output in machine.outputs:
+        cone, stack = {}, [output]
+        while stack:
+            tensor = stack.pop()
+            for producer in tensor.inputs:
+                if id(producer) in inside and id(producer) not in cone:
+                    cone[id(producer)] = producer
+                    stack.extend(t for t in producer.inputs if id(t) not in boundary)
+        cones.append(cone)
+        for key in cone:
+            owner[key] = owner.get(key, 0) + 1
+    pieces = []
+    for cone in cones:
+        if cone and all(owner[key] == 1 for key in cone):
+            piece = machine_from_nodes(graph, sorted(cone.values(), key=lambda n: order[id(n)]))
+            if piece is not None:
+                pieces.append(piece)
+    return pieces

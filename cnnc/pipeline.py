@@ -14,6 +14,7 @@ from typing import Callable
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
+from cnnc.canonicalize import canonicalize
 from cnnc.pass_contract import Pass, PassResult
 
 # Called after each pass with (pass, graph); raises (e.g. EquivalenceError) to stop the pipeline.
@@ -44,12 +45,6 @@ class PipelineReport:
 
     def as_dict(self) -> list[dict]:
         return [record.as_dict() for record in self.records]
-
-
-def canonicalize(graph: gs.Graph) -> gs.Graph:
-    """Fold exporter constant sub-graphs, tidy and infer shapes, so that passes see plain constants in topological
-    order and tensors with known ranks."""
-    return ir.refresh_shapes(ir.fold_constant_subgraphs(ir.tidy(graph)))
 
 
 def run_pipeline(graph: gs.Graph, passes: list[Pass], verify: VerifyHook | None = None,

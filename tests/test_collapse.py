@@ -1,0 +1,296 @@
+"""collapse: whole linear networks to one Gemm, branch merges and pad-free chains to one Conv, mixed networks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx_graphsurgeon as gs
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from cnnc import backend
+from cnnc.frontend import from_torch
+from cnnc.pass_contract import parse_pipeline
+from cnnc.passes.collapse import Collapse
+from cnnc.pipeline import run_pipeline
+from helpers import assert_same_outputs, make_model, op_counts, run_model
+
+import cnnc.passes  # noqa: F401
+
+SHAPE_OPS = {"Flatten", "Reshape", "Concat", "Split", "Identity"}
+
+
+def _compile(model, passes):
+    graph, report = run_pipeline(gs.import_onnx(model), parse_pipeline(passes), strict=True)
+    compiled = backend.to_model(graph, template=model)
+    backend.check(compiled)
+    return compiled, report.records[-1].result
+
+
+def _export(module, shape):
+    torch.manual_seed(0)
+    return from_torch(module.eval(), torch.randn(*shape))
+
+
+def _realistic(module):
+    generator = torch.Generator().manual_seed(3)
+    for layer in module.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            n = layer.num_features
+            layer.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+            layer.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+            layer.weight.data.copy_(0.5 + torch.rand(n, generator=generator))
+            layer.bias.data.copy_(0.1 * torch.randn(n, generator=generator))
+    return module
+
+
+def _feeds(model, batch, seed=0):
+    shape = [d.dim_value or batch for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return {model.graph.input[0].name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+def test_linear_resnet34_collapses_to_one_gemm():
+    from cnnc.examples import build_example
+
+    module, example = build_example("linear-resnet34")
+    model = from_torch(module, example)
+    compiled, result = _compile(model, "collapse")
+    counts = op_counts(compiled)
+    assert counts.pop("Gemm") == 1 and set(counts) <= SHAPE_OPS, counts
+    for batch in (1, 64):
+        feeds = _feeds(model, batch)
+        with torch.no_grad():
+            exact = module.double()(torch.from_numpy(feeds["input"]).double()).numpy()
+        module.float()
+        got, original = run_model(compiled, feeds)[0], run_model(model, feeds)[0]
+        scale = np.abs(exact).max()
+        # More exact than the float32 original (both against a float64 evaluation), and within 1e-5 relative.
+        assert np.abs(got - exact).max() / scale <= 1e-5
+        assert np.abs(got - exact).max() <= np.abs(original - exact).max() * 1.01 + 1e-7
+
+
+class _MixedLinear(nn.Module):
+    """Concat skips, reflect/edge/constant Pad, nearest and linear Resize, AveragePools, constant Mul/Sub/Add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(6, 3, (3, 2), dilation=(1, 2))
+        self.conv3 = nn.Conv2d(3, 3, 3, groups=3)
+        self.head = nn.Linear(3 * 5 * 8, 7)
+
+    def forward(self, x):  # x: N×2×10×12
+        a = self.conv1(nn.functional.pad(x, (1, 0, 2, 1), mode="reflect"))  # N×4×7×7
+        b = nn.functional.interpolate(nn.functional.avg_pool2d(x, 2, ceil_mode=True), size=(7, 7), mode="nearest")
+        y = torch.cat([a, b * 0.5 - 1.0], dim=1)  # N×6×7×7
+        y = self.conv2(nn.functional.pad(y, (2, 1, 1, 1), mode="replicate")) + 0.25  # N×3×7×8
+        y = nn.functional.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)  # N×3×14×16
+        y = nn.functional.avg_pool2d(y, 3, stride=2, padding=1, count_include_pad=False)  # N×3×7×8
+        y = self.conv3(nn.functional.pad(y, (1, 1, 0, 0), value=0.3))  # N×3×5×8
+        y = nn.functional.avg_pool2d(y, 3, stride=1, padding=1, count_include_pad=True)
+        return self.head(torch.flatten(y, 1))
+
+
+def test_mixed_linear_network_collapses_to_one_gemm():
+    model = _export(_MixedLinear(), (1, 2, 10, 12))
+    compiled, result = _compile(model, "collapse")
+    counts = op_counts(compiled)
+    assert counts.pop("Gemm") == 1 and set(counts) <= SHAPE_OPS, counts
+    for batch in (1, 3):
+        assert_same_outputs(model, compiled, _feeds(model, batch), rtol=1e-5, atol=1e-5)
+
+
+class _RepVGGBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.k3 = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+        self.k1 = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, 0, bias=False), nn.BatchNorm2d(cout))
+        self.identity = nn.BatchNorm2d(cout) if stride == 1 and cin == cout else None
+
+    def forward(self, x):
+        y = self.k3(x) + self.k1(x)
+        return torch.relu(y + self.identity(x) if self.identity is not None else y)
+
+
+def test_repvgg_blocks_merge_to_one_conv_each():
+    blocks = [_RepVGGBlock(3, 8, 2), _RepVGGBlock(8, 8, 1), _RepVGGBlock(8, 16, 2), _RepVGGBlock(16, 16, 1)]
+    module = _realistic(nn.Sequential(*blocks))
+    model = _export(module, (1, 3, 17, 22))
+    compiled, result = _compile(model, "fold-bn,collapse")
+    assert op_counts(compiled) == {"Conv": 4, "Relu": 4}
+    assert len(result.applied) == 4
+    for batch in (1, 2):
+        assert_same_outputs(model, compiled, _feeds(model, batch), rtol=1e-4, atol=1e-5)
+
+
+def _conv(name, x, y, w, b=None, **attrs):
+    inputs = [x, name + "_W"] + ([name + "_B"] if b is not None else [])
+    inits = [(name + "_W", w)] + ([(name + "_B", b)] if b is not None else [])
+    return oh.make_node("Conv", inputs, [y], name=name, **attrs), inits
+
+
+def _chain(rng, inner_pads):
+    c1, i1 = _conv("c1", "x", "h", rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+                   rng.standard_normal(16).astype(np.float32), pads=[1, 1, 1, 1])
+    c2, i2 = _conv("c2", "h", "y", rng.standard_normal((8, 16, 3, 3)).astype(np.float32),
+                   rng.standard_normal(8).astype(np.float32), pads=inner_pads)
+    out = 9 - 2 + 2 + inner_pads[0] + inner_pads[2] - 2 + 2 - 2
+    return make_model([c1, c2, oh.make_node("Relu", ["y"], ["z"])], [("x", ["N", 3, 9, 11])],
+                      [("z", None)], i1 + i2)
+
+
+def test_chain_where_only_the_first_conv_pads_becomes_one_conv(rng):
+    model = _chain(rng, [0, 0, 0, 0])
+    compiled, result = _compile(model, "collapse{gemm=off}")
+    assert op_counts(compiled) == {"Conv": 1, "Relu": 1}
+    conv = next(n for n in compiled.graph.node if n.op_type == "Conv")
+    assert [a.ints for a in conv.attribute if a.name == "kernel_shape"][0] == [5, 5]
+    feeds = {"x": rng.standard_normal((2, 3, 9, 11)).astype(np.float32)}
+    assert_same_outputs(model, compiled, feeds, rtol=1e-5, atol=1e-5)
+    # Border pixels, explicitly: the first and last rows and columns match as well as the centre.
+    got, expected = run_model(compiled, feeds)[0], run_model(model, feeds)[0]
+    for edge in (got[..., 0, :] - expected[..., 0, :], got[..., -1] - expected[..., -1]):
+        assert np.abs(edge).max() <= 1e-4
+
+
+def test_chain_with_inner_zero_padding_is_not_one_conv(rng):
+    model = _chain(rng, [1, 1, 1, 1])
+    compiled, result = _compile(model, "collapse{gemm=off}")
+    assert op_counts(compiled) == {"Conv": 2, "Relu": 1}
+    assert not result.changed
+    assert "at the borders" in result.skipped[0][1]
+
+
+def test_mixed_relu_network_changes_only_linear_machines():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b1 = nn.Conv2d(8, 8, 3, padding=1)
+            self.b2 = nn.Conv2d(8, 8, 1)
+            self.c = nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            s = self.b1(h) + self.b2(h) + h  # one machine: three branches of h summed
+            return torch.relu(s), torch.sigmoid(self.c(s))  # s has two readers
+
+    module = Net()
+    model = _export(module, (1, 3, 12, 9))
+    compiled, result = _compile(model, "collapse")
+    assert op_counts(compiled) == {"Conv": 3, "Relu": 2, "Sigmoid": 1}
+    assert [o.name for o in compiled.graph.output] == [o.name for o in model.graph.output]
+    assert_same_outputs(model, compiled, _feeds(model, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_negative_machine_with_non_constant_weight_is_left_alone(rng):
+    nodes = [oh.make_node("Conv", ["x", "w"], ["h"]), oh.make_node("Mul", ["h", "k"], ["y"])]
+    model = make_model(nodes, [("x", ["N", 2, 5, 5]), ("w", [3, 2, 1, 1])], [("y", None)],
+                       [("k", np.float32(2.0))])
+    compiled, result = _compile(model, "collapse")
+    assert not result.changed and op_counts(compiled) == {"Conv": 1, "Mul": 1}
+
+
+def test_negative_bilinear_mul_is_not_linear(rng):
+    nodes = [oh.make_node("Add", ["x", "c"], ["a"]), oh.make_node("Mul", ["a", "x"], ["y"])]
+    model = make_model(nodes, [("x", ["N", 4])], [("y", None)], [("c", np.ones(4, np.float32))])
+    compiled, result = _compile(model, "collapse")
+    assert not result.changed and op_counts(compiled) == {"Add": 1, "Mul": 1}
+
+
+def test_negative_cost_model_keeps_a_machine_whose_dense_map_is_larger(rng):
+    # Two 3×3 convs with an inner pad on a 16×16 map: no conv form, and a dense W would be 2048×768.
+    c1, i1 = _conv("c1", "x", "h", rng.standard_normal((8, 3, 3, 3)).astype(np.float32), pads=[1, 1, 1, 1])
+    c2, i2 = _conv("c2", "h", "y", rng.standard_normal((8, 8, 3, 3)).astype(np.float32), pads=[1, 1, 1, 1])
+    model = make_model([c1, c2], [("x", ["N", 3, 16, 16])], [("y", None)], i1 + i2)
+    compiled, result = _compile(model, "collapse")
+    assert not result.changed and op_counts(compiled) == {"Conv": 2}
+    assert "MACs per sample" in result.skipped[0][1]
+    forced, result = _compile(model, "collapse{gemm=force}")
+    assert result.changed and op_counts(forced).get("Gemm") == 1
+    assert_same_outputs(model, forced, {"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)},
+                        rtol=1e-4, atol=1e-4)
+
+
+def test_strategies_can_be_forbidden(rng):
+    model = _chain(rng, [0, 0, 0, 0])
+    compiled, result = _compile(model, "collapse{conv=off,gemm=off}")
+    assert not result.changed and op_counts(compiled) == {"Conv": 2, "Relu": 1}
+    assert "disabled" in result.skipped[0][1]
+
+
+def test_idempotent():
+    model = _export(_MixedLinear(), (1, 2, 10, 12))
+    compiled, _ = _compile(model, "collapse")
+    again, result = _compile(compiled, "collapse")
+    assert not result.changed and op_counts(again) == op_counts(compiled)
+
+
+@st.composite
+def _linear_graphs(draw):
+    """Random linear graphs: conv chains with pads/strides/dilations/groups, skips and concats, then Gemm."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    channels, height, width = draw(st.integers(1, 3)), draw(st.integers(6, 11)), draw(st.integers(6, 11))
+    nodes, inits, tensors = [], [], [("x", channels, height, width)]
+    for index in range(draw(st.integers(1, 4))):
+        name, c, h, w = tensors[-1]
+        kind = draw(st.sampled_from(["conv", "skip", "concat"]))
+        out = f"t{index}"
+        if kind == "conv":
+            group = draw(st.sampled_from([g for g in (1, 2, 3) if c % g == 0]))
+            cout = group * draw(st.integers(1, 2))
+            k, s, d = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+            pads = [draw(st.integers(0, 2)) for _ in range(4)]
+            oh_, ow_ = (h + pads[0] + pads[2] - d * (k - 1) - 1) // s + 1, (w + pads[1] + pads[3] - d * (k - 1) - 1) // s + 1
+            if oh_ < 1 or ow_ < 1:
+                continue
+            node, init = _conv(f"c{index}", name, out, rng.standard_normal((cout, c // group, k, k)).astype(np.float32),
+                               rng.standard_normal(cout).astype(np.float32), pads=pads, strides=[s, s],
+                               dilations=[d, d], group=group)
+            nodes.append(node)
+            inits += init
+            tensors.append((out, cout, oh_, ow_))
+        elif kind == "skip":
+            node, init = _conv(f"c{index}", name, out + "_b", rng.standard_normal((c, c, 3, 3)).astype(np.float32),
+                               None, pads=[1, 1, 1, 1])
+            nodes += [node, oh.make_node("Add", [name, out + "_b"], [out])]
+            inits += init
+            tensors.append((out, c, h, w))
+        else:
+            node, init = _conv(f"c{index}", name, out + "_b", rng.standard_normal((2, c, 1, 1)).astype(np.float32))
+            nodes += [node, oh.make_node("Concat", [name, out + "_b"], [out], axis=1)]
+            inits += init
+            tensors.append((out, c + 2, h, w))
+    name, c, h, w = tensors[-1]
+    nodes += [oh.make_node("Flatten", [name], ["flat"], axis=1), oh.make_node("Gemm", ["flat", "fc"], ["y"], transB=1)]
+    inits.append(("fc", rng.standard_normal((3, c * h * w)).astype(np.float32)))
+    batch = draw(st.integers(1, 3))
+    return make_model(nodes, [("x", ["N", channels, height, width])], [("y", None)], inits), batch, rng
+
+
+def _float64_reference(model, feeds):
+    from cnnc.torch_eval import evaluate_graph
+
+    values = evaluate_graph(gs.import_onnx(model), feeds)
+    return [values[o.name] for o in model.graph.output]
+
+
+@given(_linear_graphs())
+def test_random_linear_graphs_collapse_to_one_gemm(case):
+    model, batch, rng = case
+    compiled, result = _compile(model, "collapse{gemm=force}")
+    counts = op_counts(compiled)
+    assert counts.pop("Gemm") == 1 and set(counts) <= SHAPE_OPS, counts
+    onnx.checker.check_model(compiled, full_check=True)
+    shape = [batch] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+    # Random unnormalised weights make outputs large and cancel: judge both models against float64, not each other.
+    exact = _float64_reference(model, feeds)[0]
+    got, original = run_model(compiled, feeds)[0], run_model(model, feeds)[0]
+    scale = max(1.0, float(np.abs(exact).max()))
+    assert np.abs(got - exact).max() <= 1e-5 * scale
+    assert np.abs(got - exact).max() <= 2 * np.abs(original - exact).max() + 1e-6 * scale
