@@ -149,8 +149,8 @@ def _conv_transpose(node, args, ctx):
     auto_pad = _attr(node, "auto_pad", "NOTSET")
     explicit = list(_attr(node, "pads", [0] * (2 * rank)))
     output_shape = list(_attr(node, "output_shape", []))
-    if len(output_shape) == rank + 2:
-        output_shape = output_shape[2:]
+    if output_shape and len(output_shape) != rank:  # ONNX shape inference refuses other lengths too
+        raise ValueError(f"ConvTranspose '{node.name}': output_shape {output_shape} for {rank} spatial axes")
     in_sizes = list(x.shape[2:])
 
     full = [(in_sizes[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 for i in range(rank)]

@@ -1,0 +1,374 @@
+"""torch_eval: every supported op against onnxruntime over odd geometry, hypothesis geometry for the ops with the most
+corner cases, exact Jacobians through torch.func, dynamic shapes, and a torch-exported ResNet.
+
+The reference is onnxruntime's CPU provider with graph optimisations disabled, in float32; the evaluator runs in
+float64 on the same float32 inputs, so agreement is to float32 rounding (relative 1e-5 of the output's magnitude).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx_graphsurgeon as gs
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from cnnc.frontend import from_torch
+from cnnc.torch_eval import SUPPORTED_OPS, SubgraphFunction, evaluate_graph, unsupported_reason
+from helpers import make_model, run_model
+
+RELATIVE_TOLERANCE = 1e-5
+INT64_MAX = 2**63 - 1
+_rng = np.random.default_rng(20261121)
+
+
+def _x(*shape) -> np.ndarray:
+    return _rng.standard_normal(shape).astype(np.float32)
+
+
+def _ir_version(opset: int) -> int:
+    return 10 if opset >= 21 else 9 if opset >= 19 else 8 if opset >= 13 else 7
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    nodes: list
+    feeds: dict
+    outputs: list
+    initializers: list
+    opset: int
+
+    def model(self) -> onnx.ModelProto:
+        return make_model(self.nodes, [(k, list(v.shape)) for k, v in self.feeds.items()],
+                          [(o, None) for o in self.outputs], self.initializers, opset=self.opset,
+                          ir_version=_ir_version(self.opset))
+
+
+CASES: list[Case] = []
+
+
+def case(name, nodes, feeds, outputs=("y",), initializers=(), opset=17):
+    nodes = nodes if isinstance(nodes, list) else [nodes]
+    CASES.append(Case(name, nodes, dict(feeds), list(outputs), list(initializers), opset))
+
+
+def assert_matches_onnxruntime(model: onnx.ModelProto, feeds: dict) -> dict:
+    """evaluate_graph (float64) against onnxruntime (float32, CPU, optimisations off); returns our outputs."""
+    expected = run_model(model, feeds)
+    graph = gs.import_onnx(model)
+    for node in graph.nodes:
+        assert unsupported_reason(node) is None, (node.op, unsupported_reason(node))
+    got = evaluate_graph(graph, feeds)
+    for output, reference in zip(model.graph.output, expected):
+        ours = got[output.name]
+        assert ours.shape == reference.shape, (output.name, ours.shape, reference.shape)
+        if reference.dtype.kind == "f":
+            assert ours.dtype == np.float64
+        scale = max(float(np.abs(reference).max()) if reference.size else 0.0, 1e-6)
+        error = float(np.abs(ours - reference).max()) if reference.size else 0.0
+        assert error <= RELATIVE_TOLERANCE * scale, (output.name, error, scale)
+    return got
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Convolutions
+
+for name, x_shape, w_shape, attrs, bias in [
+    ("conv2d_asymmetric_pads_stride_dilation", (2, 3, 7, 9), (6, 3, 3, 2),
+     dict(pads=[1, 0, 2, 1], strides=[2, 1], dilations=[1, 2]), True),
+    ("conv2d_depthwise_dilated", (3, 4, 6, 5), (8, 1, 3, 3), dict(group=4, pads=[2, 1, 0, 3], dilations=[2, 1]), True),
+    ("conv2d_two_groups_no_bias", (2, 4, 8, 7), (6, 2, 2, 3), dict(group=2, strides=[2, 3]), False),
+    ("conv2d_same_upper", (2, 3, 7, 10), (4, 3, 3, 4), dict(auto_pad="SAME_UPPER", strides=[2, 2]), True),
+    ("conv2d_same_lower", (2, 3, 8, 9), (4, 3, 2, 5), dict(auto_pad="SAME_LOWER", strides=[3, 2]), True),
+    ("conv2d_same_stride_above_kernel", (2, 3, 8, 7), (4, 3, 1, 1), dict(auto_pad="SAME_UPPER", strides=[3, 3]), True),
+    ("conv2d_valid_kernel_shape_attr", (2, 3, 7, 9), (4, 3, 3, 2),
+     dict(auto_pad="VALID", strides=[2, 3], kernel_shape=[3, 2]), True),
+    ("conv1d", (2, 3, 17), (5, 3, 4), dict(strides=[2], dilations=[3], pads=[3, 1]), True),
+    ("conv3d_groups", (2, 4, 5, 6, 7), (6, 2, 2, 3, 1), dict(group=2, strides=[1, 2, 2], pads=[1, 0, 1, 0, 2, 1]), True),
+]:
+    inits = [("w", _x(*w_shape))] + ([("b", _x(w_shape[0]))] if bias else [])
+    case(name, oh.make_node("Conv", ["x", "w"] + (["b"] if bias else []), ["y"], **attrs), {"x": _x(*x_shape)},
+         initializers=inits)
+
+for name, x_shape, w_shape, attrs in [
+    ("convtranspose2d_pads_output_padding", (2, 4, 5, 6), (4, 3, 3, 2),
+     dict(strides=[2, 3], pads=[1, 0, 0, 1], output_padding=[1, 2])),
+    ("convtranspose2d_groups_dilation", (2, 4, 5, 4), (4, 2, 3, 3),
+     dict(group=2, dilations=[2, 1], pads=[2, 1, 1, 0], strides=[1, 2])),
+    ("convtranspose2d_output_shape", (2, 4, 5, 6), (4, 3, 3, 2), dict(strides=[2, 3], output_shape=[9, 15])),
+    ("convtranspose2d_output_shape_even_total", (2, 4, 5, 6), (4, 3, 3, 2), dict(strides=[2, 3], output_shape=[8, 16])),
+    ("convtranspose2d_same_upper", (2, 4, 5, 6), (4, 3, 3, 2), dict(strides=[2, 3], auto_pad="SAME_UPPER")),
+    ("convtranspose2d_same_lower", (2, 4, 5, 6), (4, 3, 3, 2), dict(strides=[2, 3], auto_pad="SAME_LOWER")),
+    ("convtranspose2d_same_upper_output_shape", (2, 4, 5, 6), (4, 3, 3, 2),
+     dict(strides=[2, 3], auto_pad="SAME_UPPER", output_shape=[10, 16])),
+    ("convtranspose2d_valid", (2, 4, 5, 6), (4, 3, 3, 2), dict(strides=[2, 3], auto_pad="VALID")),
+    ("convtranspose1d", (3, 2, 7), (2, 3, 4), dict(strides=[3], output_padding=[2], pads=[1, 2])),
+    ("convtranspose3d", (2, 2, 3, 4, 3), (2, 2, 2, 3, 2), dict(strides=[2, 1, 2], pads=[0, 1, 1, 1, 0, 0])),
+]:
+    cout = w_shape[1] * attrs.get("group", 1)
+    case(name, oh.make_node("ConvTranspose", ["x", "w", "b"], ["y"], **attrs), {"x": _x(*x_shape)},
+         initializers=[("w", _x(*w_shape)), ("b", _x(cout))])
+
+# ------------------------------------------------------------------------------------------------------------------
+# Dense, normalisation and arithmetic
+
+for name, a_shape, b_shape, c_shape, attrs in [
+    ("gemm_transB_bias_vector", (3, 5), (4, 5), (4,), dict(transB=1, alpha=0.5, beta=2.0)),
+    ("gemm_transA_bias_matrix", (5, 3), (5, 4), (3, 4), dict(transA=1)),
+    ("gemm_bias_column", (3, 5), (5, 4), (3, 1), dict(beta=-1.5)),
+    ("gemm_bias_row", (3, 5), (5, 4), (1, 4), {}),
+    ("gemm_bias_scalar", (3, 5), (5, 4), (), dict(alpha=3.0)),
+    ("gemm_without_bias", (3, 5), (4, 5), None, dict(transB=1)),
+]:
+    inputs = ["a", "w"] + (["c"] if c_shape is not None else [])
+    inits = [("w", _x(*b_shape))] + ([("c", _x(*c_shape))] if c_shape is not None else [])
+    case(name, oh.make_node("Gemm", inputs, ["y"], **attrs), {"a": _x(*a_shape)}, initializers=inits,
+         opset=13)
+
+case("matmul_constant_weight", oh.make_node("MatMul", ["x", "w"], ["y"]), {"x": _x(2, 3, 4, 5)},
+     initializers=[("w", _x(5, 6))])
+case("matmul_batched_two_inputs", oh.make_node("MatMul", ["x", "z"], ["y"]), {"x": _x(3, 4, 5), "z": _x(3, 5, 2)})
+case("matmul_vector_left", oh.make_node("MatMul", ["x", "z"], ["y"]), {"x": _x(5), "z": _x(2, 5, 3)})
+case("matmul_vector_right", oh.make_node("MatMul", ["x", "z"], ["y"]), {"x": _x(2, 3, 5), "z": _x(5)})
+
+
+def _bn_inits(channels):
+    return [("s", _x(channels)), ("bb", _x(channels)), ("m", _x(channels)),
+            ("v", (0.5 + _rng.random(channels)).astype(np.float32))]
+
+
+for name, shape, attrs in [("batchnorm4d_epsilon", (2, 3, 4, 5), dict(epsilon=1e-3)), ("batchnorm2d", (3, 4), {}),
+                           ("batchnorm3d", (2, 3, 7), {}), ("batchnorm5d", (2, 3, 2, 3, 4), {})]:
+    case(name, oh.make_node("BatchNormalization", ["x", "s", "bb", "m", "v"], ["y"], **attrs), {"x": _x(*shape)},
+         initializers=_bn_inits(shape[1]), opset=15)
+
+for op in ("Add", "Sub", "Mul", "Div"):
+    constant = (np.abs(_x(3, 1, 1)) + 0.5) if op == "Div" else _x(3, 1, 1)
+    case(f"{op.lower()}_broadcast_constant", oh.make_node(op, ["x", "c"], ["y"]), {"x": _x(2, 3, 4, 5)},
+         initializers=[("c", constant)])
+    other = (np.abs(_x(1, 4, 1)) + 0.5) if op == "Div" else _x(1, 4, 1)
+    case(f"{op.lower()}_broadcast_two_inputs", oh.make_node(op, ["z", "x"], ["y"]), {"x": other, "z": _x(3, 1, 5)})
+    case(f"{op.lower()}_scalar_first", oh.make_node(op, ["c", "x"], ["y"]),
+         {"x": (np.abs(_x(2, 3)) + 0.5) if op == "Div" else _x(2, 3)},
+         initializers=[("c", np.array(1.75, dtype=np.float32))])
+
+# ------------------------------------------------------------------------------------------------------------------
+# Padding and resampling
+
+_pads_with_crop = np.array([0, 1, 2, -1, 1, 0, -2, 3])
+for mode in ("constant", "reflect", "edge"):
+    case(f"pad_{mode}_negative_pads", oh.make_node("Pad", ["x", "p", "v"], ["y"], mode=mode), {"x": _x(3, 4, 5, 6)},
+         initializers=[("p", _pads_with_crop), ("v", np.array(1.5, dtype=np.float32))], opset=13)
+    case(f"pad_{mode}_axes_input", oh.make_node("Pad", ["x", "p", "", "a"], ["y"], mode=mode), {"x": _x(2, 3, 5, 6)},
+         initializers=[("p", np.array([2, 1, 0, 2])), ("a", np.array([-1, 1]))], opset=18)
+    case(f"pad_{mode}_opset2_attributes", oh.make_node("Pad", ["x"], ["y"], mode=mode, pads=[0, 0, 1, 2, 0, 0, 3, 1],
+                                                       value=-0.5), {"x": _x(2, 3, 5, 6)}, opset=2)
+case("pad_constant_default_value", oh.make_node("Pad", ["x", "p"], ["y"]), {"x": _x(2, 3, 4)},
+     initializers=[("p", np.array([1, 0, 2, 0, 2, 1]))], opset=11)
+
+RESIZE_TRANSFORMS = ["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel", "tf_half_pixel_for_nn",
+                     "half_pixel_symmetric"]
+NEAREST_MODES = ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]
+for transform in RESIZE_TRANSFORMS:
+    for mode, nearest_mode in [("nearest", m) for m in NEAREST_MODES] + [("linear", "round_prefer_floor")]:
+        attrs = dict(mode=mode, coordinate_transformation_mode=transform, nearest_mode=nearest_mode)
+        for label, scales in [("up_down", [1, 1, 1.7, 0.6]), ("down_up", [1, 1, 0.45, 2.5])]:
+            case(f"resize_{mode}_{nearest_mode}_{transform}_scales_{label}",
+                 oh.make_node("Resize", ["x", "", "s"], ["y"], **attrs), {"x": _x(2, 3, 7, 9)},
+                 initializers=[("s", np.array(scales, dtype=np.float32))], opset=19)
+        case(f"resize_{mode}_{nearest_mode}_{transform}_sizes",
+             oh.make_node("Resize", ["x", "", "", "z"], ["y"], **attrs), {"x": _x(2, 3, 7, 4)},
+             initializers=[("z", np.array([2, 3, 2, 11]))], opset=19)
+case("resize_opset18_axes_scales", oh.make_node("Resize", ["x", "", "s"], ["y"], axes=[2, 3], mode="linear"),
+     {"x": _x(2, 3, 5, 8)}, initializers=[("s", np.array([1.5, 0.75], dtype=np.float32))], opset=18)
+case("resize_opset18_axes_sizes", oh.make_node("Resize", ["x", "", "", "z"], ["y"], axes=[-1]),
+     {"x": _x(2, 3, 5, 8)}, initializers=[("z", np.array([13]))], opset=18)
+for policy in ("not_larger", "not_smaller"):
+    case(f"resize_keep_aspect_ratio_{policy}",
+         oh.make_node("Resize", ["x", "", "", "z"], ["y"], axes=[2, 3], keep_aspect_ratio_policy=policy),
+         {"x": _x(2, 3, 5, 8)}, initializers=[("z", np.array([9, 11]))], opset=18)
+case("resize_trilinear_5d", oh.make_node("Resize", ["x", "", "s"], ["y"], mode="linear"), {"x": _x(1, 2, 3, 4, 5)},
+     initializers=[("s", np.array([1, 1, 1.5, 2, 0.6], dtype=np.float32))], opset=13)
+case("resize_nearest_channel_axis", oh.make_node("Resize", ["x", "", "s"], ["y"], nearest_mode="floor"),
+     {"x": _x(2, 3, 4, 5)}, initializers=[("s", np.array([1, 1.5, 2, 1], dtype=np.float32))], opset=13)
+case("resize_opset11_roi_ignored_empty_scales", oh.make_node("Resize", ["x", "r", "e", "z"], ["y"], mode="linear"),
+     {"x": _x(2, 3, 4, 5)}, initializers=[("r", np.zeros(8, dtype=np.float32)), ("e", np.zeros(0, dtype=np.float32)),
+                                          ("z", np.array([2, 3, 7, 3]))], opset=11)
+for mode in ("nearest", "linear"):
+    for label, scales in [("up", [1, 1, 2, 1.5]), ("down", [1, 1, 0.6, 0.5])]:
+        case(f"resize_opset10_{mode}_{label}", oh.make_node("Resize", ["x", "s"], ["y"], mode=mode),
+             {"x": _x(2, 3, 5, 7)}, initializers=[("s", np.array(scales, dtype=np.float32))], opset=10)
+    case(f"upsample_opset9_{mode}", oh.make_node("Upsample", ["x", "s"], ["y"], mode=mode), {"x": _x(2, 3, 4, 5)},
+         initializers=[("s", np.array([1, 1, 2, 2.5], dtype=np.float32))], opset=9)
+    case(f"upsample_opset7_{mode}", oh.make_node("Upsample", ["x"], ["y"], mode=mode, scales=[1.0, 1.0, 3.0, 1.5]),
+         {"x": _x(2, 3, 4, 5)}, opset=7)
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pooling
+
+for name, x_shape, attrs, opset in [
+    ("averagepool_pads_exclude_pad", (2, 3, 7, 9), dict(kernel_shape=[3, 2], strides=[2, 3], pads=[1, 0, 2, 1]), 17),
+    ("averagepool_pads_include_pad", (2, 3, 7, 9),
+     dict(kernel_shape=[3, 2], strides=[2, 3], pads=[1, 0, 2, 1], count_include_pad=1), 17),
+    ("averagepool_ceil_exclude_pad", (2, 3, 8, 9),
+     dict(kernel_shape=[3, 2], strides=[2, 2], pads=[1, 1, 1, 0], ceil_mode=1), 17),
+    ("averagepool_ceil_include_pad", (2, 3, 8, 9),
+     dict(kernel_shape=[3, 2], strides=[2, 2], pads=[1, 1, 1, 0], ceil_mode=1, count_include_pad=1), 17),
+    ("averagepool_ceil_window_starting_in_end_pad", (2, 1, 4, 6),
+     dict(kernel_shape=[2, 3], strides=[2, 2], pads=[0, 1, 1, 1], ceil_mode=1, count_include_pad=1), 17),
+    ("averagepool_same_upper", (2, 3, 7, 10), dict(kernel_shape=[3, 4], strides=[2, 2], auto_pad="SAME_UPPER"), 17),
+    ("averagepool_same_lower_include_pad", (2, 3, 7, 10),
+     dict(kernel_shape=[2, 3], strides=[3, 2], auto_pad="SAME_LOWER", count_include_pad=1), 17),
+    ("averagepool_valid", (2, 3, 7, 10), dict(kernel_shape=[2, 3], strides=[2, 2], auto_pad="VALID"), 17),
+    ("averagepool_dilations", (2, 3, 9, 8),
+     dict(kernel_shape=[3, 2], strides=[2, 1], dilations=[2, 3], pads=[2, 1, 1, 1]), 19),
+    ("averagepool_dilations_ceil_include_pad", (2, 3, 9, 8),
+     dict(kernel_shape=[3, 2], strides=[2, 2], dilations=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1,
+          count_include_pad=1), 19),
+    ("averagepool1d", (3, 2, 11), dict(kernel_shape=[4], strides=[3], pads=[2, 1], ceil_mode=1), 17),
+    ("averagepool3d", (2, 2, 5, 6, 4), dict(kernel_shape=[2, 3, 2], strides=[2, 2, 1], pads=[1, 0, 1, 0, 1, 0]), 17),
+]:
+    case(name, oh.make_node("AveragePool", ["x"], ["y"], **attrs), {"x": _x(*x_shape)}, opset=opset)
+
+for name, x_shape, attrs in [
+    ("maxpool_pads_strides", (2, 3, 7, 9), dict(kernel_shape=[3, 2], strides=[2, 3], pads=[1, 0, 2, 1])),
+    ("maxpool_ceil_dilations", (2, 3, 9, 8),
+     dict(kernel_shape=[3, 2], strides=[2, 2], dilations=[2, 3], pads=[1, 1, 1, 0], ceil_mode=1)),
+    ("maxpool_same_upper", (2, 3, 7, 10), dict(kernel_shape=[3, 3], strides=[2, 3], auto_pad="SAME_UPPER")),
+    ("maxpool1d", (3, 2, 11), dict(kernel_shape=[4], strides=[3], pads=[2, 1])),
+    ("maxpool3d", (2, 2, 5, 6, 4), dict(kernel_shape=[2, 3, 2], strides=[2, 2, 1], pads=[1, 0, 1, 0, 1, 0])),
+]:
+    case(name, oh.make_node("MaxPool", ["x"], ["y"], **attrs), {"x": _x(*x_shape)}, opset=12)
+
+for shape in [(2, 3, 5, 7), (3, 4, 6), (2, 2, 3, 4, 5)]:
+    case(f"globalaveragepool_{len(shape) - 2}d", oh.make_node("GlobalAveragePool", ["x"], ["y"]), {"x": _x(*shape)})
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reductions and data movement
+
+case("reducemean_axes_attribute_no_keepdims", oh.make_node("ReduceMean", ["x"], ["y"], axes=[1, -1], keepdims=0),
+     {"x": _x(2, 3, 4, 5)}, opset=17)
+case("reducemean_all_axes", oh.make_node("ReduceMean", ["x"], ["y"]), {"x": _x(2, 3, 4, 5)}, opset=17)
+case("reducemean_axes_input", oh.make_node("ReduceMean", ["x", "a"], ["y"]), {"x": _x(2, 3, 4, 5)},
+     initializers=[("a", np.array([-2]))], opset=18)
+case("reducemean_noop_with_empty_axes", oh.make_node("ReduceMean", ["x"], ["y"], noop_with_empty_axes=1),
+     {"x": _x(2, 3, 4)}, opset=18)
+case("reducesum_axes_attribute", oh.make_node("ReduceSum", ["x"], ["y"], axes=[2]), {"x": _x(2, 3, 4, 5)}, opset=11)
+case("reducesum_axes_input_no_keepdims", oh.make_node("ReduceSum", ["x", "a"], ["y"], keepdims=0),
+     {"x": _x(2, 3, 4, 5)}, initializers=[("a", np.array([0, 3]))], opset=13)
+case("reducesum_all_axes", oh.make_node("ReduceSum", ["x"], ["y"], keepdims=0), {"x": _x(2, 3, 4)}, opset=13)
+case("reducesum_noop_with_empty_axes", oh.make_node("ReduceSum", ["x"], ["y"], noop_with_empty_axes=1),
+     {"x": _x(2, 3, 4)}, opset=13)
+
+case("concat_negative_axis", oh.make_node("Concat", ["x", "c", "z"], ["y"], axis=-1),
+     {"x": _x(2, 3, 4), "z": _x(2, 3, 1)}, initializers=[("c", _x(2, 3, 2))])
+case("concat_channels", oh.make_node("Concat", ["x", "z"], ["y"], axis=1), {"x": _x(2, 3, 4, 5), "z": _x(2, 1, 4, 5)})
+
+case("split_attribute", oh.make_node("Split", ["x"], ["y0", "y1", "y2"], axis=-1, split=[2, 3, 1]),
+     {"x": _x(2, 3, 6)}, outputs=["y0", "y1", "y2"], opset=11)
+case("split_input", oh.make_node("Split", ["x", "s"], ["y0", "y1"], axis=1), {"x": _x(2, 5, 3)},
+     outputs=["y0", "y1"], initializers=[("s", np.array([4, 1]))], opset=13)
+case("split_equal", oh.make_node("Split", ["x"], ["y0", "y1", "y2"], axis=2), {"x": _x(2, 3, 6)},
+     outputs=["y0", "y1", "y2"], opset=13)
+case("split_num_outputs_uneven", oh.make_node("Split", ["x"], ["y0", "y1", "y2"], axis=1, num_outputs=3),
+     {"x": _x(2, 7, 3)}, outputs=["y0", "y1", "y2"], opset=18)
+
+for name, starts, ends, axes, steps in [
+    ("slice_reverse_whole_axis", [-1], [-INT64_MAX], [2], [-1]),
+    ("slice_negative_and_positive_steps", [4, 1], [0, 100], [-1, 1], [-2, 2]),
+    ("slice_clamped_negative_step", [100, -2], [-100, -6], [3, 2], [-3, -1]),
+    ("slice_empty_result", [3], [1], [1], [1]),
+    ("slice_without_axes_and_steps", [1, 0, 2], [3, -1, INT64_MAX], None, None),
+]:
+    inputs = ["x", "st", "en"] + (["ax"] if axes is not None else []) + (["sp"] if steps is not None else [])
+    inits = [("st", np.array(starts)), ("en", np.array(ends))]
+    inits += ([("ax", np.array(axes))] if axes is not None else []) + ([("sp", np.array(steps))] if steps else [])
+    case(name, oh.make_node("Slice", inputs, ["y"]), {"x": _x(3, 5, 6, 7)}, initializers=inits, opset=13)
+case("slice_opset9_attributes", oh.make_node("Slice", ["x"], ["y"], starts=[1, 0], ends=[1000, -1], axes=[2, 3]),
+     {"x": _x(2, 3, 5, 6)}, opset=9)
+
+for name, shape, attrs in [("reshape_copy_and_infer", [0, -1], {}), ("reshape_zeros_kept", [0, 0, 3, -1], {}),
+                           ("reshape_allowzero", [6, -1], dict(allowzero=1)), ("reshape_flat", [-1], {})]:
+    case(name, oh.make_node("Reshape", ["x", "s"], ["y"], **attrs), {"x": _x(2, 3, 6, 2)},
+         initializers=[("s", np.array(shape))], opset=14)
+for axis in (0, 2, -1, None):
+    attrs = {} if axis is None else dict(axis=axis)
+    case(f"flatten_axis_{axis}", oh.make_node("Flatten", ["x"], ["y"], **attrs), {"x": _x(2, 3, 4, 5)})
+case("transpose_perm", oh.make_node("Transpose", ["x"], ["y"], perm=[0, 2, 3, 1]), {"x": _x(2, 3, 4, 5)})
+case("transpose_default_reverses", oh.make_node("Transpose", ["x"], ["y"]), {"x": _x(2, 3, 4)})
+case("squeeze_axes_attribute", oh.make_node("Squeeze", ["x"], ["y"], axes=[1, -1]), {"x": _x(2, 1, 3, 1)}, opset=11)
+case("squeeze_axes_input", oh.make_node("Squeeze", ["x", "a"], ["y"]), {"x": _x(1, 3, 1, 4)},
+     initializers=[("a", np.array([0]))], opset=13)
+case("squeeze_all", oh.make_node("Squeeze", ["x"], ["y"]), {"x": _x(1, 3, 1, 4)}, opset=13)
+case("unsqueeze_axes_attribute", oh.make_node("Unsqueeze", ["x"], ["y"], axes=[0, -1]), {"x": _x(2, 3)}, opset=11)
+case("unsqueeze_axes_input", oh.make_node("Unsqueeze", ["x", "a"], ["y"]), {"x": _x(2, 3, 4)},
+     initializers=[("a", np.array([-1, 1, 3]))], opset=13)
+case("spacetodepth", oh.make_node("SpaceToDepth", ["x"], ["y"], blocksize=2), {"x": _x(2, 3, 6, 8)})
+for mode in ("DCR", "CRD"):
+    case(f"depthtospace_{mode}", oh.make_node("DepthToSpace", ["x"], ["y"], blocksize=2, mode=mode),
+         {"x": _x(2, 8, 3, 5)})
+case("identity", oh.make_node("Identity", ["x"], ["y"]), {"x": _x(2, 3)})
+case("dropout_inference_with_mask", [oh.make_node("Dropout", ["x", "r"], ["y", "mask"]),
+                                     oh.make_node("Cast", ["mask"], ["mask_f"], to=onnx.TensorProto.FLOAT)],
+     {"x": _x(2, 3, 4)}, outputs=["y", "mask_f"], initializers=[("r", np.array(0.3, dtype=np.float32))], opset=13)
+case("dropout_training_mode_false", oh.make_node("Dropout", ["x", "r", "t"], ["y"]), {"x": _x(2, 3)},
+     initializers=[("r", np.array(0.5, dtype=np.float32)), ("t", np.array(False))], opset=12)
+case("dropout_opset7", oh.make_node("Dropout", ["x"], ["y"], ratio=0.2), {"x": _x(2, 3)}, opset=7)
+
+# ------------------------------------------------------------------------------------------------------------------
+# Nonlinear ops (for explain / analyze) and the exporters' shape ops
+
+for op, attrs in [("Relu", {}), ("LeakyRelu", {}), ("LeakyRelu", dict(alpha=0.2)), ("Sigmoid", {}), ("Tanh", {})]:
+    case(f"{op.lower()}_{attrs.get('alpha', 'default')}", oh.make_node(op, ["x"], ["y"], **attrs),
+         {"x": _x(2, 3, 4, 5)})
+case("clip_opset6_attributes", oh.make_node("Clip", ["x"], ["y"], min=-0.5, max=0.7), {"x": _x(2, 3, 4)}, opset=6)
+case("clip_min_only", oh.make_node("Clip", ["x", "lo"], ["y"]), {"x": _x(2, 3, 4)},
+     initializers=[("lo", np.array(-0.3, dtype=np.float32))], opset=13)
+case("clip_max_only", oh.make_node("Clip", ["x", "", "hi"], ["y"]), {"x": _x(2, 3, 4)},
+     initializers=[("hi", np.array(0.1, dtype=np.float32))], opset=13)
+case("clip_min_above_max", oh.make_node("Clip", ["x", "lo", "hi"], ["y"]), {"x": _x(2, 3, 4)},
+     initializers=[("lo", np.array(0.5, dtype=np.float32)), ("hi", np.array(-0.5, dtype=np.float32))], opset=13)
+for opset, attrs in [(11, {}), (11, dict(axis=2)), (13, {}), (13, dict(axis=1))]:
+    case(f"softmax_opset{opset}_axis_{attrs.get('axis', 'default')}", oh.make_node("Softmax", ["x"], ["y"], **attrs),
+         {"x": _x(2, 3, 4, 5)}, opset=opset)
+
+# x.view(x.size(0), -1) as the TorchScript exporter writes it: Shape -> Gather -> Unsqueeze -> Concat -> Reshape.
+case("shape_gather_concat_reshape", [
+    oh.make_node("Shape", ["x"], ["shape"]),
+    oh.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+    oh.make_node("Unsqueeze", ["batch", "axis0"], ["batch_1d"]),
+    oh.make_node("Concat", ["batch_1d", "minus_one"], ["target"], axis=0),
+    oh.make_node("Reshape", ["x", "target"], ["y"]),
+], {"x": _x(3, 2, 4, 5)}, initializers=[("zero", np.array(0)), ("axis0", np.array([0])),
+                                        ("minus_one", np.array([-1]))], opset=13)
+case("shape_start_end_cast", [oh.make_node("Shape", ["x"], ["s"], start=1, end=-1),
+                              oh.make_node("Cast", ["s"], ["y"], to=onnx.TensorProto.FLOAT)],
+     {"x": _x(2, 3, 4, 5)}, opset=15)
+case("gather_floats_negative_indices", oh.make_node("Gather", ["x", "i"], ["y"], axis=1), {"x": _x(2, 5, 3)},
+     initializers=[("i", np.array([[0, -1], [2, 1]]))])
+case("cast_float_int_float_truncates", [oh.make_node("Mul", ["x", "k"], ["scaled"]),
+                                        oh.make_node("Cast", ["scaled"], ["i"], to=onnx.TensorProto.INT64),
+                                        oh.make_node("Cast", ["i"], ["y"], to=onnx.TensorProto.FLOAT)],
+     {"x": _x(2, 3, 4)}, initializers=[("k", np.array(3.0, dtype=np.float32))])
+case("constantofshape_add", [oh.make_node("ConstantOfShape", ["shape"], ["c"],
+                                          value=onnx.numpy_helper.from_array(np.array([2.5], dtype=np.float32))),
+                             oh.make_node("Add", ["x", "c"], ["y"])],
+     {"x": _x(2, 3)}, initializers=[("shape", np.array([2, 3]))])
+case("constant_node", [oh.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(_x(3, 1))),
+                       oh.make_node("Mul", ["x", "c"], ["y"])], {"x": _x(2, 3, 4)})
+
+
+@pytest.mark.parametrize("example", CASES, ids=[c.name for c in CASES])
+def test_op_matches_onnxruntime(example: Case):
+    assert_matches_onnxruntime(example.model(), example.feeds)
+
+
+def test_every_supported_op_has_a_case():
+    covered = {node.op_type for example in CASES for node in example.model().graph.node}
+    assert SUPPORTED_OPS <= covered, sorted(SUPPORTED_OPS - covered)
