@@ -206,7 +206,7 @@ def _fuse(graph: gs.Graph, members: list[gs.Node]) -> str:
         member.inputs.clear()
     if run is not None:
         concat, start, _ = run
-        concat.inputs[start:start + len(members)] = [fused_out]
+        concat.inputs = list(concat.inputs[:start]) + [fused_out] + list(concat.inputs[start + len(members):])
         tail = f"read directly by Concat '{concat.name}'"
     else:
         sizes = np.asarray(channels, dtype=np.int64)
