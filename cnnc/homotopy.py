@@ -217,14 +217,20 @@ def _wrap_traced(module: nn.Module, prefix: str, context: _WrapContext, example_
         return None
     traced = fx.GraphModule(module, graph, class_name=type(module).__name__)
     if example_input is not None:
-        try:
-            from torch.fx.passes.shape_prop import ShapeProp
+        from torch.fx.passes.shape_prop import ShapeProp
 
+        # In eval mode: a training-mode forward would move the BatchNorm running statistics towards the example.
+        modes = [(m, m.training) for m in traced.modules()]
+        traced.eval()
+        try:
             with torch.no_grad():
                 ShapeProp(traced).propagate(*example_input)
         except Exception as error:  # shapes only refine the test; the structural test still applies without them
-            context.skipped.append((prefix or "model", f"shape propagation failed ({type(error).__name__}: {error}); "
-                                                        "operand shapes were not compared"))
+            why = f"shape propagation failed ({type(error).__name__}: {error}); operand shapes were not compared"
+            context.skipped.append((prefix or "model", why))
+        finally:
+            for m, training in modes:
+                m.training = training
     matches, not_taken = find_joins(traced.graph)
     context.skipped.extend((f"{prefix}{where}", why) for where, why in not_taken)
     if not matches:

@@ -155,6 +155,16 @@ def test_fx_finds_torchvision_style_joins_and_tells_branch_from_shortcut(resnet)
         torch.testing.assert_close(homotopy.model(x), shortcut_only(model, x))
 
 
+def test_wrapping_with_an_example_input_leaves_batchnorm_statistics_alone(resnet):
+    model, x = resnet
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    homotopy = SkipHomotopy.wrap(model, t=0.5, example_input=x * 10)
+    assert homotopy.model.training and model.layer1[0].bn1.training
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
 def test_at_t_zero_the_wrapped_model_is_the_network_without_skips(resnet):
     model, x = resnet
     reference = _without_skips(model)
