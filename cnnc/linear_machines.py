@@ -203,3 +203,47 @@ def split_at_outputs(graph: gs.Graph, machine: LinearMachine) -> list[LinearMach
             if piece is not None:
                 pieces.append(piece)
     return pieces
+
+
+def _reaches_without(machine: LinearMachine, source: gs.Tensor, target: gs.Tensor, cut: gs.Tensor) -> bool:
+    inside = {id(n) for n in machine.nodes}
+    stack, seen = [source], {id(source)}
+    while stack:
+        tensor = stack.pop()
+        if tensor is target:
+            return True
+        for consumer in tensor.outputs:
+            if id(consumer) in inside:
+                for out in consumer.outputs:
+                    if out is not cut and id(out) not in seen:
+                        seen.add(id(out))
+                        stack.append(out)
+    return False
+
+
+def cut_tensors(machine: LinearMachine) -> list[gs.Tensor]:
+    """Tensors every path from the single input to the single output goes through (in topological order).
+
+    At such a tensor t the machine factors, f = f2 ∘ f1 with f1: input -> t and f2: t -> output, so its dense map
+    factors too, W = W2·W1: a narrow t (a pooled feature vector) makes two thin Gemms cheaper than one wide one.
+    """
+    if len(machine.inputs) != 1 or len(machine.outputs) != 1:
+        return []
+    source, target = machine.inputs[0], machine.outputs[0]
+    candidates = [t for n in machine.nodes for t in n.outputs if t is not target]
+    return [t for t in candidates if not _reaches_without(machine, source, target, t)]
+
+
+def split_at_tensor(graph: gs.Graph, machine: LinearMachine, cut: gs.Tensor) -> tuple[LinearMachine, LinearMachine]:
+    """The two machines before and after a cut tensor (see `cut_tensors`)."""
+    before: dict[int, gs.Node] = {}
+    stack = [cut]
+    inside = {id(n) for n in machine.nodes}
+    while stack:
+        for producer in stack.pop().inputs:
+            if id(producer) in inside and id(producer) not in before:
+                before[id(producer)] = producer
+                stack.extend(producer.inputs)
+    first = [n for n in machine.nodes if id(n) in before]
+    second = [n for n in machine.nodes if id(n) not in before]
+    return machine_from_nodes(graph, first), machine_from_nodes(graph, second)

@@ -34,7 +34,8 @@ import onnx_graphsurgeon as gs
 from cnnc import ir
 from cnnc.affine_map import dense_affine_map, verify_affine_map
 from cnnc.conv_equivalent import extract_conv
-from cnnc.linear_machines import DATA_MOVEMENT_OPS, LinearMachine, find_linear_machines, split_at_outputs
+from cnnc.linear_machines import (DATA_MOVEMENT_OPS, LinearMachine, cut_tensors, find_linear_machines,
+                                  split_at_outputs, split_at_tensor)
 from cnnc.pass_contract import Pass, PassResult, register
 from cnnc.torch_eval import SubgraphFunction, unsupported_reason
 
@@ -197,6 +198,9 @@ class Collapse(Pass):
             return False, "an input or output has unknown or symbolic non-batch dims"
         ins, outs = shapes
         n, m = sum(map(math.prod, ins)), sum(map(math.prod, outs))
+        factored = self._try_factored_gemm(graph, machine, m, n, force)
+        if factored is not None:
+            return True, factored
         old, weight_mb = machine_cost(machine), m * n * 4 / 2**20
         if not force and m * n >= old:
             return False, f"a dense {m}×{n} W costs {m * n} MACs per sample, the machine {old}"
@@ -214,3 +218,22 @@ class Collapse(Pass):
         _retire(machine)
         _emit_gemm(graph, machine, affine.weight, affine.bias, machine.inputs[0].dtype or np.float32)
         return True, f"one Gemm {m}×{n} ({m * n} MACs per sample, was {old}; float64 deviation {deviation:.1g})"
+
+    def _try_factored_gemm(self, graph: gs.Graph, machine: LinearMachine, m: int, n: int, force: bool) -> str | None:
+        """W = W2·W1 through the narrowest cut tensor, when two thin Gemms cost less than one m×n Gemm."""
+        sizes = [(math.prod(_per_sample_shape(t) or (m * n,)), t) for t in cut_tensors(machine)]
+        if not sizes:
+            return None
+        rank, cut = min(sizes, key=lambda item: item[0])
+        if rank * (m + n) >= m * n:
+            return None
+        first, second = split_at_tensor(graph, machine, cut)
+        done = []
+        for piece in (first, second):
+            if piece is None or len(piece.nodes) < 2 or not piece.has_arithmetic:
+                continue  # already a single op (typically the classifier's own Gemm)
+            ok, why = self._try_gemm(graph, piece, force)
+            if not ok:
+                return None if not done else f"factored at {cut.name} (rank {rank}); {'; '.join(done)}; kept {why}"
+            done.append(why)
+        return f"factored at {cut.name} (rank {rank}): " + "; ".join(done) if done else None

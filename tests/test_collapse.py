@@ -187,6 +187,22 @@ def test_mixed_relu_network_changes_only_linear_machines():
     assert_same_outputs(model, compiled, _feeds(model, 2), rtol=1e-5, atol=1e-5)
 
 
+def test_narrow_cut_factors_the_dense_map_into_two_thin_gemms():
+    # x (3×32×32 = 3072) -> convs -> global pool (8) -> 100 classes: W = W2·W1 through the 8 pooled features
+    # costs 8·(3072 + 100) MACs instead of 100·3072.
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2), nn.AdaptiveAvgPool2d(1),
+                           nn.Flatten(), nn.Linear(8, 100))
+    model = _export(module, (1, 3, 32, 32))
+    compiled, result = _compile(model, "collapse")
+    counts = op_counts(compiled)
+    assert counts.pop("Gemm") == 2 and set(counts) <= SHAPE_OPS, counts
+    assert "factored at" in result.applied[0] and "rank 8" in result.applied[0]
+    gemms = [n for n in compiled.graph.node if n.op_type == "Gemm"]
+    weights = {i.name: i.dims for i in compiled.graph.initializer}
+    assert sorted(tuple(weights[g.input[1]]) for g in gemms) == [(8, 3072), (100, 8)]
+    assert_same_outputs(model, compiled, _feeds(model, 2), rtol=1e-4, atol=1e-5)
+
+
 def test_negative_machine_with_non_constant_weight_is_left_alone(rng):
     nodes = [oh.make_node("Conv", ["x", "w"], ["h"]), oh.make_node("Mul", ["h", "k"], ["y"])]
     model = make_model(nodes, [("x", ["N", 2, 5, 5]), ("w", [3, 2, 1, 1])], [("y", None)],
