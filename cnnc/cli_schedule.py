@@ -9,6 +9,8 @@ pass would fuse. The plot draws the level structure; matplotlib is imported only
 
 from __future__ import annotations
 
+import itertools
+
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -37,7 +39,7 @@ def schedule_section(model: onnx.ModelProto, batch: int = 1, plot: str | None = 
 
     try:
         graph = canonicalize(gs.import_onnx(model))  # folds exporter constants; keeps the stored order
-    except Exception as error:  # graphsurgeon and shape inference raise assorted types on malformed graphs
+    except Exception as error:  # noqa: BLE001 - graphsurgeon and shape inference raise assorted types
         raise ModelError(f"cannot build the hypergraph of the model: {error}") from None
     view = Hypergraph.from_graph(graph, batch, infer_shapes=False)
     figures = schedule_figures(view)
@@ -65,8 +67,8 @@ def schedule_section(model: onnx.ModelProto, batch: int = 1, plot: str | None = 
 
 def format_schedule(figures: dict) -> str:
     widths = [level["width"] for level in figures["levels"]]
-    lines = [f"schedule (batch {figures['batch']}): {figures['ops']} ops on {figures['depth']} levels, widest level "
-             f"{figures['max_width']} tensors, critical path {len(figures['critical_path'])} ops"]
+    lines = [(f"schedule (batch {figures['batch']}): {figures['ops']} ops on {figures['depth']} levels, widest level "
+              f"{figures['max_width']} tensors, critical path {len(figures['critical_path'])} ops")]
     if figures["peak_is_lower_bound"]:
         lines.append(f"  (peaks are lower bounds: {len(figures['unsized_tensors'])} tensor(s) of unknown size, "
                      f"e.g. {next(iter(figures['unsized_tensors'].items()))})")
@@ -101,7 +103,7 @@ def _critical_links(view: Hypergraph) -> set[tuple[str, str]]:
     first = view.edges[path[0]]
     chain += [s for s in first.inputs if view.depth().get(s, 0) == 0][:1]
     chain.reverse()
-    return set(zip(chain, chain[1:]))
+    return set(itertools.pairwise(chain))
 
 
 def plot_levels(view: Hypergraph, path: str) -> None:

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -99,7 +99,7 @@ class Hypergraph:
     # ---- construction -------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_graph(cls, graph: gs.Graph, batch: int = 1, infer_shapes: bool = True) -> "Hypergraph":
+    def from_graph(cls, graph: gs.Graph, batch: int = 1, infer_shapes: bool = True) -> Hypergraph:
         """The hypergraph of `graph` in its node order; Constant ops are parameters, not edges."""
         if infer_shapes:
             ir.refresh_shapes(graph)
@@ -107,7 +107,7 @@ class Hypergraph:
 
     @classmethod
     def from_nodes(cls, nodes: Sequence[gs.Node], inputs: Sequence[gs.Tensor] | None = None,
-                   outputs: Sequence[gs.Tensor] | None = None, batch: int = 1) -> "Hypergraph":
+                   outputs: Sequence[gs.Tensor] | None = None, batch: int = 1) -> Hypergraph:
         """The hypergraph of a set of nodes (a whole graph, or one linear machine of `collapse`). Without `inputs`,
         the sources are the non-constant tensors read but not written by `nodes`; without `outputs`, the sinks are
         the tensors written by `nodes` and read by nothing among them."""

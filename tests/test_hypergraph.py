@@ -82,7 +82,7 @@ def test_depth_and_levels_match_brute_force(graph):
         assert all(depth[s] < level.depth for i in level.edges for s in graph.edges[i].inputs)
     path = graph.critical_path()
     assert len(path) == max(depth.values())
-    for earlier, later in zip(path, path[1:]):
+    for earlier, later in itertools.pairwise(path):
         assert set(graph.edges[earlier].outputs) & set(graph.edges[later].inputs)
 
 

@@ -26,7 +26,6 @@ from cnnc.passes.schedule import Schedule
 from cnnc.pipeline import run_pipeline
 from helpers import assert_same_outputs, make_model, op_counts
 
-
 # For tests of the rewrite itself on tiny tensors: launches dominate the cost model and memory may grow.
 ALWAYS_FUSE = {"launch_cost_bytes": 1 << 20, "max_peak_increase": 1.0}
 
@@ -137,6 +136,7 @@ def test_gemms_sharing_their_input_fuse(rng):
              oh.make_node("Abs", ["g2"], ["y2"])]
     model = make_model(nodes, [("x", ["N", 6])], [("y0", None), ("y1", None), ("y2", None)], inits)
     compiled, result = _schedule(model, **ALWAYS_FUSE)
+    assert "fused 3× Gemm" in result.applied[0]
     assert op_counts(compiled) == {"Relu": 1, "Gemm": 1, "Split": 1, "Exp": 1, "Neg": 1, "Abs": 1}
     gemm = next(n for n in compiled.graph.node if n.op_type == "Gemm")
     assert {a.name: oh.get_attribute_value(a) for a in gemm.attribute}["transB"] == 1
