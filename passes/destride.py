@@ -25,12 +25,15 @@ y[s·j+r] = Σ_{c,b} x[c, j−(k'−1)+b]·W[c, o, s(k'−1−b)+r], k' = ⌈k/s
 pads k'−1, then DepthToSpace and a Slice of the pads. Whole-network mode (Theorem 2) keeps feature maps polyphase
 across convs and elementwise ops (planned in destride_network.py) and re-assembles where they stop commuting.
 
-Cost: MACs change by about Π(s·⌈k/s⌉/k) over the axes (×1.78 for 3×3 stride 2, ×1 for 2×2 stride 2, ×0.25 → 1 for
-1×1 stride 2 thanks to the dropped phases); stats record MACs and parameters per conv. On CPU single destrided
-convs measured slower, so the pass is exact but not in the default pipeline.
+Cost: MACs change by about Π(s·⌈k/s⌉/k) over the axes: ×16/9 for 3×3 stride 2, ×1 for 2×2 stride 2, ×1 for 1×1
+stride 2 (×4 if the unused phases were kept). In network mode a conv with G > 1 multiplies the structural zeros of
+its block-sparse W̃ too (each output phase reads only some input phases): ×1.81 over the seed's LeNet. The stats
+record MACs and parameters per conv. On CPU single destrided convs measured slower, so the pass is exact but not in
+the default pipeline; whether it pays is for the latency measurement to say.
 
 Preconditions (else left alone with the reason): constant float weights (and bias), dilation 1, static input
-spatial lengths, spatial rank 1–3, opset ≥ 11; ConvTranspose also needs auto_pad NOTSET and no output_shape.
+spatial lengths, spatial rank 1–3, opset ≥ 11, no negative begin pad from auto_pad SAME (kernel < stride; onnxruntime
+crops there, the spec is silent); AveragePool as above; ConvTranspose also needs auto_pad NOTSET and no output_shape.
 """
 
 from __future__ import annotations
@@ -217,6 +220,7 @@ def emit_conv(builder: Builder, spec: ConvSpec, source: gs.Tensor, source_factor
     """Write the stride-1 conv computing `spec` at output factor `out_factor` into `target`, reading `source`, which
     holds the conv's input either at factor s·G (network mode) or in the original layout. Returns its stats."""
     node, rank, cg = spec.node, len(spec.lengths), spec.weight.shape[1]
+    label = node.name or target.name  # exporters may leave nodes unnamed
     plans = [plan_axis(spec.lengths[i], spec.weight.shape[2 + i], spec.strides[i], spec.pads[i],
                        spec.pads[rank + i], out_factor[i]) for i in range(rank)]
     if any(isinstance(plan, str) for plan in plans):  # the planner only asks for factors that divide the output
@@ -228,7 +232,7 @@ def emit_conv(builder: Builder, spec: ConvSpec, source: gs.Tensor, source_factor
     keep = keep if keep.size else np.arange(1)  # an all-zero kernel still needs one input channel
     phase = keep % phases_in if layout == CHANNEL_MAJOR else keep // cg
     gathered = [g * per_group + int(k) for g in range(spec.group) for k in keep]
-    hint, extra = node.name + "_destride", [0] * rank
+    hint, extra = label + "_destride", [0] * rank
     if not is_one(source_factor):  # already polyphase at s·G: the lengths divide, so nothing is extended
         assert all(p.extension == 0 for p in plans)
         x = source if keep.size == per_group else builder.take_channels(source, gathered, hint + "_phases")
@@ -253,7 +257,7 @@ def emit_conv(builder: Builder, spec: ConvSpec, source: gs.Tensor, source_factor
                                                                             zip(plans, extra)]}, out=target)
     positions, outs = int(np.prod([p.out_length for p in plans])), spec.weight.shape[0]
     bias_size = 0 if spec.bias is None else spec.bias.size
-    return {"node": node.name, "op": node.op, "strides": list(spec.strides), "kernel": list(spec.weight.shape[2:]),
+    return {"node": label, "op": node.op, "strides": list(spec.strides), "kernel": list(spec.weight.shape[2:]),
             "kernel_after": taps, "factor_in": f_in, "factor_out": list(out_factor),
             "macs_before": positions * outs * cg * int(np.prod(spec.weight.shape[2:])),
             "macs_after": positions * outs * int(keep.size) * int(np.prod(taps)),
@@ -288,7 +292,9 @@ def destride_conv_transpose(builder: Builder, node: gs.Node) -> dict | str:
     rows = [max(n, -(-(pads[i] + o) // s)) for i, (n, o, s) in enumerate(zip(lengths, out_lengths, strides))]
     layout = PHASE_MAJOR if group == 1 else CHANNEL_MAJOR
     new_weight = transpose_weight(weight, group, strides, taps, layout)
-    outs, phases, hint, out = weight.shape[1] * group, int(np.prod(strides)), node.name + "_destride", node.outputs[0]
+    out, outs, phases = node.outputs[0], weight.shape[1] * group, int(np.prod(strides))
+    label = node.name or out.name
+    hint = label + "_destride"
     node.inputs.clear()
     node.outputs.clear()
     inputs = [x, builder.const(hint + "_W", new_weight)]
@@ -304,10 +310,14 @@ def destride_conv_transpose(builder: Builder, node: gs.Node) -> dict | str:
         builder.slice(y, list(pads[:rank]), [p + o for p, o in zip(pads, out_lengths)], [i + 2 for i in range(rank)],
                       [1] * rank, hint + "_crop", out=out)
     bias_size = 0 if bias is None else bias.size
-    return {"node": node.name, "op": "ConvTranspose", "strides": list(strides), "kernel": list(kernel),
+    return {"node": label, "op": "ConvTranspose", "strides": list(strides), "kernel": list(kernel),
             "kernel_after": taps, "factor_in": [1] * rank, "factor_out": list(strides),
             "macs_before": int(np.prod(lengths)) * weight.size, "macs_after": int(np.prod(rows)) * new_weight.size,
             "params_before": weight.size + bias_size, "params_after": new_weight.size + bias_size * phases}
+
+
+def _where(node: gs.Node) -> str:
+    return f"{node.op} '{node.name or (node.outputs[0].name if node.outputs else '')}'"
 
 
 def _describe(stats: dict) -> str:
@@ -341,7 +351,7 @@ class Destride(Pass):
                 if spec is not None:
                     specs[id(node)] = spec
                 elif strided:
-                    result.skip(f"{node.op} '{node.name}'", why)
+                    result.skip(_where(node), why)
             elif node.op == "ConvTranspose" and strided:
                 transposes.append(node)
         builder = Builder(graph)
@@ -373,7 +383,7 @@ class Destride(Pass):
         for node in transposes:
             outcome = destride_conv_transpose(builder, node)
             if isinstance(outcome, str):
-                result.skip(f"ConvTranspose '{node.name}'", outcome)
+                result.skip(_where(node), outcome)
             else:
                 result.stats["convs"].append(outcome)
                 result.did(_describe(outcome))

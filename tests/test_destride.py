@@ -531,3 +531,23 @@ def test_random_conv_chains_in_network_mode(data):
     compiled, result = _destride(model, mode="network")
     assert not _strided_convs(compiled)
     assert_same_outputs(model, compiled, _feeds(rng, model, batch=2), **TOL)
+
+
+@pytest.mark.parametrize("order", ["destride,collapse", "collapse,destride", "destride{mode=network},collapse"])
+def test_destride_and_collapse_in_either_order_stay_exact(rng, order):
+    """destride's Pad/Slice/SpaceToDepth/Conv are all linear, so collapse may take them into its machines (as a
+    Gemm: SpaceToDepth has no single-conv form). Collapse first merges a conv chain into one strided conv, which
+    destride then rewrites; both orders are exact, they differ in what is left."""
+    from cnnc.pass_contract import parse_pipeline
+
+    inits = [("W1", _weights(rng, 8, 3, 3, 3)), ("B1", _weights(rng, 8)), ("W2", _weights(rng, 8, 8, 3, 3)),
+             ("W3", _weights(rng, 4, 8, 1, 1))]
+    nodes = [oh.make_node("Conv", ["x", "W1", "B1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             oh.make_node("Relu", ["c1"], ["r1"]), oh.make_node("Conv", ["r1", "W2"], ["c2"], pads=[1, 1, 1, 1]),
+             oh.make_node("Conv", ["c2", "W3"], ["y"], strides=[2, 2])]
+    model = make_model(nodes, [("x", ["N", 3, 16, 16])], [("y", None)], inits)
+    graph, report = run_pipeline(gs.import_onnx(model), parse_pipeline(order), strict=True)
+    compiled = backend.to_model(graph, template=model)
+    backend.check(compiled)
+    assert all(record.result.changed for record in report.records)
+    assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
