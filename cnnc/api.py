@@ -31,6 +31,7 @@ from cnnc.runtime.equivalence import DEFAULT_ATOL, DEFAULT_RTOL, check_equivalen
 class CompileResult:
     model: onnx.ModelProto
     report: dict = field(default_factory=dict)
+    original: onnx.ModelProto | None = None  # the input as cnnc read it (the torch export for a module)
 
     def save(self, path: str | Path, external_data: bool | None = None) -> list[Path]:
         """Write the compiled model atomically; `external_data=None` uses external data above 2 GB only."""
@@ -106,7 +107,7 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
     else:
         report["equivalence"] = None
     report["seconds"] = round(time.perf_counter() - started, 3)
-    return CompileResult(compiled, report)
+    return CompileResult(compiled, report, original)
 
 
 def verify(a: Any, b: Any, *, check_n: int = 2, seed: int = 0, rtol: float = DEFAULT_RTOL,

@@ -165,9 +165,14 @@ def _load_torch_source(model: str, module_factory: str | None, input_shapes):
               help="for a .pt/.pth state dict: the function that builds the network")
 @click.option("--external-data/--no-external-data", default=None,
               help="force or forbid external data (default: only above 2 GB)")
+@click.option("--bench", "bench", is_flag=True,
+              help="also time the original against the compiled model (interleaved, ORT_ENABLE_ALL)")
+@click.option("--bench-batch", default=None, metavar="N[,N...]", help="batch size(s) for --bench")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="execution provider for --bench")
 @_check_options
 def compile_command(model, passes, output, json_path, no_check, verify_each, example, module_factory,
-                    external_data, check_n, seed, rtol, atol, input_shapes, inputs):
+                    external_data, bench, bench_batch, provider, check_n, seed, rtol, atol, input_shapes, inputs):
     """Compile MODEL (ONNX, or a .pt state dict with --module) and prove the result equivalent."""
     from cnnc import api
     from cnnc.examples import build_example
@@ -197,7 +202,24 @@ def compile_command(model, passes, output, json_path, no_check, verify_each, exa
     result.save(output, external_data=external_data)
     _print_compile_report(result.report)
     click.echo(f"wrote {output}")
+    if bench:
+        _bench_compiled(result, bench_batch, provider, list(input_shapes))
     _write_json(json_path, result.report)
+
+
+def _bench_compiled(result, batch: str | None, provider: str, input_shapes: list[str]) -> None:
+    """Time original vs compiled side by side and add the comparison to the compile report."""
+    from cnnc.cli_bench import parse_batches
+    from cnnc.runtime import bench_report
+    from cnnc.runtime.bench import bench_models
+
+    report = bench_models([result.original, result.model], ["original", "compiled"], batch=parse_batches(batch),
+                          provider=provider, input_shapes=input_shapes, log=lambda line: click.echo(line, err=True))
+    result.report["bench"] = report
+    click.echo()
+    click.echo(bench_report.text_table(bench_report.table_rows(report)))
+    for line in bench_report.environment_lines(report):
+        click.echo(line)
 
 
 @cli.command("passes")
