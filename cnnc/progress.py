@@ -24,11 +24,31 @@ class _Silent:
         pass
 
 
+class _Lines:
+    """For logs (CNNC_PROGRESS=1 without a terminal): one line per tenth of the work, with the elapsed time."""
+
+    def __init__(self, total: int, label: str):
+        import time
+
+        self.total, self.label, self.done, self.next_tenth = total, label, 0, 1
+        self.clock, self.start = time.perf_counter, time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        while self.next_tenth <= 10 and self.done * 10 >= self.next_tenth * self.total:
+            print(f"{self.label}: {self.done}/{self.total} ({self.clock() - self.start:.1f} s)", file=sys.stderr,
+                  flush=True)
+            self.next_tenth += 1
+
+
 @contextlib.contextmanager
 def progress(total: int, label: str):
     """A context manager yielding an object with `update(n)`; draws a bar when enabled."""
     if not _enabled() or total <= 1:
         yield _Silent()
+        return
+    if not sys.stderr.isatty():
+        yield _Lines(total, label)
         return
     with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True, show_percent=True) as bar:
         yield bar

@@ -39,7 +39,7 @@ from cnnc.linear_machines import (DATA_MOVEMENT_OPS, LinearMachine, cut_tensors,
 from cnnc.pass_contract import Pass, PassResult, register
 from cnnc.torch_eval import SubgraphFunction, unsupported_reason
 
-ACTIVATION_BUDGET_BYTES = 1 << 30  # float64 activations kept for one batch of Jacobian probes
+ACTIVATION_BUDGET_BYTES = 4 << 30  # float64 activations kept for one batch of Jacobian probes
 MAX_RELATIVE_DEVIATION = 1e-9  # a true affine replacement matches to float64 rounding
 
 
@@ -70,6 +70,8 @@ def machine_cost(machine: LinearMachine) -> int:
             total += _numel(out) * int(node.inputs[0].shape[-1] if isinstance(node.inputs[0].shape[-1], int) else 1)
         elif node.op in ("AveragePool",):
             total += _numel(out) * math.prod(ir.conv_geometry(node).kernel_shape)
+        elif node.op in ("GlobalAveragePool", "ReduceMean", "ReduceSum"):
+            total += _numel(node.inputs[0].shape)  # a reduction reads every input element once
         else:
             total += _numel(out)
     return total
@@ -210,7 +212,8 @@ class Collapse(Pass):
         if isinstance(batch, int) and batch != 1:
             return False, f"the batch is fixed at {batch}; W is computed per sample"
         function = SubgraphFunction(machine.nodes, machine.inputs, machine.outputs)
-        chunk = max(1, min(256, ACTIVATION_BUDGET_BYTES // (3 * _activation_bytes(machine))))
+        # Autograd keeps about one copy of the activations for the backward pass, plus the gradients in flight.
+        chunk = max(1, min(256, ACTIVATION_BUDGET_BYTES // (2 * _activation_bytes(machine))))
         affine = dense_affine_map(function, ins, outs, chunk=chunk, label=f"collapse {machine.outputs[0].name}")
         deviation = verify_affine_map(function, affine)
         if not deviation <= MAX_RELATIVE_DEVIATION:
