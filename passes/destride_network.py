@@ -100,7 +100,7 @@ def plan_network(graph: gs.Graph, specs: dict) -> tuple[list[gs.Node], dict[int,
                 wanted = input_factor(specs, reader, factors[id(reader.outputs[0])])
                 if holds(out, wanted):
                     requests[wanted] += sum(1 for t in reader.inputs if t is out)
-        ones = (1,) * len(out.shape[2:])
+        ones = (1,) * (len(specs[id(node)].lengths) if id(node) in specs else len(out.shape) - 2)
         # The most common request; ties go to the larger factor (more of the work at stride 1).
         factors[id(out)] = max(requests.items(), key=lambda kv: (kv[1], int(np.prod(kv[0]))), default=(ones, 0))[0]
     return region, factors, operands
@@ -225,9 +225,8 @@ def rewrite_region(builder: Builder, region: list[gs.Node], specs: dict, factors
         return rearranged[id(t), factor]
 
     for node in region:
-        out = node.outputs[0]
-        out_factor = factors.get(id(out), (1,) * len(out.shape[2:]))
-        spec = specs.get(id(node))
+        out, spec = node.outputs[0], specs.get(id(node))
+        out_factor = factors.get(id(out)) or (1,) * (len(spec.lengths) if spec is not None else len(out.shape) - 2)
         if is_one(input_factor(specs, node, out_factor)):  # stride 1 at factor 1: the node stays as it is
             for t in node.inputs:
                 original(t)

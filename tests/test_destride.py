@@ -509,7 +509,8 @@ def test_random_single_convs(data):
 def test_random_conv_chains_in_network_mode(data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     depth = data.draw(st.integers(1, 3))
-    channels = [data.draw(st.integers(1, 3)) for _ in range(depth + 1)]
+    group = data.draw(st.sampled_from([1, 1, 2]))  # 2: channel-major layout for the whole region
+    channels = [group * data.draw(st.integers(1, 2)) for _ in range(depth + 1)]
     size = input_size = [data.draw(st.integers(8, 20)), data.draw(st.integers(8, 20))]
     nodes, inits, previous = [], [], "x"
     for i in range(depth):
@@ -519,11 +520,13 @@ def test_random_conv_chains_in_network_mode(data):
         out = [(n + pads[a] + pads[a + 2] - kernel[a]) // strides[a] + 1 for a, n in enumerate(size)]
         if min(out) < 1:
             break
-        inits += [(f"W{i}", _weights(rng, channels[i + 1], channels[i], *kernel)),
-                  (f"B{i}", rng.standard_normal(channels[i + 1]).astype(np.float32))]
+        inits += [(f"W{i}", _weights(rng, channels[i + 1], channels[i] // group, *kernel)),
+                  (f"B{i}", rng.standard_normal(channels[i + 1]).astype(np.float32)),
+                  (f"S{i}", rng.standard_normal((channels[i + 1], 1, 1)).astype(np.float32))]
         nodes += [oh.make_node("Conv", [previous, f"W{i}", f"B{i}"], [f"c{i}"], kernel_shape=kernel, strides=strides,
-                               pads=pads), oh.make_node(data.draw(st.sampled_from(["Relu", "Sigmoid"])), [f"c{i}"],
-                                                        [f"a{i}"])]
+                               pads=pads, group=group),
+                  oh.make_node(data.draw(st.sampled_from(["Relu", "Sigmoid"])), [f"c{i}"], [f"m{i}"]),
+                  oh.make_node("Mul", [f"m{i}", f"S{i}"], [f"a{i}"])]
         previous, size = f"a{i}", out
     if not nodes:
         return
