@@ -253,6 +253,9 @@ class RemoveSkip(Pass):
         return _apply(graph, 0.0)
 
 
+_FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+
+
 def _measure_deviation(reference, candidate, seed: int = 0) -> dict:
     """Max abs and relative (to max |y|) output deviation on seeded uniform and normal inputs, batch 1."""
     import onnxruntime as ort
@@ -273,8 +276,10 @@ def _measure_deviation(reference, candidate, seed: int = 0) -> dict:
         feeds = {}
         for arg in sessions[0].get_inputs():
             shape = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
+            if arg.type not in _FLOAT_INPUTS:
+                raise TypeError(f"input {arg.name} is {arg.type}: no random float inputs for it")
             values = rng.standard_normal(shape) if normal else rng.random(shape)
-            feeds[arg.name] = values.astype(np.float32 if "float)" in arg.type else np.float64)
+            feeds[arg.name] = values.astype(_FLOAT_INPUTS[arg.type])
         for a, b in zip(*(session.run(None, feeds) for session in sessions)):
             error = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
             worst_abs = max(worst_abs, error)

@@ -319,6 +319,21 @@ def test_approximate_drops_small_t_and_reports_the_measured_deviation(rng):
     assert not kept.changed and "> tolerance 0.005" in kept.skipped[0][1]
 
 
+def test_approximate_says_when_it_cannot_measure_the_deviation():
+    # An integer graph input gets no random float inputs: the deviation is reported as not measured, not invented.
+    nodes = [oh.make_node("Cast", ["x"], ["xf"], to=onnx.TensorProto.FLOAT), oh.make_node("Relu", ["xf"], ["F"]),
+             oh.make_node("Sigmoid", ["xf"], ["S"]), oh.make_node("Mul", ["S", "small"], ["Ss"]),
+             oh.make_node("Add", ["F", "Ss"], ["y"], name="join")]
+    graph = oh.make_graph(nodes, "int_input", [oh.make_tensor_value_info("x", onnx.TensorProto.INT64, ["N", 3])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+                          initializer=[onnx.numpy_helper.from_array(_f32(0.001), "small")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    compiled, result = _run(model, RemoveSkipApprox(tolerance=0.01))
+    assert result.changed and op_counts(compiled) == {"Cast": 1, "Relu": 1}
+    assert result.stats["deviation"].startswith("not measured: TypeError: input x is tensor(int64)")
+
+
 # --------------------------------------------------------------------------------------------------- hypothesis
 
 
