@@ -308,6 +308,8 @@ def example_command(name, output):
 
 
 cli.add_command(importlib.import_module("cnnc.cli_bench").bench_command)  # `cnnc bench` (issue 7)
+cli.add_command(importlib.import_module("cnnc.cli_analysis").analyze_command)  # `cnnc analyze` (issue 8)
+cli.add_command(importlib.import_module("cnnc.cli_analysis").explain_command)  # `cnnc explain` (issue 8)
 
 
 def main() -> None:

@@ -1,0 +1,134 @@
+"""drop-blocks (approximate, opt-in): replace residual blocks that barely perturb their input by their skip.
+
+Maths (seed 001). A residual block computes x(l+1) = x(l) + f(x(l)); its scaled perturbation
+Δl = ‖x(l+1) − x(l)‖ / ‖x(l)‖, averaged over sample inputs, says how far the block moves the data relative to
+where it is. When Δl < eps the block is close to the identity (a projection block: to its shortcut S(x)), and
+replacing x(l+1) by x(l) removes the whole branch f at a relative cost of about Δl at that point. The error after
+the rest of the network is not bounded by eps (later layers can amplify it), so the pass measures it: it runs the
+original and the rewritten graph on the same samples (float64 evaluator) and reports the largest output
+deviation, absolute and relative to the largest |output|, and with labels the top-1 accuracy before and after.
+
+Which blocks: those that `cnnc.analysis.find_residual_blocks` finds (an Add whose operands are a skip and a branch
+of it), measured once on the original graph. Blocks are dropped together: each one's Δl is its own, measured
+with every other block in place, which is what `cnnc analyze` reports.
+
+Sample inputs: `inputs` (a .npy file, batch on axis 0), else `random` seeded uniform [0, 1) samples of the graph
+input's shape (every dim but the batch must be static). `labels`: a .npy of integer class labels, one per sample,
+compared with the argmax over axis 1 of the first output.
+
+Preconditions (a block that fails one is kept, with the reason): its mean Δl is below eps and finite; its skip
+operand is not a graph input or output that would be renamed when the block's output is a graph output. The graph
+needs exactly one input and the evaluator must run it; otherwise nothing changes and the reason is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from cnnc import ir
+from cnnc.analysis import find_residual_blocks, load_samples, measure_perturbations, sample_inputs
+from cnnc.errors import CnncError
+from cnnc.pass_contract import Pass, PassResult, register
+from cnnc.torch_eval import evaluate_graph
+
+
+def _deviation(before: dict, after: dict) -> dict:
+    worst_abs, scale = 0.0, 0.0
+    for name, reference in before.items():
+        worst_abs = max(worst_abs, float(np.max(np.abs(after[name] - reference), initial=0.0)))
+        scale = max(scale, float(np.max(np.abs(reference), initial=0.0)))
+    return {"max_abs": worst_abs, "max_rel": worst_abs / scale if scale > 0 else (0.0 if worst_abs == 0 else
+                                                                                  float("inf"))}
+
+
+def _accuracy(outputs: dict, first: str, labels: np.ndarray) -> float:
+    logits = outputs[first].reshape(outputs[first].shape[0], -1) if outputs[first].ndim > 2 else outputs[first]
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+@register
+@dataclass(frozen=True)
+class DropBlocks(Pass):
+    """Approximate: drop residual blocks whose mean scaled perturbation on sample inputs is below eps."""
+
+    name = "drop-blocks"
+    summary = "replace residual blocks with mean ‖x(l+1)−x(l)‖/‖x(l)‖ < eps by their skip (seed 001)"
+    exact = False
+    default = False
+    eps: float = 0.01
+    inputs: str = ""  # .npy sample inputs; empty: `random` seeded uniform [0, 1) samples
+    random: int = 16
+    seed: int = 0
+    labels: str = ""  # .npy integer labels, one per sample, for the accuracy change
+
+    def _samples(self, graph: gs.Graph) -> np.ndarray:
+        return load_samples(graph, self.inputs) if self.inputs else sample_inputs(graph, self.random, self.seed)
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        result = PassResult()
+        if len(graph.inputs) != 1:
+            result.skip("whole graph", f"{len(graph.inputs)} graph inputs; drop-blocks measures one input")
+            return result
+        blocks, not_blocks = find_residual_blocks(graph)
+        for where, why in not_blocks:
+            result.skip(where, why)
+        if not blocks:
+            result.skip("whole graph", "no residual blocks")
+            return result
+        try:
+            samples = self._samples(graph)
+            labels = np.load(self.labels, allow_pickle=False).reshape(-1) if self.labels else None
+        except (CnncError, OSError, ValueError) as error:
+            result.skip("whole graph", f"no sample inputs: {error}")
+            return result
+        if labels is not None and labels.shape[0] != samples.shape[0]:
+            result.skip("whole graph", f"{labels.shape[0]} labels for {samples.shape[0]} samples")
+            return result
+        feeds = {graph.inputs[0].name: samples}
+        try:
+            report = measure_perturbations(graph, samples, eps=self.eps, blocks=blocks)
+            before = evaluate_graph(graph, feeds)
+        except ValueError as error:  # an op the evaluator refuses, or a broadcasting join
+            result.skip("whole graph", f"cannot measure the blocks: {error}")
+            return result
+        result.stats.update({"eps": self.eps, "samples": int(samples.shape[0]), "blocks": len(blocks),
+                             "scaled": {m.block.join: m.scaled for m in report.blocks}})
+        outputs = {t.name for t in graph.outputs}
+        dropped = []
+        joins = {node.name: node for node in graph.nodes}
+        for measure in report.blocks:
+            block = measure.block
+            where = f"block {measure.index} (Add '{block.join}', {block.kind})"
+            if not measure.scaled < self.eps:  # NaN (all-zero inputs) is never below eps
+                result.skip(where, f"mean scaled perturbation {measure.scaled:.4g} is not below eps={self.eps:g}")
+                continue
+            join = joins[block.join]
+            skip = join.inputs[block.skip_index]  # as rewired by earlier drops in the chain
+            if block.output in outputs and (skip in graph.inputs or skip.name in outputs):
+                result.skip(where, f"its output is a graph output and its skip '{skip.name}' is a graph "
+                                   "input or output (it would be renamed)")
+                continue
+            ir.replace_tensor(graph, join.outputs[0], skip)
+            join.outputs.clear()
+            dropped.append(block.join)
+            result.did(f"{where}: replaced by its skip '{skip.name}' (mean scaled perturbation "
+                       f"{measure.scaled:.4g} < {self.eps:g})")
+        if not dropped:
+            return result
+        ir.tidy(graph)
+        after = evaluate_graph(graph, feeds)
+        result.stats["dropped"] = dropped
+        result.stats["output_deviation"] = _deviation(before, after)
+        if labels is not None:
+            first = graph.outputs[0].name
+            result.stats["accuracy_before"] = _accuracy(before, first, labels)
+            result.stats["accuracy_after"] = _accuracy(after, first, labels)
+        deviation = result.stats["output_deviation"]
+        result.applied.append(f"measured output deviation on {samples.shape[0]} samples: max abs "
+                              f"{deviation['max_abs']:.3g}, relative to max |y| {deviation['max_rel']:.3g}"
+                              + (f"; top-1 accuracy {result.stats['accuracy_before']:.4f} -> "
+                                 f"{result.stats['accuracy_after']:.4f}" if labels is not None else ""))
+        return result
