@@ -43,11 +43,11 @@ from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from cnnc.passes import destride_network as network
+from cnnc.passes.destride_network import CHANNEL_MAJOR, PHASE_MAJOR, Builder, expand_channels, is_one
 
 from cnnc import ir
 from cnnc.pass_contract import Pass, PassResult, register
-from cnnc.passes import destride_network as network
-from cnnc.passes.destride_network import CHANNEL_MAJOR, PHASE_MAJOR, Builder, expand_channels, is_one
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,7 @@ def plan_axis(length: int, kernel: int, stride: int, pad: int, pad_end: int, f_o
     f_in = stride * f_out
     tap_min, tap_max = (-pad) // f_in, (stride * (f_out - 1) + kernel - 1 - pad) // f_in
     rows = -(-length // f_in)
-    if out_length // f_out + tap_max < rows:  # trailing rows no window reads: crop them (keeps the end pad >= 0)
-        rows = out_length // f_out + tap_max
+    rows = min(rows, out_length // f_out + tap_max)  # trailing rows no window reads are cropped (end pad >= 0)
     if rows < 1:
         return "every window reads padding only"
     return AxisPlan(length, kernel, stride, pad, f_out, out_length, tap_min, tap_max, rows)

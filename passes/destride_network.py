@@ -17,7 +17,7 @@ into the region, so the model's interface is unchanged. Per-conv mode is the sam
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs

@@ -8,17 +8,17 @@ import onnx
 import onnx.helper as oh
 import onnx_graphsurgeon as gs
 import pytest
+from cnnc.passes.destride import Destride, plan_axis, polyphase_weight
+from cnnc.passes.destride_network import CHANNEL_MAJOR, PHASE_MAJOR, Builder
+from helpers import assert_same_outputs, make_model, op_counts, run_model
 from hypothesis import given
 from hypothesis import strategies as st
 
 import cnnc
 from cnnc import backend
-from cnnc.passes.destride import Destride, plan_axis, polyphase_weight
-from cnnc.passes.destride_network import CHANNEL_MAJOR, PHASE_MAJOR, Builder
 from cnnc.pipeline import run_pipeline
-from helpers import assert_same_outputs, make_model, op_counts, run_model
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _destride(model, **options):
@@ -173,6 +173,7 @@ def test_non_square_kernel_strides_and_asymmetric_pads(rng):
     for strides in ((2, 3), (2, 1), (1, 3)):
         model = _conv_model(rng, kernel=(3, 5), strides=strides, pads=(0, 2, 1, 1), size=(11, 13))
         compiled, result = _destride(model)
+        assert result.changed and not result.skipped
         assert "SpaceToDepth" not in op_counts(compiled) and not _strided_convs(compiled)
         assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
 
@@ -254,6 +255,7 @@ def test_strided_conv_transpose_becomes_conv_and_depth_to_space(rng, kernel, str
                         group=group, size=(5, 6), output_padding=list(output_padding))
     compiled, result = _destride(model)
     counts = op_counts(compiled)
+    assert result.stats["convs"][0]["factor_out"] == list(strides)
     assert "ConvTranspose" not in counts and counts["Conv"] == 1 and not _strided_convs(compiled)
     assert ("DepthToSpace" in counts) == (strides[0] == strides[1])
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
@@ -425,7 +427,8 @@ def test_network_mode_with_readers_that_ask_for_different_factors(rng):
 def test_network_mode_stops_at_sizes_the_factor_does_not_divide(rng):
     model = _all_conv_net(rng, size=(18, 14))  # stem output 9×7: the main path cannot stay polyphase
     compiled, result = _destride(model, mode="network")
-    assert not _strided_convs(compiled)
+    assert not _strided_convs(compiled) and "DepthToSpace" not in op_counts(compiled)
+    assert all(c["factor_out"] == [1, 1] for c in result.stats["convs"])  # per-conv rewrites, padded onto the grid
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
 
 
@@ -531,7 +534,7 @@ def test_random_conv_chains_in_network_mode(data):
     if not nodes:
         return
     model = make_model(nodes, [("x", ["N", channels[0], *input_size])], [(previous, None)], inits)
-    compiled, result = _destride(model, mode="network")
+    compiled, _ = _destride(model, mode="network")
     assert not _strided_convs(compiled)
     assert_same_outputs(model, compiled, _feeds(rng, model, batch=2), **TOL)
 
