@@ -82,6 +82,13 @@ def _data_flow(graph: gs.Graph):
     return nodes, data, ancestors, depth
 
 
+def _path_nodes(operand: str, source: str, ancestors: dict, producer: dict) -> list[gs.Node]:
+    """The nodes on paths from tensor `source` to tensor `operand` (the operand's producer included)."""
+    names = [n for n in ancestors[operand] | {operand} if n == operand or source in ancestors.get(n, ())]
+    nodes = {id(producer[n]): producer[n] for n in sorted(names) if n in producer and n != source}
+    return list(nodes.values())  # a multi-output node (Split) counts once
+
+
 def find_residual_blocks(graph: gs.Graph) -> tuple[list[ResidualBlock], list[tuple[str, str]]]:
     """The residual joins of `graph` in topological order, and (where, why) for every Add that is not one."""
     nodes, data, ancestors, depth = _data_flow(graph)
@@ -109,23 +116,17 @@ def find_residual_blocks(graph: gs.Graph) -> tuple[list[ResidualBlock], list[tup
             skipped.append((where, "its operands share no ancestor: two independent inputs, not a residual join"))
             continue
         block_input = max(common, key=lambda name: (depth[name], name))
-
-        def path_nodes(operand: str) -> list[gs.Node]:
-            names = [n for n in ancestors[operand] | {operand}
-                     if n == operand or (n in producer and block_input in ancestors[n])]
-            return [producer[n] for n in names if n in producer and n != block_input]
-
-        paths = [path_nodes(a), path_nodes(b)]
-        lengths = [len({id(n) for n in p}) for p in paths]
+        paths = [_path_nodes(operand, block_input, ancestors, producer) for operand in (a, b)]
+        lengths = [len(p) for p in paths]
         if lengths[0] == lengths[1]:
-            skipped.append((where, f"both operands are {lengths[0]}-node branches from '{block_input}': "
-                                   "no shorter skip path (not a residual join)"))
+            skipped.append((where, (f"both operands are {lengths[0]}-node branches from '{block_input}': "
+                                    "no shorter skip path (not a residual join)")))
             continue
         skip_index = 0 if lengths[0] < lengths[1] else 1
         nonlinear = sorted({n.op for n in paths[skip_index] if n.op not in _LINEAR_OPS})
         if nonlinear:
-            skipped.append((where, f"the shorter operand's path from '{block_input}' has nonlinear "
-                                   f"{', '.join(nonlinear)}: not a projection shortcut"))
+            skipped.append((where, (f"the shorter operand's path from '{block_input}' has nonlinear "
+                                    f"{', '.join(nonlinear)}: not a projection shortcut")))
             continue
         blocks.append(ResidualBlock(node.name, (a, b)[skip_index], (a, b)[1 - skip_index], node.outputs[0].name,
                                     skip_index, "projection", block_input))
@@ -262,7 +263,7 @@ def stopping_depth(scaled_distance: float, eps: float) -> int:
     """§2.3: L = ceil(d_scaled / ε), the blocks per section that make the mean scaled perturbation ≤ ε."""
     if eps <= 0:
         raise UsageError(f"eps must be positive, got {eps}")
-    return int(math.ceil(scaled_distance / eps))
+    return math.ceil(scaled_distance / eps)
 
 
 def measure_perturbations(graph: gs.Graph, samples: np.ndarray, eps: float = 0.1, chunk: int = 16,

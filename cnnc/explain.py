@@ -569,26 +569,26 @@ def _flat_index(index: tuple[int, ...], shape: tuple[int, ...], tensor: str) -> 
 
 
 def format_dataset_table(table: dict, title: str = "") -> str:
-    """A Markdown table in the layout of the paper's Tables 3–4."""
-    lines = [f"### {title}" if title else "",
-             f"{table['inputs']} inputs, units within {100 * table['threshold']:g} % (|ĉ − c| / |c|, Eq. 16); "
-             f"x_b has {table['x_b_size']} biases.", "",
-             "| layer | node | mode | units / input | units | within 1 % | max rel. error | mean rel. error |"
-             + (" explicit H units | explicit max rel. error |" if any("explicit_units" in r for r in
-                                                                      table["layers"]) else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|---|" if any("explicit_units" in r for r in
-                                                                     table["layers"]) else "")]
+    """A Markdown table in the layout of the paper's Tables 3–4 (one row per layer, ε_l = share within 1 %)."""
+    explicit = any("explicit_units" in row for row in table["layers"])
+    headers = ["layer", "node", "mode", "units / input", "units", "within 1 %", "max rel. error", "mean rel. error"]
+    if explicit:
+        headers += ["explicit-H units", "explicit-H max rel. error"]
+    lines = [f"### {title}", ""] if title else []
+    lines += [(f"{table['inputs']} inputs; units with |ĉ − c| / |c| ≤ {100 * table['threshold']:g} % (Eq. 16); "
+               f"x_b holds {table['x_b_size']} biases."), "",
+              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in table["layers"]:
         label = f"ε{row['layer']}" + (" (FC)" if row["kind"] == "FC" else "") + (
-            " (first)" if row["first_layer"] else "")
-        line = (f"| {label} | {row['node']} | {row['mode']} | {row['units_per_input']} | {row['units']} | "
-                f"{row['within_percent']:.4f} % | {row['max_relative_error']:.3g} | "
-                f"{row['mean_relative_error']:.3g} |")
-        if any("explicit_units" in r for r in table["layers"]):
-            line += (f" {row.get('explicit_units', '')} | " + (f"{row['explicit_max_relative_error']:.3g}"
-                                                               if "explicit_units" in row else "") + " |")
-        lines.append(line)
-    return "\n".join(line for line in lines if line is not None).lstrip("\n")
+            " (first conv)" if row["first_layer"] else "")
+        cells = [label, row["node"], row["mode"], str(row["units_per_input"]), str(row["units"]),
+                 f"{row['within_percent']:.4f} %", f"{row['max_relative_error']:.3g}",
+                 f"{row['mean_relative_error']:.3g}"]
+        if explicit:
+            cells += [str(row.get("explicit_units", "")), f"{row['explicit_max_relative_error']:.3g}"
+                      if "explicit_units" in row else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_hypersurface(explanation: Explanation, path: str | Path) -> None:
