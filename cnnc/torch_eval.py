@@ -6,8 +6,9 @@
 Semantics are onnxruntime's (CPU provider), op by op, including attribute defaults; where the ONNX text and
 onnxruntime disagree, onnxruntime wins, because the collapsed model must equal the original *as onnxruntime runs it*:
 - Conv / pooling `auto_pad=SAME_*`: pad_needed = (ceil(in/s) − 1)·s + k − in, with the undilated kernel k,
-  split as head = pad_needed/2 (SAME_UPPER) or (pad_needed+1)/2 (SAME_LOWER) in C++ integer division; onnxruntime
-  refuses SAME with dilation for Conv, so the evaluator does too.
+  split as head = pad_needed/2 (SAME_UPPER) or (pad_needed+1)/2 (SAME_LOWER); a negative pad_needed (stride above
+  kernel) means no padding for Conv and is refused for pooling; onnxruntime refuses SAME with dilation for Conv.
+  The evaluator does the same in each case.
 - ConvTranspose: with `output_shape`, or with SAME_* (target in·s), the total padding is split with the larger half
   at the tail for SAME_UPPER and at the head otherwise (NOTSET, VALID, SAME_LOWER), as the ONNX text says and
   onnxruntime 1.31 does (older onnxruntime sources did the opposite: measured, not assumed).
@@ -15,10 +16,11 @@ onnxruntime disagree, onnxruntime wins, because the collapsed model must equal t
   end padding (PyTorch's rule, which onnxruntime follows). AveragePool's divisor counts the window's overlap with the
   input (count_include_pad=0) or with input and explicit pads (=1), never the overhang that ceil_mode adds.
 - Resize / Upsample: source coordinates are computed in float32 with onnxruntime's formulas; round_prefer_* take a
-  coordinate within 1e-6 of a half-integer as the tie, floor/ceil use it as is; an axis whose output size equals
-  its input size is copied whatever its scale; output sizes from scales are trunc(float32(scale)·in); linear
-  interpolation uses onnxruntime's clamped two-tap weights, in float64. (All measured on onnxruntime 1.31 over
-  every coordinate mode and nearest mode, ~3600 geometries each.)
+  coordinate within 1e-6 of a half-integer as the tie, floor/ceil use it as is. When no output size differs from the
+  input's, the input is copied whatever the scales; otherwise every axis with scale ≠ 1 is remapped, even one whose
+  size does not change. Output sizes from scales are trunc(float32(scale)·in). Linear interpolation uses
+  onnxruntime's clamped two-tap weights, in float64. (Measured on onnxruntime 1.31 over every coordinate mode and
+  nearest mode, thousands of geometries each.)
 Float tensors are evaluated in `dtype` (float64 by default); integer tensors (shapes, axes, indices) stay int64.
 
 Shapes come from the torch values at call time, never from the graph's stored shapes, so one function serves any
@@ -103,10 +105,18 @@ _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 # Convolution
 
 
-def _same_pads(in_size: int, stride: int, kernel: int, auto_pad: str) -> tuple[int, int]:
-    """onnxruntime's SAME padding for Conv and pooling (legacy: undilated kernel, C++ division)."""
+def _same_pads(in_size: int, stride: int, kernel: int, auto_pad: str, pooling: bool = False) -> tuple[int, int]:
+    """onnxruntime's SAME padding for Conv and pooling (legacy: undilated kernel, C++ division).
+
+    When the stride exceeds the kernel the padding needed is negative: Conv then pads nothing, pooling refuses.
+    """
     target = _trunc_div(in_size + stride - 1, stride)
     needed = (target - 1) * stride + kernel - in_size
+    if needed < 0:
+        if pooling:
+            raise ValueError(f"auto_pad {auto_pad} with stride {stride} > kernel {kernel} on an axis of {in_size}: "
+                             f"negative padding (onnxruntime refuses it)")
+        needed = 0
     head = _trunc_div(needed + 1, 2) if auto_pad == "SAME_LOWER" else _trunc_div(needed, 2)
     return head, needed - head
 
@@ -159,7 +169,10 @@ def _conv_transpose(node, args, ctx):
         natural = full[i] + output_padding[i]
         if output_shape or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             target = output_shape[i] if output_shape else in_sizes[i] * strides[i]
-            total = max(0, natural - target)
+            if output_shape and target > natural:
+                raise ValueError(f"ConvTranspose '{node.name}': output_shape {output_shape} exceeds what the "
+                                 f"transposed convolution produces (onnxruntime refuses it)")
+            total = max(0, natural - target)  # SAME with a too-small kernel: no padding, a shorter output
             head = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
             tail = total - head
             out = target if output_shape else natural - total
@@ -194,7 +207,7 @@ def _pool_geometry(node: gs.Node, in_sizes: Sequence[int]):
     axes = []
     for i in range(rank):
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            head, tail = _same_pads(in_sizes[i], strides[i], kernel[i], auto_pad)
+            head, tail = _same_pads(in_sizes[i], strides[i], kernel[i], auto_pad, pooling=True)
         elif auto_pad == "VALID":
             head, tail = 0, 0
         else:
@@ -464,9 +477,11 @@ def _linear_taps(out_size: int, in_size: int, scale: float, mode: str):
 def _resample(x: torch.Tensor, out_sizes: list[int], scales: np.ndarray, mode: str, transform: str,
               nearest_mode: str) -> torch.Tensor:
     """Separable nearest or linear resampling of every axis whose scale is not exactly 1."""
+    if [int(s) for s in x.shape] == [int(s) for s in out_sizes]:
+        return x  # onnxruntime copies the input when no output size changes, whatever the scales (measured)
     for axis in range(x.dim()):
         in_size, out_size, scale = int(x.shape[axis]), int(out_sizes[axis]), float(scales[axis])
-        if out_size == in_size:  # onnxruntime copies such an axis whatever its scale (measured)
+        if np.float32(scale) == 1:
             continue
         if mode == "nearest":
             index = _nearest_indices(out_size, in_size, scale, transform, nearest_mode)

@@ -372,3 +372,211 @@ def test_op_matches_onnxruntime(example: Case):
 def test_every_supported_op_has_a_case():
     covered = {node.op_type for example in CASES for node in example.model().graph.node}
     assert SUPPORTED_OPS <= covered, sorted(SUPPORTED_OPS - covered)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# What the evaluator refuses
+
+
+def _v(name):
+    return gs.Variable(name, dtype=np.float32)
+
+
+REFUSED = [
+    ("pad_wrap", gs.Node("Pad", attrs={"mode": "wrap"}, inputs=[_v("x"), gs.Constant("p", np.zeros(8, np.int64))],
+                         outputs=[_v("y")]), "wrap"),
+    ("resize_cubic", gs.Node("Resize", attrs={"mode": "cubic"},
+                             inputs=[_v("x"), _v(""), gs.Constant("s", np.ones(4, np.float32))], outputs=[_v("y")]),
+     "cubic"),
+    ("resize_tf_crop_and_resize", gs.Node("Resize", attrs={"coordinate_transformation_mode": "tf_crop_and_resize"},
+                                          inputs=[_v("x"), _v(""), gs.Constant("s", np.ones(4, np.float32))],
+                                          outputs=[_v("y")]), "tf_crop_and_resize"),
+    ("resize_linear_antialias", gs.Node("Resize", attrs={"mode": "linear", "antialias": 1},
+                                        inputs=[_v("x"), _v(""), gs.Constant("s", np.ones(4, np.float32))],
+                                        outputs=[_v("y")]), "antialias"),
+    ("batchnorm_training", gs.Node("BatchNormalization", attrs={"training_mode": 1},
+                                   inputs=[_v("x")] + [gs.Constant(n, np.ones(3, np.float32)) for n in "sbmv"],
+                                   outputs=[_v("y"), _v("running_mean"), _v("running_var")]), "training"),
+    ("maxpool_indices", gs.Node("MaxPool", attrs={"kernel_shape": [2, 2]}, inputs=[_v("x")],
+                                outputs=[_v("y"), gs.Variable("indices", dtype=np.int64)]), "Indices"),
+    ("conv_same_dilated", gs.Node("Conv", attrs={"auto_pad": "SAME_UPPER", "dilations": [2, 2]},
+                                  inputs=[_v("x"), gs.Constant("w", np.ones((2, 2, 3, 3), np.float32))],
+                                  outputs=[_v("y")]), "dilation"),
+    ("conv_4d_kernel", gs.Node("Conv", inputs=[_v("x"), gs.Constant("w", np.ones((2, 2, 1, 1, 1, 1), np.float32))],
+                               outputs=[_v("y")]), "4-D kernel"),
+    ("dropout_training", gs.Node("Dropout", inputs=[_v("x"), gs.Constant("r", np.array(0.5, np.float32)),
+                                                    gs.Constant("t", np.array(True))], outputs=[_v("y")]),
+     "training mode"),
+    ("dropout_unknown_training", gs.Node("Dropout", inputs=[_v("x"), gs.Constant("r", np.array(0.5, np.float32)),
+                                                            gs.Variable("t", dtype=np.bool_)], outputs=[_v("y")]),
+     "non-constant training_mode"),
+    ("custom_domain", gs.Node("Conv", domain="com.example", inputs=[_v("x")], outputs=[_v("y")]), "custom domain"),
+    ("unknown_op", gs.Node("Erf", inputs=[_v("x")], outputs=[_v("y")]), "not supported"),
+    ("cast_to_string", gs.Node("Cast", attrs={"to": onnx.TensorProto.STRING}, inputs=[_v("x")], outputs=[_v("y")]),
+     "STRING"),
+]
+
+
+@pytest.mark.parametrize("node, fragment", [(n, f) for _, n, f in REFUSED], ids=[name for name, _, _ in REFUSED])
+def test_unsupported_reason_names_the_problem_and_the_constructor_refuses(node, fragment):
+    reason = unsupported_reason(node)
+    assert reason is not None and fragment in reason
+    with pytest.raises(ValueError, match=node.op):
+        SubgraphFunction([node], [node.inputs[0]], [node.outputs[0]])
+
+
+def test_constructor_refuses_unwired_inputs_and_missing_outputs():
+    x, z, y = _v("x"), _v("z"), _v("y")
+    add = gs.Node("Add", inputs=[x, z], outputs=[y])
+    with pytest.raises(ValueError, match="'z'"):
+        SubgraphFunction([add], [x], [y])
+    with pytest.raises(ValueError, match="'w'"):
+        SubgraphFunction([add], [x, z], [_v("w")])
+
+
+def test_call_time_refusals():
+    # reflect padding beyond the axis: onnxruntime refuses it, so must we
+    x = gs.Variable("x", dtype=np.float32)
+    pad = gs.Node("Pad", attrs={"mode": "reflect"}, inputs=[x, gs.Constant("p", np.array([0, 3, 0, 0]))],
+                  outputs=[_v("y")])
+    with pytest.raises(ValueError, match="reflect"):
+        SubgraphFunction([pad], [x], pad.outputs)(torch.zeros(2, 3))
+    # Softmax without the opset: evaluated only where opsets 11 and 13 agree
+    softmax = gs.Node("Softmax", inputs=[x], outputs=[_v("s")])
+    function = SubgraphFunction([softmax], [x], softmax.outputs)
+    rows = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(function(rows)[0], torch.softmax(rows, dim=1))
+    with pytest.raises(ValueError, match="opset"):
+        function(torch.randn(2, 3, 4))
+    torch.testing.assert_close(SubgraphFunction([softmax], [x], softmax.outputs, opset=13)(rows.reshape(3, 2, 2))[0],
+                               torch.softmax(rows.reshape(3, 2, 2), dim=-1))
+    # an explicit output_shape larger than the transposed convolution produces
+    convt = gs.Node("ConvTranspose", attrs={"output_shape": [9]},
+                    inputs=[x, gs.Constant("w", np.ones((1, 1, 3), np.float32))], outputs=[_v("t")])
+    with pytest.raises(ValueError, match="output_shape"):
+        SubgraphFunction([convt], [x], convt.outputs)(torch.zeros(1, 1, 3))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Randomised geometry (hypothesis): odd sizes, asymmetric pads, groups, dilation, strides, batch 1-3
+
+_sizes = st.integers(1, 9)
+
+
+def _check_random_node(node_attrs_op, x_shape, initializers=(), inputs=("x",), opset=17):
+    op, attrs = node_attrs_op
+    node = oh.make_node(op, list(inputs), ["y"], **attrs)
+    example = Case("random", [node], {"x": _x(*x_shape)}, ["y"], list(initializers), opset)
+    assert_matches_onnxruntime(example.model(), example.feeds)
+
+
+@given(data=st.data())
+def test_random_conv_geometry(data):
+    rank = data.draw(st.sampled_from([1, 2, 2, 3]))
+    groups = data.draw(st.integers(1, 3))
+    cin, cout = groups * data.draw(st.integers(1, 2)), groups * data.draw(st.integers(1, 2))
+    kernel = [data.draw(st.integers(1, 4)) for _ in range(rank)]
+    strides = [data.draw(st.integers(1, 3)) for _ in range(rank)]
+    auto_pad = data.draw(st.sampled_from(["NOTSET", "NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+    dilations = [1] * rank if auto_pad.startswith("SAME") else [data.draw(st.integers(1, 3)) for _ in range(rank)]
+    pads = [data.draw(st.integers(0, 3)) for _ in range(2 * rank)] if auto_pad == "NOTSET" else [0] * (2 * rank)
+    sizes = [data.draw(st.integers(2, 9 if rank < 3 else 5)) for _ in range(rank)]
+    for i in range(rank):
+        assume(sizes[i] + pads[i] + pads[rank + i] >= (kernel[i] - 1) * dilations[i] + 1)
+    attrs = dict(strides=strides, dilations=dilations, group=groups)
+    attrs.update(dict(pads=pads) if auto_pad == "NOTSET" else dict(auto_pad=auto_pad))
+    bias = data.draw(st.booleans())
+    inits = [("w", _x(cout, cin // groups, *kernel))] + ([("b", _x(cout))] if bias else [])
+    _check_random_node(("Conv", attrs), [data.draw(st.integers(1, 3)), cin] + sizes, inits,
+                       ["x", "w"] + (["b"] if bias else []))
+
+
+@given(data=st.data())
+def test_random_conv_transpose_geometry(data):
+    rank = data.draw(st.sampled_from([1, 2, 2]))
+    groups = data.draw(st.integers(1, 2))
+    cin, cout = groups * data.draw(st.integers(1, 2)), groups * data.draw(st.integers(1, 2))
+    kernel = [data.draw(st.integers(1, 4)) for _ in range(rank)]
+    strides = [data.draw(st.integers(1, 3)) for _ in range(rank)]
+    dilations = [data.draw(st.integers(1, 2)) for _ in range(rank)]
+    output_padding = [data.draw(st.integers(0, s - 1)) for s in strides]
+    sizes = [data.draw(st.integers(1, 6)) for _ in range(rank)]
+    natural = [(sizes[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 + output_padding[i]
+               for i in range(rank)]
+    mode = data.draw(st.sampled_from(["pads", "pads", "output_shape", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+    attrs = dict(strides=strides, dilations=dilations, group=groups, output_padding=output_padding)
+    if mode == "pads":
+        pads = [data.draw(st.integers(0, 2)) for _ in range(2 * rank)]
+        assume(all(natural[i] - pads[i] - pads[rank + i] >= 1 for i in range(rank)))
+        attrs["pads"] = pads
+    elif mode == "output_shape":
+        attrs["output_shape"] = [data.draw(st.integers(max(1, n - 3), n)) for n in natural]
+    else:
+        attrs["auto_pad"] = mode
+    inits = [("w", _x(cin, cout // groups, *kernel)), ("b", _x(cout))]
+    _check_random_node(("ConvTranspose", attrs), [data.draw(st.integers(1, 3)), cin] + sizes, inits,
+                       ["x", "w", "b"])
+
+
+@given(data=st.data())
+def test_random_pool_geometry(data):
+    op = data.draw(st.sampled_from(["AveragePool", "AveragePool", "MaxPool"]))
+    rank = data.draw(st.sampled_from([1, 2, 2, 3]))
+    kernel = [data.draw(st.integers(1, 3)) for _ in range(rank)]
+    strides = [data.draw(st.integers(1, 3)) for _ in range(rank)]
+    dilations = [data.draw(st.integers(1, 2)) for _ in range(rank)]
+    auto_pad = data.draw(st.sampled_from(["NOTSET", "NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+    pads = ([data.draw(st.integers(0, k - 1)) for k in kernel] + [data.draw(st.integers(0, k - 1)) for k in kernel]
+            if auto_pad == "NOTSET" else [0] * (2 * rank))  # onnxruntime: pads smaller than the kernel
+    sizes = [data.draw(st.integers(2, 9 if rank < 3 else 5)) for _ in range(rank)]
+    for i in range(rank):
+        assume(sizes[i] + pads[i] + pads[rank + i] >= (kernel[i] - 1) * dilations[i] + 1)
+        if auto_pad.startswith("SAME"):  # onnxruntime refuses the negative SAME padding of a stride above the kernel
+            assume((-(-sizes[i] // strides[i]) - 1) * strides[i] + kernel[i] >= sizes[i])
+    attrs = dict(kernel_shape=kernel, strides=strides, dilations=dilations, ceil_mode=int(data.draw(st.booleans())))
+    attrs.update(dict(pads=pads) if auto_pad == "NOTSET" else dict(auto_pad=auto_pad))
+    if op == "AveragePool":
+        attrs["count_include_pad"] = int(data.draw(st.booleans()))
+    _check_random_node((op, attrs), [data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))] + sizes, opset=19)
+
+
+@given(data=st.data())
+def test_random_pad_geometry(data):
+    mode = data.draw(st.sampled_from(["constant", "reflect", "edge"]))
+    shape = [data.draw(st.integers(1, 5)) for _ in range(data.draw(st.integers(2, 4)))]
+    rank = len(shape)
+    axes = sorted(data.draw(st.sets(st.integers(0, rank - 1), min_size=1)))
+    begins, ends = [], []
+    for axis in axes:
+        size = shape[axis]
+        crop_begin, crop_end = data.draw(st.integers(-min(2, size - 1), 0)), data.draw(st.integers(-1, 0))
+        kept = size + crop_begin + crop_end
+        assume(kept >= 1)
+        limit = 3 if mode != "reflect" else kept - 1  # reflect cannot pad beyond the (cropped) axis
+        begin = crop_begin if data.draw(st.booleans()) else data.draw(st.integers(0, limit))
+        end = crop_end if data.draw(st.booleans()) else data.draw(st.integers(0, limit))
+        assume(size + begin + end >= 1 and (mode != "reflect" or size + min(begin, 0) + min(end, 0) >= 1))
+        begins.append(begin)
+        ends.append(end)
+    value = np.array(data.draw(st.sampled_from([0.0, 1.5, -2.0])), dtype=np.float32)
+    inits = [("p", np.array(begins + ends)), ("v", value), ("a", np.array(axes))]
+    _check_random_node(("Pad", dict(mode=mode)), shape, inits, ["x", "p", "v", "a"], opset=18)
+
+
+_SCALES = [0.3, 0.45, 0.5, 0.6, 2 / 3, 0.75, 1.0, 1.25, 4 / 3, 1.5, 1.7, 2.0, 2.5, 3.0]
+
+
+@given(data=st.data())
+def test_random_resize_geometry(data):
+    mode = data.draw(st.sampled_from(["nearest", "linear"]))
+    attrs = dict(mode=mode, coordinate_transformation_mode=data.draw(st.sampled_from(RESIZE_TRANSFORMS)),
+                 nearest_mode=data.draw(st.sampled_from(NEAREST_MODES)))
+    shape = [data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(_sizes), data.draw(_sizes)]
+    if data.draw(st.booleans()):
+        scales = [1.0, 1.0] + [data.draw(st.sampled_from(_SCALES)) for _ in range(2)]
+        assume(all(int(np.float32(s) * np.float32(n)) >= 1 for s, n in zip(scales, shape)))
+        inputs, inits = ["x", "", "s"], [("s", np.array(scales, dtype=np.float32))]
+    else:
+        sizes = shape[:2] + [data.draw(st.integers(1, 13)) for _ in range(2)]
+        inputs, inits = ["x", "", "", "s"], [("s", np.array(sizes))]
+    _check_random_node(("Resize", attrs), shape, inits, inputs, opset=19)
