@@ -557,3 +557,23 @@ def test_destride_and_collapse_in_either_order_stay_exact(rng, order):
     backend.check(compiled)
     assert all(record.result.changed for record in report.records)
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
+
+
+@given(data=st.data())
+def test_random_conv_transposes(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    group = data.draw(st.sampled_from([1, 2]))
+    cin, cout = group * data.draw(st.integers(1, 2)), group * data.draw(st.integers(1, 2))
+    kernel = tuple(data.draw(st.integers(1, 7)) for _ in range(2))
+    strides = (data.draw(st.integers(2, 4)), data.draw(st.integers(1, 4)))
+    pads = tuple(data.draw(st.integers(0, k - 1)) for k in kernel * 2)
+    output_padding = [data.draw(st.integers(0, s - 1)) for s in strides]
+    size = tuple(data.draw(st.integers(1, 6)) for _ in range(2))
+    if any(s * (n - 1) + e + k - pads[i] - pads[i + 2] < 1
+           for i, (n, s, e, k) in enumerate(zip(size, strides, output_padding, kernel))):
+        return  # an empty output: not a valid model
+    model = _conv_model(rng, op="ConvTranspose", cin=cin, cout=cout, kernel=kernel, strides=strides, pads=pads,
+                        group=group, size=size, bias=data.draw(st.booleans()), output_padding=output_padding)
+    compiled, result = _destride(model)
+    assert result.changed and not _strided_convs(compiled)
+    assert_same_outputs(model, compiled, _feeds(rng, model, batch=data.draw(st.integers(1, 3))), **TOL)
