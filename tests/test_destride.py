@@ -306,6 +306,14 @@ def test_negative_old_opset(rng):
     _assert_left_alone(model, "opset 10")
 
 
+def test_grouped_false_leaves_grouped_convs_alone(rng):
+    _assert_left_alone(_conv_model(rng, cin=4, cout=4, group=4), "grouped=false", grouped=False)
+    _assert_left_alone(_conv_model(rng, op="AveragePool"), "grouped=false", grouped=False)
+    _assert_left_alone(_conv_model(rng, op="ConvTranspose", cin=4, cout=4, group=2), "grouped=false", grouped=False)
+    compiled, result = _destride(_conv_model(rng), grouped=False)
+    assert result.changed and not _strided_convs(compiled)
+
+
 def test_stride_1_conv_is_not_touched(rng):
     compiled, result = _destride(_conv_model(rng, strides=(1, 1), pads=(1, 1, 1, 1)))
     assert not result.changed and op_counts(compiled) == {"Conv": 1} and not result.skipped
