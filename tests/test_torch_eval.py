@@ -580,3 +580,178 @@ def test_random_resize_geometry(data):
         sizes = shape[:2] + [data.draw(st.integers(1, 13)) for _ in range(2)]
         inputs, inits = ["x", "", "", "s"], [("s", np.array(sizes))]
     _check_random_node(("Resize", attrs), shape, inits, inputs, opset=19)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Exact derivatives: the dense Jacobian of a linear chain from reverse and forward mode; finite differences
+
+
+def _graph(nodes, inputs: dict, outputs, initializers=(), opset=17) -> gs.Graph:
+    """A graph with symbolic batch (and optionally spatial) dims: inputs are name -> shape with str dims allowed."""
+    model = make_model(nodes, list(inputs.items()), [(o, None) for o in outputs], initializers, opset=opset,
+                       ir_version=_ir_version(opset))
+    return gs.import_onnx(model)
+
+
+def _linear_chain() -> gs.Graph:
+    """Conv (asymmetric pads, stride) -> reflect Pad -> linear Resize -> AveragePool (ceil) -> ConvTranspose -> + c,
+    with a second output read from the middle: an affine map with a non-trivial border everywhere."""
+    nodes = [
+        oh.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 0, 0, 1], strides=[2, 1]),
+        oh.make_node("Pad", ["c1", "p"], ["p1"], mode="reflect"),
+        oh.make_node("Resize", ["p1", "", "s"], ["r1"], mode="linear"),
+        oh.make_node("AveragePool", ["r1"], ["a1"], kernel_shape=[2, 2], strides=[1, 2], pads=[0, 1, 1, 0],
+                     ceil_mode=1),
+        oh.make_node("ConvTranspose", ["a1", "w2"], ["t1"], strides=[2, 1], group=1),
+        oh.make_node("Add", ["t1", "c"], ["y"]),
+        oh.make_node("GlobalAveragePool", ["c1"], ["g"]),
+    ]
+    inits = [("w1", _x(3, 2, 3, 2)), ("b1", _x(3)), ("p", np.array([0, 0, 1, 1, 0, 0, 1, 0])),
+             ("s", np.array([1, 1, 1.5, 0.75], dtype=np.float32)), ("w2", _x(3, 2, 2, 3)), ("c", _x(1, 2, 1, 1))]
+    return _graph(nodes, {"x": ["N", 2, 5, 6]}, ["y", "g"], inits)
+
+
+def test_reverse_and_forward_mode_give_the_dense_jacobian_of_a_linear_chain():
+    graph = _linear_chain()
+    function = SubgraphFunction(graph.nodes, graph.inputs, graph.outputs)
+    x0 = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    n = x0.numel()
+
+    def flat(x):
+        return torch.cat([out.reshape(out.shape[0], -1) for out in function(x)], dim=1)
+
+    # The dense Jacobian by probing: W[:, j] = f(e_j) − f(0), all probes in one batch.
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *x0.shape[1:])
+    bias = flat(torch.zeros_like(x0))
+    jacobian = (flat(basis) - bias).T
+    torch.testing.assert_close(flat(x0), x0.reshape(1, -1) @ jacobian.T + bias, rtol=1e-12, atol=1e-12)
+
+    # Reverse mode: rows of W as a vmap of VJPs; forward mode: columns as a vmap of JVPs.
+    outputs, vjp = torch.func.vjp(function, x0)
+    m = sum(o.numel() for o in outputs)
+    cotangents = torch.eye(m, dtype=torch.float64)
+    split = [c.reshape(m, *o.shape) for c, o in zip(cotangents.split([o.numel() for o in outputs], dim=1), outputs)]
+    rows = torch.func.vmap(vjp)(tuple(split))[0].reshape(m, n)
+    torch.testing.assert_close(rows, jacobian, rtol=1e-12, atol=1e-12)
+
+    def column(tangent):
+        return torch.cat([o.reshape(-1) for o in torch.func.jvp(function, (x0,), (tangent.unsqueeze(0),))[1]])
+
+    columns = torch.func.vmap(column)(basis)
+    torch.testing.assert_close(columns.T, jacobian, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacrev(flat)(x0).reshape(m, n), jacobian, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacfwd(flat)(x0).reshape(m, n), jacobian, rtol=1e-12, atol=1e-12)
+
+
+def test_gradients_of_nonlinear_ops_match_finite_differences():
+    nodes = [
+        oh.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 0, 1], group=1),
+        oh.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["n"]),
+        oh.make_node("LeakyRelu", ["n"], ["l"], alpha=0.2),
+        oh.make_node("MaxPool", ["l"], ["mp"], kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 1], ceil_mode=1),
+        oh.make_node("Sigmoid", ["mp"], ["sg"]),
+        oh.make_node("Mul", ["sg", "z"], ["mz"]),
+        oh.make_node("Resize", ["mz", "", "sc"], ["rs"], mode="nearest"),
+        oh.make_node("Softmax", ["rs"], ["sm"], axis=1),
+        oh.make_node("Flatten", ["sm"], ["f"]),
+        oh.make_node("Gemm", ["f", "gw", "gb"], ["gm"], transB=1),
+        oh.make_node("Tanh", ["gm"], ["th"]),
+        oh.make_node("Relu", ["th"], ["rl"]),
+        oh.make_node("Clip", ["gm", "lo", "hi"], ["y"]),
+    ]
+    inits = [("w", _x(3, 2, 3, 2)), ("b", _x(3)), *_bn_inits(3), ("sc", np.array([1, 1, 2, 1], dtype=np.float32)),
+             ("gw", _x(4, 3 * 6 * 3)), ("gb", _x(4)), ("lo", np.array(-0.5, np.float32)),
+             ("hi", np.array(0.5, np.float32))]
+    graph = _graph(nodes, {"x": [2, 2, 6, 5], "z": [1, 3, 1, 1]}, ["y", "rl"], inits, opset=13)
+    function = SubgraphFunction(graph.nodes, graph.inputs, graph.outputs, opset=13)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    z = torch.randn(1, 3, 1, 1, dtype=torch.float64, generator=generator, requires_grad=True)
+    # fast_mode checks random projections of the Jacobian (reverse and forward mode) against finite differences;
+    # check_batched_grad runs the backward pass under vmap.
+    assert torch.autograd.gradcheck(function, (x, z), fast_mode=True, check_forward_ad=True, check_batched_grad=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Dynamic shapes, batch independence, trace
+
+
+def test_shapes_come_from_the_values_not_the_graph():
+    nodes = [
+        oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 0, 2, 1], strides=[2, 1]),
+        oh.make_node("Pad", ["c", "p"], ["p1"], mode="edge"),
+        oh.make_node("Resize", ["p1", "", "s"], ["r"], mode="nearest"),
+        oh.make_node("AveragePool", ["r"], ["a"], kernel_shape=[2, 3], strides=[2, 2], ceil_mode=1),
+        oh.make_node("ReduceMean", ["a"], ["y"], axes=[3]),
+    ]
+    inits = [("w", _x(4, 3, 3, 2)), ("p", np.array([0, 0, 1, 0, 0, 0, 0, 2])),
+             ("s", np.array([1, 1, 1.5, 0.5], dtype=np.float32))]
+    model = make_model(nodes, [("x", ["N", 3, "H", "W"])], [("y", None)], inits)
+    graph = gs.import_onnx(model)
+    function = SubgraphFunction(graph.nodes, graph.inputs, graph.outputs)
+    for shape in [(1, 3, 7, 9), (3, 3, 10, 6), (2, 3, 5, 13)]:
+        x = _x(*shape)
+        (expected,) = run_model(model, {"x": x})
+        (ours,) = function(torch.from_numpy(x))
+        assert tuple(ours.shape) == expected.shape
+        np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=RELATIVE_TOLERANCE * np.abs(expected).max())
+        # every batch element is computed independently: what collapse's batched probes rely on
+        torch.testing.assert_close(ours[-1:], function(torch.from_numpy(x[-1:]))[0], rtol=0, atol=0)
+
+
+class _BasicBlock(torch.nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(cout)
+        self.conv2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(cout)
+        self.shortcut = torch.nn.Identity() if stride == 1 and cin == cout else torch.nn.Sequential(
+            torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def _tiny_resnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(3, 2, 1), _BasicBlock(8, 8, 1), _BasicBlock(8, 16, 2),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    for module in model.modules():  # non-trivial BN statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def test_torch_exported_resnet_and_its_intermediates_match_onnxruntime_and_torch():
+    module = _tiny_resnet()
+    model = from_torch(module, torch.randn(2, 3, 29, 26))
+    x = _x(3, 3, 29, 26)  # another batch size than the export's: the batch dimension is dynamic
+    (logits,) = assert_matches_onnxruntime(model, {"input": x}).values()
+    with torch.no_grad():
+        reference = module.double()(torch.from_numpy(x).double()).numpy()
+    np.testing.assert_allclose(logits, reference, rtol=1e-10, atol=1e-10)  # float64 against float64
+
+    # trace: every intermediate tensor, compared with onnxruntime asked to return all of them
+    graph = gs.import_onnx(model)
+    function = SubgraphFunction(graph.nodes, graph.inputs, graph.outputs, opset=graph.opset)
+    trace = function.trace(torch.from_numpy(x))
+    intermediates = [t.name for node in graph.nodes for t in node.outputs if node.op != "Constant"]
+    assert set(intermediates) <= set(trace)
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = {info.name: info for info in inferred.graph.value_info}
+    exposed.graph.output.extend(infos[name] for name in intermediates if name in infos)
+    names = [o.name for o in exposed.graph.output]
+    for name, value in zip(names, run_model(exposed, {"input": x})):
+        ours = trace[name].detach().numpy()
+        assert ours.shape == value.shape, name
+        np.testing.assert_allclose(ours, value, rtol=0, atol=RELATIVE_TOLERANCE * max(np.abs(value).max(), 1e-6))
+    assert len(names) > 20
