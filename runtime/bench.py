@@ -572,6 +572,7 @@ def bench_models(models: Sequence[onnx.ModelProto | str | Path], labels: Sequenc
             log(f"batch {effective}: timing {', '.join(labels)} interleaved")
         samples = interleave([p.run for p in prepared], warmup=warmup, iters=iters, duration=duration, timer=timer)
         comparisons.append(_comparison(prepared, samples, effective, seed))
+        comparisons[-1]["loadavg_1_5_15_after"] = [round(v, 2) for v in os.getloadavg()]
         del prepared  # free the sessions (and device memory) before the next batch size
     env["loadavg_1_5_15_end"] = [round(v, 2) for v in os.getloadavg()]
     settings["devices_used"] = sorted({m["device"] for c in comparisons for m in c["models"]})

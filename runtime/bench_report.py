@@ -43,8 +43,10 @@ def table_rows(report: dict) -> list[tuple[str, ...]]:
             provider = _short_provider(model.get("provider", ""))
             if model.get("cuda_graph"):
                 provider += "+graph"
+            # Suites compare many models: their comparisons name the model, shown before the variant's label.
+            label = f"{comparison['model']}: {model['label']}" if comparison.get("model") else model["label"]
             rows.append((
-                str(comparison["batch"]), model["label"], provider, format_ms(stats["p50_ms"]),
+                str(comparison["batch"]), label, provider, format_ms(stats["p50_ms"]),
                 format_ms(stats["p90_ms"]), format_ms(stats["p99_ms"]),
                 f"{format_ms(stats['mean_ms'])} ± {format_ms(stats['std_ms'])}", format_ms(stats["min_ms"]),
                 f"{stats['throughput_per_s']:.4g}",

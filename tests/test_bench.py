@@ -197,7 +197,7 @@ def test_prepare_cpu_binds_io_and_computes_the_model():
     assert info["inputs"] == {"x": {"shape": [2, 3, 8, 6], "dtype": "float32"}}
     assert info["session_create_ms"] == 0.0 and info["first_run_ms"] == 0.0  # the fake clock never moved
     # The pre-bound output buffer holds what the model computes on the bound input.
-    session, binding, buffers = prepared.keep_alive
+    _session, _binding, buffers = prepared.keep_alive
     prepared.run()
     feeds = bench.make_feeds(bench.concrete_inputs(_conv_model(), 2))
     expected = run_model(_conv_model(), feeds)[0]
@@ -429,7 +429,7 @@ def test_cuda_bench_uses_device_buffers_and_a_cuda_graph():
     info = prepared.info
     assert info["provider"] == "CUDAExecutionProvider" and info["device"] == "cuda"
     assert info["cuda_graph"], info.get("cuda_graph_note")
-    session, binding, buffers = prepared.keep_alive
+    _session, _binding, buffers = prepared.keep_alive
     assert all(buffer.device_name().lower() == "cuda" for buffer in buffers)
     for _ in range(3):  # replays of the captured graph
         prepared.run()
