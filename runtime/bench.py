@@ -57,6 +57,7 @@ DEFAULT_DURATION_S = 5.0
 MIN_ROUNDS = 5  # a duration never gives fewer rounds than this
 MAX_ROUNDS = 200_000  # a duration never gives more (microsecond models would fill memory)
 BOOTSTRAP_RESAMPLES = 1000
+MAX_SAMPLES_KEPT = 4000  # per model and comparison, in the report
 
 
 # ------------------------------------------------------------------------------------------------- statistics
@@ -337,7 +338,8 @@ def prepare(model: onnx.ModelProto, label: str, *, provider: str, batch: int | N
                      "cuda_graph": bool(graph_mode and device == "cuda"),
                      "session_create_ms": created * 1e3, "first_run_ms": first * 1e3})
         if graph_mode and device == "cuda":
-            info["cuda_graph_note"] = "captured at the first run, replayed on every timed call"
+            info["cuda_graph_note"] = ("enabled: onnxruntime captures the graph in its first runs (covered by the "
+                                       "warm-up) and replays it on every timed call")
         return PreparedModel(label, run, info, [session, binding, buffers])
     raise RuntimeError(f"no session could be prepared for {label}: {failure}")  # pragma: no cover - loop raises
 
@@ -487,8 +489,11 @@ def _comparison(prepared: list[PreparedModel], samples: list[list[float]], batch
     entries = []
     first = prepared[0]
     for index, (model, times) in enumerate(zip(prepared, samples)):
+        # Statistics use every sample; the report keeps at most MAX_SAMPLES_KEPT of them (every k-th, in round
+        # order) for plots, so that microsecond models timed for seconds do not make megabyte reports.
+        every = -(-len(times) // MAX_SAMPLES_KEPT)
         entry = {**model.info, "stats": summarize(times, batch),
-                 "samples_ms": [round(t * 1e3, 6) for t in times]}
+                 "samples_ms": [round(t * 1e3, 6) for t in times[::every]], "samples_kept_every": every}
         if index == 0:
             entry["ratio_to_first"] = {"ratio": 1.0, "speedup": 1.0, "paired_median": 1.0, "ci95": [1.0, 1.0]}
         elif model.info["device"] != first.info["device"]:

@@ -257,6 +257,18 @@ def test_mixed_devices_get_no_ratio():
     assert "no ratio" in comparison["models"][1]["notes"][0]
 
 
+def test_report_keeps_a_bounded_sample_of_long_runs(monkeypatch):
+    monkeypatch.setattr(bench, "MAX_SAMPLES_KEPT", 10)
+    prepared = [bench.PreparedModel(label, lambda: None, {"device": "cpu", "provider": "CPUExecutionProvider",
+                                                          "notes": []}) for label in "ab"]
+    times = [[(1 + k) * 1e-3 for k in range(25)], [(1 + k) * 5e-4 for k in range(25)]]
+    comparison = bench._comparison(prepared, times, batch=1, seed=0)
+    first = comparison["models"][0]
+    assert first["samples_kept_every"] == 3 and first["samples_ms"] == pytest.approx([1.0 + 3 * k for k in range(9)])
+    assert first["stats"]["n"] == 25 and first["stats"]["p50_ms"] == pytest.approx(13.0)  # from every sample
+    assert comparison["models"][1]["ratio_to_first"]["ratio"] == pytest.approx(0.5)
+
+
 # ------------------------------------------------------------------------------------------- the whole bench
 
 
