@@ -456,12 +456,16 @@ class BackMap:
         """Per layer, the share of units reconstructed within `threshold` over all `samples` (Tables 3–4)."""
         convs = self.conv_layers()
         outputs = [t.name for t in self.graph.outputs]
+        dense = [n for n in self.nodes if n.op in ("Gemm", "MatMul") and n.outputs[0].name in self.data
+                 and n.outputs[0].name not in outputs]  # hidden fully connected layers, explained whole (RM0)
         self.check(self.nodes)
         sources = list(dict.fromkeys(c.inputs[0].name for c in convs))
-        function = self._function(self.nodes, sources + outputs)
+        function = self._function(self.nodes, sources + [n.outputs[0].name for n in dense] + outputs)
         pre_bias = [self._pre_bias_conv(c) for c in convs]
         layers = [{"layer": i, "kind": "conv", "node": c.name, "tensor": c.outputs[0].name, "mode": "RM2",
                    "first_layer": c.inputs[0].name == self.input.name} for i, c in enumerate(convs)]
+        layers += [{"layer": len(convs) + i, "kind": "FC (hidden)", "node": n.name, "tensor": n.outputs[0].name,
+                    "mode": "RM0", "first_layer": n.inputs[0].name == self.input.name} for i, n in enumerate(dense)]
         for name in outputs:
             producer = self.producer.get(name)
             layers.append({"layer": len(layers), "kind": "FC" if producer is not None and producer.op in (
@@ -477,7 +481,7 @@ class BackMap:
             with torch.no_grad():
                 pairs = [(fn(by_name[c.inputs[0].name][0])[0], fn(by_name[c.inputs[0].name][1])[0])
                          for c, fn in zip(convs, pre_bias)]
-                pairs += [by_name[name] for name in outputs]
+                pairs += [by_name[n.outputs[0].name] for n in dense] + [by_name[name] for name in outputs]
             for stat, (true, recon) in zip(stats, pairs):
                 errors = relative_error(recon.detach().numpy(), true.detach().numpy())
                 stat["units"] += errors.size
@@ -490,49 +494,42 @@ class BackMap:
                           "max_relative_error": stat["max"], "mean_relative_error": stat["sum"] / max(
                               stat["units"], 1)})
         if explicit_units or explicit_outputs:
-            self._explicit_checks(x_all, convs, layers, explicit_units, explicit_outputs, seed)
+            self._explicit_checks(x_all, convs + dense, layers, explicit_units, explicit_outputs, seed, chunk)
         return {"inputs": int(x_all.shape[0]), "threshold": threshold, "x_b_size": int(self.x_b.size),
                 "layers": layers}
 
-    def _explicit_checks(self, x_all, convs, layers, units_per_layer, all_outputs, seed) -> None:
-        """Reconstruct units from explicit reverse-mode H (the back-map itself) and record the worst error."""
+    def _explicit_checks(self, x_all, inner, layers, units_per_layer, all_outputs, seed, chunk) -> None:
+        """Reconstruct units from explicit reverse-mode H (the back-map itself) and record the worst error:
+        `units_per_layer` random units per input of every conv (pre-bias, RM2) and hidden dense layer (RM0) in
+        `inner`, and every unit of every graph output (RM0)."""
         generator = np.random.default_rng(seed)
-        for layer, conv in zip(layers, convs):
-            if not units_per_layer:
-                break
-            source = conv.inputs[0].name
-            function = self._function(self.cone([source]), [source])
-            pre_bias = self._pre_bias_conv(conv)
-            with torch.no_grad():
-                feature_maps = function(x_all, *self._bias_values)[0]
-            leaf = feature_maps.clone().requires_grad_(True)
-            conv_out = pre_bias(leaf)[0]
-            shape = tuple(conv_out.shape[1:])
-            picks = generator.integers(0, int(np.prod(shape)), size=(x_all.shape[0], units_per_layer))
-            cotangents = torch.zeros((x_all.shape[0], units_per_layer) + tuple(feature_maps.shape[1:]),
-                                     dtype=self.dtype)
-            true = np.zeros(picks.shape)
-            for k in range(units_per_layer):
-                selected = conv_out.reshape(conv_out.shape[0], -1)[np.arange(x_all.shape[0]), picks[:, k]]
-                cotangents[:, k] = torch.autograd.grad(selected.sum(), leaf, retain_graph=True)[0].detach()
-                true[:, k] = selected.detach().numpy()
-            h_i, h_b = self.vjp(function, x_all, cotangents)
-            errors = relative_error(self.reconstruct(x_all, h_i, h_b).numpy(), true)
-            layer.update({"explicit_units": int(errors.size), "explicit_max_relative_error": float(errors.max())})
+        checks = []
+        if units_per_layer:
+            checks += [(layer, node) for layer, node in zip(layers, inner)]
         if all_outputs:
-            for layer in layers[len(convs):]:
-                name = layer["tensor"]
-                function = self._function(self.cone([name]), [name])
+            checks += [(layer, None) for layer in layers[len(inner):]]
+        for layer, node in checks:
+            conv = node if node is not None and node.op == "Conv" else None
+            source = conv.inputs[0].name if conv is not None else layer["tensor"]
+            function = self._function(self.cone([source]), [source])
+            pre_bias = self._pre_bias_conv(conv) if conv is not None else None
+            worst, count = 0.0, 0
+            for start in range(0, x_all.shape[0], chunk):
+                x = x_all[start:start + chunk]
                 with torch.no_grad():
-                    values = function(x_all, *self._bias_values)[0]
-                per_sample = tuple(values.shape[1:])
-                count = int(np.prod(per_sample))
-                eye = torch.eye(count, dtype=self.dtype).reshape((count,) + per_sample)
-                h_i, h_b = self.vjp(function, x_all, eye[None].expand((x_all.shape[0],) + eye.shape).contiguous())
-                errors = relative_error(self.reconstruct(x_all, h_i, h_b).numpy(),
-                                        values.reshape(values.shape[0], -1).numpy())
-                layer.update({"explicit_units": int(errors.size),
-                              "explicit_max_relative_error": float(errors.max())})
+                    values = function(x, *self._bias_values)[0]
+                if node is None:  # every output unit: one cotangent per unit
+                    per_sample = tuple(values.shape[1:])
+                    units = int(np.prod(per_sample))
+                    eye = torch.eye(units, dtype=self.dtype).reshape((units,) + per_sample)
+                    cotangents = eye[None].expand((x.shape[0],) + eye.shape).contiguous()
+                    true = values.reshape(x.shape[0], -1).numpy()
+                else:
+                    cotangents, true = _random_unit_cotangents(pre_bias, values, units_per_layer, generator)
+                h_i, h_b = self.vjp(function, x, cotangents)
+                errors = relative_error(self.reconstruct(x, h_i, h_b).numpy(), true)
+                worst, count = max(worst, float(errors.max())), count + errors.size
+            layer.update({"explicit_units": count, "explicit_max_relative_error": worst})
 
     def list_units(self) -> list[dict]:
         """The conv layers and outputs that can be named in --unit, with per-sample shapes where known."""
@@ -547,6 +544,23 @@ class BackMap:
                          "op": producer.op if producer else "", "shape": list(tensor.shape[1:]) if tensor.shape
                          else None, "modes": ["RM0"]})
         return rows
+
+
+def _random_unit_cotangents(pre_bias: SubgraphFunction | None, values: torch.Tensor, units: int,
+                            generator: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+    """For `units` random units per sample of `pre_bias(values)` (a conv before its bias), or of `values` itself
+    when `pre_bias` is None: the unit's gradient with respect to `values` (for a conv, its kernel back-mapped onto
+    the conv input) as cotangents (N, units, *values.shape[1:]), and the units' values (N, units)."""
+    leaf = values.clone().requires_grad_(True)
+    out = (pre_bias(leaf)[0] if pre_bias is not None else leaf).reshape(values.shape[0], -1)
+    picks = generator.integers(0, out.shape[1], size=(values.shape[0], units))
+    cotangents = torch.zeros((values.shape[0], units) + tuple(values.shape[1:]), dtype=values.dtype)
+    true = np.zeros(picks.shape)
+    for k in range(units):
+        selected = out[np.arange(values.shape[0]), picks[:, k]]
+        cotangents[:, k] = torch.autograd.grad(selected.sum(), leaf, retain_graph=True)[0].detach()
+        true[:, k] = selected.detach().numpy()
+    return cotangents, true
 
 
 def _flat_index(index: tuple[int, ...], shape: tuple[int, ...], tensor: str) -> int:

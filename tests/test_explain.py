@@ -73,15 +73,21 @@ def _reconstruct(explanation):
                  + explanation.x_b @ explanation.H_b.reshape(-1, explanation.x_b.size).sum(0))
 
 
+W1 = np.array([[1.0, -2.0], [0.5, 0.25], [-1.0, 1.0]], np.float32)
+B1 = np.array([0.5, -0.25, 0.125], np.float32)
+W2 = np.array([[2.0, -1.0, 3.0]], np.float32)
+B2 = np.array([0.75], np.float32)
+
+
+def _two_layer_model():
+    nodes = [oh.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="fc1"),
+             oh.make_node("Relu", ["h"], ["r"]), oh.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1, name="fc2")]
+    return make_model(nodes, [("x", ["N", 2])], [("y", None)], [("w1", W1), ("b1", B1), ("w2", W2), ("b2", B2)])
+
+
 def test_hand_computed_hypersurface_of_a_two_layer_relu_net():
-    w1 = np.array([[1.0, -2.0], [0.5, 0.25], [-1.0, 1.0]], np.float32)
-    b1 = np.array([0.5, -0.25, 0.125], np.float32)
-    w2 = np.array([[2.0, -1.0, 3.0]], np.float32)
-    b2 = np.array([0.75], np.float32)
-    nodes = [oh.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), oh.make_node("Relu", ["h"], ["r"]),
-             oh.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)]
-    model = make_model(nodes, [("x", ["N", 2])], [("y", None)], [("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)])
-    backmap = BackMap(load_graph(model, fold_bn=True))
+    w1, b1, w2, b2 = W1, B1, W2, B2
+    backmap = BackMap(load_graph(_two_layer_model(), fold_bn=True))
     x = np.array([1.0, 0.5])
     hidden = w1.astype(np.float64) @ x + b1  # [0.5, 0.375, -0.375]: the third unit is off
     mask = (hidden > 0).astype(np.float64)
@@ -159,6 +165,17 @@ def test_dataset_table_reconstructs_every_unit_of_every_layer(small):
     assert layers[-1]["explicit_units"] == 4 * 5 and layers[1]["explicit_units"] == 4 * 2
     text = format_dataset_table(table, "small")
     assert "| ε3 (FC) |" in text and "100.0000 %" in text
+
+
+def test_dataset_table_has_a_row_for_a_hidden_dense_layer():
+    backmap = BackMap(load_graph(_two_layer_model(), fold_bn=True))
+    table = backmap.dataset_table(np.random.default_rng(0).standard_normal((5, 2)), explicit_units=2,
+                                  explicit_outputs=True)
+    assert [(row["kind"], row["node"], row["units"]) for row in table["layers"]] == [("FC (hidden)", "fc1", 15),
+                                                                                     ("FC", "fc2", 5)]
+    assert table["layers"][0]["explicit_units"] == 10 and table["layers"][1]["explicit_units"] == 5
+    assert all(row["max_relative_error"] <= 1e-12 and row["explicit_max_relative_error"] <= 1e-12
+               for row in table["layers"])
 
 
 def test_relative_error_follows_eq_16():
