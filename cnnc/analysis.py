@@ -33,7 +33,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import torch
 
-from cnnc.errors import UsageError
+from cnnc.errors import ModelError, UsageError
 from cnnc.torch_eval import SubgraphFunction, _topological_order
 
 # Ops that may sit on a projection shortcut: linear in their data input.
@@ -186,7 +186,10 @@ def evaluate_tensors(graph: gs.Graph, names: list[str], samples: np.ndarray, chu
     nodes = _topological_order(list(graph.nodes))
     tensors = graph.tensors()
     opset = graph.opset if isinstance(graph.opset, int) else None
-    function = SubgraphFunction(nodes, [single_float_input(graph)], [tensors[n] for n in names], opset=opset)
+    try:
+        function = SubgraphFunction(nodes, [single_float_input(graph)], [tensors[n] for n in names], opset=opset)
+    except ValueError as error:  # an op or attribute the float64 evaluator does not reproduce exactly
+        raise ModelError(f"cannot evaluate the model in float64: {error}") from None
     with torch.no_grad():
         for start in range(0, samples.shape[0], chunk):
             values = function(torch.from_numpy(np.ascontiguousarray(samples[start:start + chunk])))
@@ -279,13 +282,14 @@ def measure_perturbations(graph: gs.Graph, samples: np.ndarray, eps: float = 0.1
     absolute = np.zeros((len(blocks), n))
     scaled = np.full((len(blocks), n), np.nan)
     resolutions: list[tuple[int, ...]] = [()] * len(blocks)
+    broadcasting: set[int] = set()
     if blocks:
         for start, values in evaluate_tensors(graph, names, samples, chunk):
             for i, block in enumerate(blocks):
                 before, after = values[block.skip], values[block.output]
-                if before.shape != after.shape:
-                    raise ValueError(f"join '{block.join}': x(l) {tuple(before.shape)} and x(l+1) "
-                                     f"{tuple(after.shape)} differ in shape (a broadcasting Add)")
+                if before.shape != after.shape:  # x(l+1) − x(l) is not defined
+                    broadcasting.add(i)
+                    continue
                 resolutions[i] = tuple(int(d) for d in after.shape[2:])
                 diff = (after - before).reshape(after.shape[0], -1).norm(dim=1).numpy()
                 base = before.reshape(before.shape[0], -1).norm(dim=1).numpy()
@@ -293,6 +297,12 @@ def measure_perturbations(graph: gs.Graph, samples: np.ndarray, eps: float = 0.1
                 absolute[i, start:stop] = diff
                 with np.errstate(divide="ignore", invalid="ignore"):
                     scaled[i, start:stop] = np.where(base > 0, diff / np.where(base > 0, base, 1.0), np.nan)
+    for i in sorted(broadcasting):
+        skipped.append((f"Add '{blocks[i].join}'",
+                        "its skip operand is broadcast to the output's shape: x(l+1) − x(l) is not defined"))
+    keep = [i for i in range(len(blocks)) if i not in broadcasting]
+    blocks, absolute, scaled = [blocks[i] for i in keep], absolute[keep], scaled[keep]
+    resolutions = [resolutions[i] for i in keep]
     measures: list[BlockMeasure] = []
     sections: list[Section] = []
     for i, block in enumerate(blocks):

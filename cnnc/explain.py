@@ -288,8 +288,11 @@ class BackMap:
 
     def _function(self, nodes: list[gs.Node], outputs: list[str]) -> SubgraphFunction:
         leaves = [self.input] + [self.tensors[b.tensor] for b in self.biases]
-        return SubgraphFunction(nodes, leaves, [self.tensors[n] for n in outputs], dtype=self.dtype,
-                                opset=self.opset)
+        try:
+            return SubgraphFunction(nodes, leaves, [self.tensors[n] for n in outputs], dtype=self.dtype,
+                                    opset=self.opset)
+        except ValueError as error:  # e.g. a shape parameter computed from the data
+            raise ModelError(f"cannot evaluate the model in float64: {error}") from None
 
     def _pre_bias_conv(self, conv: gs.Node) -> SubgraphFunction:
         """conv without its bias, as a function of its input: c = F ⊛ w (Eq. 3). Fresh tensors, so that the

@@ -91,9 +91,11 @@ class DropBlocks(Pass):
         try:
             report = measure_perturbations(graph, samples, eps=self.eps, blocks=blocks)
             before = evaluate_graph(graph, feeds)
-        except ValueError as error:  # an op the evaluator refuses, or a broadcasting join
+        except (CnncError, ValueError) as error:  # an op the float64 evaluator does not reproduce exactly
             result.skip("whole graph", f"cannot measure the blocks: {error}")
             return result
+        for where, why in report.skipped:
+            result.skip(where, why)
         result.stats.update({"eps": self.eps, "samples": int(samples.shape[0]), "blocks": len(blocks),
                              "scaled": {m.block.join: m.scaled for m in report.blocks}})
         outputs = {t.name for t in graph.outputs}

@@ -236,3 +236,21 @@ def test_find_blocks_does_not_modify_the_graph():
     find_residual_blocks(graph)
     measure_perturbations(graph, np.ones((1, 2, 4, 4)))
     assert before == [(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs]) for n in graph.nodes]
+
+
+def test_a_join_that_broadcasts_its_skip_is_reported_not_measured():
+    w = np.ones((2, 2, 1, 1), dtype=np.float32)
+    nodes = [oh.make_node("GlobalAveragePool", ["x"], ["g"]),
+             oh.make_node("Conv", ["x", "w"], ["c"]), oh.make_node("Relu", ["c"], ["r"]),
+             oh.make_node("Add", ["g", "r"], ["y"], name="join")]
+    model = make_model(nodes, [("x", [1, 2, 3, 3])], [("y", None)], [("w", w)])
+    report = measure_perturbations(_graph(model), np.ones((2, 2, 3, 3)))
+    assert report.blocks == [] and "broadcast" in dict(report.skipped)["Add 'join'"]
+
+
+def test_cli_analyze_on_an_op_the_evaluator_refuses_is_a_model_error(tmp_path):
+    nodes = [oh.make_node("Elu", ["x"], ["e"]), oh.make_node("Add", ["x", "e"], ["y"])]
+    path = tmp_path / "elu.onnx"
+    onnx.save(make_model(nodes, [("x", [1, 2, 3, 3])], [("y", None)]), path)
+    result = CliRunner().invoke(cli, ["analyze", str(path)])
+    assert result.exit_code == 2 and "cannot evaluate the model in float64" in result.output
