@@ -239,6 +239,12 @@ class BackMap:
                 if tensor.name in seen:  # a shared bias is one leaf; its gradient sums over its uses
                     continue
                 seen.add(tensor.name)
+                for reader in tensor.outputs:  # a leaf that also multiplies would make the unit degree 2 in it
+                    if any(t.name in self.data for t in reader.inputs) and tensor.name not in [
+                            reader.inputs[i].name for i in _bias_slots(reader, self.data)]:
+                        raise ModelError(f"cannot explain this network: constant '{tensor.name}' is a bias of "
+                                         f"{node.op} '{node.name}' and also an operand of {reader.op} "
+                                         f"'{reader.name}'")
                 shape = tuple(constant_value(tensor).shape)
                 offset = self.biases[-1].offset + self.biases[-1].size if self.biases else 0
                 self.biases.append(Bias(tensor.name, node.name, node.op, shape, offset))

@@ -220,6 +220,13 @@ def test_a_unit_before_the_smooth_layer_is_still_explained():
     assert explanation.relative_error <= EXACT
 
 
+def test_a_constant_that_is_both_bias_and_weight_is_refused():
+    nodes = [oh.make_node("Add", ["x", "c"], ["a"]), oh.make_node("Mul", ["a", "c"], ["y"])]
+    model = make_model(nodes, [("x", ["N", 2])], [("y", None)], [("c", np.array([2.0, 3.0], np.float32))])
+    with pytest.raises(ModelError, match="constant 'c' is a bias of Add"):
+        BackMap(load_graph(model, fold_bn=True))
+
+
 def test_an_unfolded_batch_norm_is_refused():
     nodes = [oh.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn", training_mode=1)]
     model = make_model(nodes, [("x", ["N", 2, 3, 3])], [("y", None)],
