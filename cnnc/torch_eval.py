@@ -255,12 +255,16 @@ def _average_pool(node, args, ctx):
     rank = len(_attr(node, "kernel_shape"))
     geometry = tuple(_pool_geometry(node, list(x.shape[2:])))
     framed = _pool_frame(x, geometry, 0.0)
-    kernel = [g[0] for g in geometry]
-    channels = framed.shape[1]
-    ones = torch.ones([channels, 1] + kernel, dtype=x.dtype, device=x.device)
-    # A depthwise all-ones convolution sums each (dilated) window; torch's avg_pool has no dilation.
-    sums = _CONV[rank](framed, ones, None, stride=[g[1] for g in geometry], dilation=[g[2] for g in geometry],
-                       groups=channels)
+    kernel, strides, dilations = [g[0] for g in geometry], [g[1] for g in geometry], [g[2] for g in geometry]
+    if all(d == 1 for d in dilations):  # window sums by avg_pool with divisor 1 (avg_pool1d has no divisor_override)
+        if rank == 1:
+            sums = F.avg_pool2d(framed.unsqueeze(-2), [1] + kernel, [1] + strides, divisor_override=1).squeeze(-2)
+        else:
+            sums = (F.avg_pool2d if rank == 2 else F.avg_pool3d)(framed, kernel, strides, divisor_override=1)
+    else:  # torch's avg_pool has no dilation: a depthwise all-ones convolution sums each dilated window
+        channels = framed.shape[1]
+        ones = torch.ones([channels, 1] + kernel, dtype=x.dtype, device=x.device)
+        sums = _CONV[rank](framed, ones, None, stride=strides, dilation=dilations, groups=channels)
     divisor = _average_pool_divisor(tuple(x.shape[2:]), geometry, bool(int(_attr(node, "count_include_pad", 0))))
     return [sums / torch.as_tensor(divisor, dtype=x.dtype, device=x.device)]
 
@@ -710,7 +714,7 @@ def _cast(node, args, ctx):
 def _constant_of_shape(node, args, ctx):
     shape = _ints(args[0])
     value = _attr(node, "value")
-    array = np.zeros(1, dtype=np.float32) if value is None else np.asarray(value.values).reshape(-1)
+    array = np.zeros(1, dtype=np.float32) if value is None else np.asarray(getattr(value, "values", value)).reshape(-1)
     return [_to_torch(np.full(shape, array[0], dtype=array.dtype), ctx.dtype)]
 
 
