@@ -836,9 +836,8 @@ def _reason(node: gs.Node) -> str | None:
                 return "Resize linear with antialias=1 is not supported"
             if _attr(node, "keep_aspect_ratio_policy", "stretch") not in ("stretch", "not_larger", "not_smaller"):
                 return f"Resize keep_aspect_ratio_policy {_attr(node, 'keep_aspect_ratio_policy')!r}"
-    if op in ("SpaceToDepth", "DepthToSpace"):
-        if op == "DepthToSpace" and _attr(node, "mode", "DCR") not in ("DCR", "CRD"):
-            return f"DepthToSpace mode {_attr(node, 'mode')!r}"
+    if op == "DepthToSpace" and _attr(node, "mode", "DCR") not in ("DCR", "CRD"):
+        return f"DepthToSpace mode {_attr(node, 'mode')!r}"
     if op == "Cast":
         to = int(_attr(node, "to", 0))
         if to not in _FLOAT_TYPES | _INT_TYPES | {onnx.TensorProto.BOOL}:

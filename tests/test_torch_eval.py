@@ -81,16 +81,19 @@ def assert_matches_onnxruntime(model: onnx.ModelProto, feeds: dict) -> dict:
 
 for name, x_shape, w_shape, attrs, bias in [
     ("conv2d_asymmetric_pads_stride_dilation", (2, 3, 7, 9), (6, 3, 3, 2),
-     dict(pads=[1, 0, 2, 1], strides=[2, 1], dilations=[1, 2]), True),
-    ("conv2d_depthwise_dilated", (3, 4, 6, 5), (8, 1, 3, 3), dict(group=4, pads=[2, 1, 0, 3], dilations=[2, 1]), True),
-    ("conv2d_two_groups_no_bias", (2, 4, 8, 7), (6, 2, 2, 3), dict(group=2, strides=[2, 3]), False),
-    ("conv2d_same_upper", (2, 3, 7, 10), (4, 3, 3, 4), dict(auto_pad="SAME_UPPER", strides=[2, 2]), True),
-    ("conv2d_same_lower", (2, 3, 8, 9), (4, 3, 2, 5), dict(auto_pad="SAME_LOWER", strides=[3, 2]), True),
-    ("conv2d_same_stride_above_kernel", (2, 3, 8, 7), (4, 3, 1, 1), dict(auto_pad="SAME_UPPER", strides=[3, 3]), True),
+     {"pads": [1, 0, 2, 1], "strides": [2, 1], "dilations": [1, 2]}, True),
+    ("conv2d_depthwise_dilated", (3, 4, 6, 5), (8, 1, 3, 3),
+     {"group": 4, "pads": [2, 1, 0, 3], "dilations": [2, 1]}, True),
+    ("conv2d_two_groups_no_bias", (2, 4, 8, 7), (6, 2, 2, 3), {"group": 2, "strides": [2, 3]}, False),
+    ("conv2d_same_upper", (2, 3, 7, 10), (4, 3, 3, 4), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}, True),
+    ("conv2d_same_lower", (2, 3, 8, 9), (4, 3, 2, 5), {"auto_pad": "SAME_LOWER", "strides": [3, 2]}, True),
+    ("conv2d_same_stride_above_kernel", (2, 3, 8, 7), (4, 3, 1, 1),
+     {"auto_pad": "SAME_UPPER", "strides": [3, 3]}, True),
     ("conv2d_valid_kernel_shape_attr", (2, 3, 7, 9), (4, 3, 3, 2),
-     dict(auto_pad="VALID", strides=[2, 3], kernel_shape=[3, 2]), True),
-    ("conv1d", (2, 3, 17), (5, 3, 4), dict(strides=[2], dilations=[3], pads=[3, 1]), True),
-    ("conv3d_groups", (2, 4, 5, 6, 7), (6, 2, 2, 3, 1), dict(group=2, strides=[1, 2, 2], pads=[1, 0, 1, 0, 2, 1]), True),
+     {"auto_pad": "VALID", "strides": [2, 3], "kernel_shape": [3, 2]}, True),
+    ("conv1d", (2, 3, 17), (5, 3, 4), {"strides": [2], "dilations": [3], "pads": [3, 1]}, True),
+    ("conv3d_groups", (2, 4, 5, 6, 7), (6, 2, 2, 3, 1),
+     {"group": 2, "strides": [1, 2, 2], "pads": [1, 0, 1, 0, 2, 1]}, True),
 ]:
     inits = [("w", _x(*w_shape))] + ([("b", _x(w_shape[0]))] if bias else [])
     case(name, oh.make_node("Conv", ["x", "w"] + (["b"] if bias else []), ["y"], **attrs), {"x": _x(*x_shape)},
@@ -98,18 +101,19 @@ for name, x_shape, w_shape, attrs, bias in [
 
 for name, x_shape, w_shape, attrs in [
     ("convtranspose2d_pads_output_padding", (2, 4, 5, 6), (4, 3, 3, 2),
-     dict(strides=[2, 3], pads=[1, 0, 0, 1], output_padding=[1, 2])),
+     {"strides": [2, 3], "pads": [1, 0, 0, 1], "output_padding": [1, 2]}),
     ("convtranspose2d_groups_dilation", (2, 4, 5, 4), (4, 2, 3, 3),
-     dict(group=2, dilations=[2, 1], pads=[2, 1, 1, 0], strides=[1, 2])),
-    ("convtranspose2d_output_shape", (2, 4, 5, 6), (4, 3, 3, 2), dict(strides=[2, 3], output_shape=[9, 15])),
-    ("convtranspose2d_output_shape_even_total", (2, 4, 5, 6), (4, 3, 3, 2), dict(strides=[2, 3], output_shape=[8, 16])),
-    ("convtranspose2d_same_upper", (2, 4, 5, 6), (4, 3, 3, 2), dict(strides=[2, 3], auto_pad="SAME_UPPER")),
-    ("convtranspose2d_same_lower", (2, 4, 5, 6), (4, 3, 3, 2), dict(strides=[2, 3], auto_pad="SAME_LOWER")),
+     {"group": 2, "dilations": [2, 1], "pads": [2, 1, 1, 0], "strides": [1, 2]}),
+    ("convtranspose2d_output_shape", (2, 4, 5, 6), (4, 3, 3, 2), {"strides": [2, 3], "output_shape": [9, 15]}),
+    ("convtranspose2d_output_shape_even_total", (2, 4, 5, 6), (4, 3, 3, 2),
+     {"strides": [2, 3], "output_shape": [8, 16]}),
+    ("convtranspose2d_same_upper", (2, 4, 5, 6), (4, 3, 3, 2), {"strides": [2, 3], "auto_pad": "SAME_UPPER"}),
+    ("convtranspose2d_same_lower", (2, 4, 5, 6), (4, 3, 3, 2), {"strides": [2, 3], "auto_pad": "SAME_LOWER"}),
     ("convtranspose2d_same_upper_output_shape", (2, 4, 5, 6), (4, 3, 3, 2),
-     dict(strides=[2, 3], auto_pad="SAME_UPPER", output_shape=[10, 16])),
-    ("convtranspose2d_valid", (2, 4, 5, 6), (4, 3, 3, 2), dict(strides=[2, 3], auto_pad="VALID")),
-    ("convtranspose1d", (3, 2, 7), (2, 3, 4), dict(strides=[3], output_padding=[2], pads=[1, 2])),
-    ("convtranspose3d", (2, 2, 3, 4, 3), (2, 2, 2, 3, 2), dict(strides=[2, 1, 2], pads=[0, 1, 1, 1, 0, 0])),
+     {"strides": [2, 3], "auto_pad": "SAME_UPPER", "output_shape": [10, 16]}),
+    ("convtranspose2d_valid", (2, 4, 5, 6), (4, 3, 3, 2), {"strides": [2, 3], "auto_pad": "VALID"}),
+    ("convtranspose1d", (3, 2, 7), (2, 3, 4), {"strides": [3], "output_padding": [2], "pads": [1, 2]}),
+    ("convtranspose3d", (2, 2, 3, 4, 3), (2, 2, 2, 3, 2), {"strides": [2, 1, 2], "pads": [0, 1, 1, 1, 0, 0]}),
 ]:
     cout = w_shape[1] * attrs.get("group", 1)
     case(name, oh.make_node("ConvTranspose", ["x", "w", "b"], ["y"], **attrs), {"x": _x(*x_shape)},
@@ -119,12 +123,12 @@ for name, x_shape, w_shape, attrs in [
 # Dense, normalisation and arithmetic
 
 for name, a_shape, b_shape, c_shape, attrs in [
-    ("gemm_transB_bias_vector", (3, 5), (4, 5), (4,), dict(transB=1, alpha=0.5, beta=2.0)),
-    ("gemm_transA_bias_matrix", (5, 3), (5, 4), (3, 4), dict(transA=1)),
-    ("gemm_bias_column", (3, 5), (5, 4), (3, 1), dict(beta=-1.5)),
+    ("gemm_transB_bias_vector", (3, 5), (4, 5), (4,), {"transB": 1, "alpha": 0.5, "beta": 2.0}),
+    ("gemm_transA_bias_matrix", (5, 3), (5, 4), (3, 4), {"transA": 1}),
+    ("gemm_bias_column", (3, 5), (5, 4), (3, 1), {"beta": -1.5}),
     ("gemm_bias_row", (3, 5), (5, 4), (1, 4), {}),
-    ("gemm_bias_scalar", (3, 5), (5, 4), (), dict(alpha=3.0)),
-    ("gemm_without_bias", (3, 5), (4, 5), None, dict(transB=1)),
+    ("gemm_bias_scalar", (3, 5), (5, 4), (), {"alpha": 3.0}),
+    ("gemm_without_bias", (3, 5), (4, 5), None, {"transB": 1}),
 ]:
     inputs = ["a", "w"] + (["c"] if c_shape is not None else [])
     inits = [("w", _x(*b_shape))] + ([("c", _x(*c_shape))] if c_shape is not None else [])
@@ -143,7 +147,7 @@ def _bn_inits(channels):
             ("v", (0.5 + _rng.random(channels)).astype(np.float32))]
 
 
-for name, shape, attrs in [("batchnorm4d_epsilon", (2, 3, 4, 5), dict(epsilon=1e-3)), ("batchnorm2d", (3, 4), {}),
+for name, shape, attrs in [("batchnorm4d_epsilon", (2, 3, 4, 5), {"epsilon": 1e-3}), ("batchnorm2d", (3, 4), {}),
                            ("batchnorm3d", (2, 3, 7), {}), ("batchnorm5d", (2, 3, 2, 3, 4), {})]:
     case(name, oh.make_node("BatchNormalization", ["x", "s", "bb", "m", "v"], ["y"], **attrs), {"x": _x(*shape)},
          initializers=_bn_inits(shape[1]), opset=15)
@@ -177,7 +181,7 @@ RESIZE_TRANSFORMS = ["half_pixel", "asymmetric", "align_corners", "pytorch_half_
 NEAREST_MODES = ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]
 for transform in RESIZE_TRANSFORMS:
     for mode, nearest_mode in [("nearest", m) for m in NEAREST_MODES] + [("linear", "round_prefer_floor")]:
-        attrs = dict(mode=mode, coordinate_transformation_mode=transform, nearest_mode=nearest_mode)
+        attrs = {"mode": mode, "coordinate_transformation_mode": transform, "nearest_mode": nearest_mode}
         for label, scales in [("up_down", [1, 1, 1.7, 0.6]), ("down_up", [1, 1, 0.45, 2.5])]:
             case(f"resize_{mode}_{nearest_mode}_{transform}_scales_{label}",
                  oh.make_node("Resize", ["x", "", "s"], ["y"], **attrs), {"x": _x(2, 3, 7, 9)},
@@ -213,36 +217,39 @@ for mode in ("nearest", "linear"):
 # Pooling
 
 for name, x_shape, attrs, opset in [
-    ("averagepool_pads_exclude_pad", (2, 3, 7, 9), dict(kernel_shape=[3, 2], strides=[2, 3], pads=[1, 0, 2, 1]), 17),
+    ("averagepool_pads_exclude_pad", (2, 3, 7, 9),
+     {"kernel_shape": [3, 2], "strides": [2, 3], "pads": [1, 0, 2, 1]}, 17),
     ("averagepool_pads_include_pad", (2, 3, 7, 9),
-     dict(kernel_shape=[3, 2], strides=[2, 3], pads=[1, 0, 2, 1], count_include_pad=1), 17),
+     {"kernel_shape": [3, 2], "strides": [2, 3], "pads": [1, 0, 2, 1], "count_include_pad": 1}, 17),
     ("averagepool_ceil_exclude_pad", (2, 3, 8, 9),
-     dict(kernel_shape=[3, 2], strides=[2, 2], pads=[1, 1, 1, 0], ceil_mode=1), 17),
+     {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 1, 1, 0], "ceil_mode": 1}, 17),
     ("averagepool_ceil_include_pad", (2, 3, 8, 9),
-     dict(kernel_shape=[3, 2], strides=[2, 2], pads=[1, 1, 1, 0], ceil_mode=1, count_include_pad=1), 17),
+     {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 1, 1, 0], "ceil_mode": 1, "count_include_pad": 1}, 17),
     ("averagepool_ceil_window_starting_in_end_pad", (2, 1, 4, 6),
-     dict(kernel_shape=[2, 3], strides=[2, 2], pads=[0, 1, 1, 1], ceil_mode=1, count_include_pad=1), 17),
-    ("averagepool_same_upper", (2, 3, 7, 10), dict(kernel_shape=[3, 4], strides=[2, 2], auto_pad="SAME_UPPER"), 17),
+     {"kernel_shape": [2, 3], "strides": [2, 2], "pads": [0, 1, 1, 1], "ceil_mode": 1, "count_include_pad": 1}, 17),
+    ("averagepool_same_upper", (2, 3, 7, 10),
+     {"kernel_shape": [3, 4], "strides": [2, 2], "auto_pad": "SAME_UPPER"}, 17),
     ("averagepool_same_lower_include_pad", (2, 3, 7, 10),
-     dict(kernel_shape=[2, 3], strides=[3, 2], auto_pad="SAME_LOWER", count_include_pad=1), 17),
-    ("averagepool_valid", (2, 3, 7, 10), dict(kernel_shape=[2, 3], strides=[2, 2], auto_pad="VALID"), 17),
+     {"kernel_shape": [2, 3], "strides": [3, 2], "auto_pad": "SAME_LOWER", "count_include_pad": 1}, 17),
+    ("averagepool_valid", (2, 3, 7, 10), {"kernel_shape": [2, 3], "strides": [2, 2], "auto_pad": "VALID"}, 17),
     ("averagepool_dilations", (2, 3, 9, 8),
-     dict(kernel_shape=[3, 2], strides=[2, 1], dilations=[2, 3], pads=[2, 1, 1, 1]), 19),
+     {"kernel_shape": [3, 2], "strides": [2, 1], "dilations": [2, 3], "pads": [2, 1, 1, 1]}, 19),
     ("averagepool_dilations_ceil_include_pad", (2, 3, 9, 8),
-     dict(kernel_shape=[3, 2], strides=[2, 2], dilations=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1,
-          count_include_pad=1), 19),
-    ("averagepool1d", (3, 2, 11), dict(kernel_shape=[4], strides=[3], pads=[2, 1], ceil_mode=1), 17),
-    ("averagepool3d", (2, 2, 5, 6, 4), dict(kernel_shape=[2, 3, 2], strides=[2, 2, 1], pads=[1, 0, 1, 0, 1, 0]), 17),
+     {"kernel_shape": [3, 2], "strides": [2, 2], "dilations": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1,
+          "count_include_pad": 1}, 19),
+    ("averagepool1d", (3, 2, 11), {"kernel_shape": [4], "strides": [3], "pads": [2, 1], "ceil_mode": 1}, 17),
+    ("averagepool3d", (2, 2, 5, 6, 4),
+     {"kernel_shape": [2, 3, 2], "strides": [2, 2, 1], "pads": [1, 0, 1, 0, 1, 0]}, 17),
 ]:
     case(name, oh.make_node("AveragePool", ["x"], ["y"], **attrs), {"x": _x(*x_shape)}, opset=opset)
 
 for name, x_shape, attrs in [
-    ("maxpool_pads_strides", (2, 3, 7, 9), dict(kernel_shape=[3, 2], strides=[2, 3], pads=[1, 0, 2, 1])),
+    ("maxpool_pads_strides", (2, 3, 7, 9), {"kernel_shape": [3, 2], "strides": [2, 3], "pads": [1, 0, 2, 1]}),
     ("maxpool_ceil_dilations", (2, 3, 9, 8),
-     dict(kernel_shape=[3, 2], strides=[2, 2], dilations=[2, 3], pads=[1, 1, 1, 0], ceil_mode=1)),
-    ("maxpool_same_upper", (2, 3, 7, 10), dict(kernel_shape=[3, 3], strides=[2, 3], auto_pad="SAME_UPPER")),
-    ("maxpool1d", (3, 2, 11), dict(kernel_shape=[4], strides=[3], pads=[2, 1])),
-    ("maxpool3d", (2, 2, 5, 6, 4), dict(kernel_shape=[2, 3, 2], strides=[2, 2, 1], pads=[1, 0, 1, 0, 1, 0])),
+     {"kernel_shape": [3, 2], "strides": [2, 2], "dilations": [2, 3], "pads": [1, 1, 1, 0], "ceil_mode": 1}),
+    ("maxpool_same_upper", (2, 3, 7, 10), {"kernel_shape": [3, 3], "strides": [2, 3], "auto_pad": "SAME_UPPER"}),
+    ("maxpool1d", (3, 2, 11), {"kernel_shape": [4], "strides": [3], "pads": [2, 1]}),
+    ("maxpool3d", (2, 2, 5, 6, 4), {"kernel_shape": [2, 3, 2], "strides": [2, 2, 1], "pads": [1, 0, 1, 0, 1, 0]}),
 ]:
     case(name, oh.make_node("MaxPool", ["x"], ["y"], **attrs), {"x": _x(*x_shape)}, opset=12)
 
@@ -294,11 +301,11 @@ case("slice_opset9_attributes", oh.make_node("Slice", ["x"], ["y"], starts=[1, 0
      {"x": _x(2, 3, 5, 6)}, opset=9)
 
 for name, shape, attrs in [("reshape_copy_and_infer", [0, -1], {}), ("reshape_zeros_kept", [0, 0, 3, -1], {}),
-                           ("reshape_allowzero", [6, -1], dict(allowzero=1)), ("reshape_flat", [-1], {})]:
+                           ("reshape_allowzero", [6, -1], {"allowzero": 1}), ("reshape_flat", [-1], {})]:
     case(name, oh.make_node("Reshape", ["x", "s"], ["y"], **attrs), {"x": _x(2, 3, 6, 2)},
          initializers=[("s", np.array(shape))], opset=14)
 for axis in (0, 2, -1, None):
-    attrs = {} if axis is None else dict(axis=axis)
+    attrs = {} if axis is None else {"axis": axis}
     case(f"flatten_axis_{axis}", oh.make_node("Flatten", ["x"], ["y"], **attrs), {"x": _x(2, 3, 4, 5)})
 case("transpose_perm", oh.make_node("Transpose", ["x"], ["y"], perm=[0, 2, 3, 1]), {"x": _x(2, 3, 4, 5)})
 case("transpose_default_reverses", oh.make_node("Transpose", ["x"], ["y"]), {"x": _x(2, 3, 4)})
@@ -324,7 +331,7 @@ case("dropout_opset7", oh.make_node("Dropout", ["x"], ["y"], ratio=0.2), {"x": _
 # ------------------------------------------------------------------------------------------------------------------
 # Nonlinear ops (for explain / analyze) and the exporters' shape ops
 
-for op, attrs in [("Relu", {}), ("LeakyRelu", {}), ("LeakyRelu", dict(alpha=0.2)), ("Sigmoid", {}), ("Tanh", {})]:
+for op, attrs in [("Relu", {}), ("LeakyRelu", {}), ("LeakyRelu", {"alpha": 0.2}), ("Sigmoid", {}), ("Tanh", {})]:
     case(f"{op.lower()}_{attrs.get('alpha', 'default')}", oh.make_node(op, ["x"], ["y"], **attrs),
          {"x": _x(2, 3, 4, 5)})
 case("clip_opset6_attributes", oh.make_node("Clip", ["x"], ["y"], min=-0.5, max=0.7), {"x": _x(2, 3, 4)}, opset=6)
@@ -334,7 +341,7 @@ case("clip_max_only", oh.make_node("Clip", ["x", "", "hi"], ["y"]), {"x": _x(2, 
      initializers=[("hi", np.array(0.1, dtype=np.float32))], opset=13)
 case("clip_min_above_max", oh.make_node("Clip", ["x", "lo", "hi"], ["y"]), {"x": _x(2, 3, 4)},
      initializers=[("lo", np.array(0.5, dtype=np.float32)), ("hi", np.array(-0.5, dtype=np.float32))], opset=13)
-for opset, attrs in [(11, {}), (11, dict(axis=2)), (13, {}), (13, dict(axis=1))]:
+for opset, attrs in [(11, {}), (11, {"axis": 2}), (13, {}), (13, {"axis": 1})]:
     case(f"softmax_opset{opset}_axis_{attrs.get('axis', 'default')}", oh.make_node("Softmax", ["x"], ["y"], **attrs),
          {"x": _x(2, 3, 4, 5)}, opset=opset)
 
@@ -483,8 +490,8 @@ def test_random_conv_geometry(data):
     sizes = [data.draw(st.integers(2, 9 if rank < 3 else 5)) for _ in range(rank)]
     for i in range(rank):
         assume(sizes[i] + pads[i] + pads[rank + i] >= (kernel[i] - 1) * dilations[i] + 1)
-    attrs = dict(strides=strides, dilations=dilations, group=groups)
-    attrs.update(dict(pads=pads) if auto_pad == "NOTSET" else dict(auto_pad=auto_pad))
+    attrs = {"strides": strides, "dilations": dilations, "group": groups}
+    attrs.update({"pads": pads} if auto_pad == "NOTSET" else {"auto_pad": auto_pad})
     bias = data.draw(st.booleans())
     inits = [("w", _x(cout, cin // groups, *kernel))] + ([("b", _x(cout))] if bias else [])
     _check_random_node(("Conv", attrs), [data.draw(st.integers(1, 3)), cin] + sizes, inits,
@@ -504,7 +511,7 @@ def test_random_conv_transpose_geometry(data):
     natural = [(sizes[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 + output_padding[i]
                for i in range(rank)]
     mode = data.draw(st.sampled_from(["pads", "pads", "output_shape", "SAME_UPPER", "SAME_LOWER", "VALID"]))
-    attrs = dict(strides=strides, dilations=dilations, group=groups, output_padding=output_padding)
+    attrs = {"strides": strides, "dilations": dilations, "group": groups, "output_padding": output_padding}
     if mode == "pads":
         pads = [data.draw(st.integers(0, 2)) for _ in range(2 * rank)]
         assume(all(natural[i] - pads[i] - pads[rank + i] >= 1 for i in range(rank)))
@@ -533,8 +540,9 @@ def test_random_pool_geometry(data):
         assume(sizes[i] + pads[i] + pads[rank + i] >= (kernel[i] - 1) * dilations[i] + 1)
         if auto_pad.startswith("SAME"):  # onnxruntime refuses the negative SAME padding of a stride above the kernel
             assume((-(-sizes[i] // strides[i]) - 1) * strides[i] + kernel[i] >= sizes[i])
-    attrs = dict(kernel_shape=kernel, strides=strides, dilations=dilations, ceil_mode=int(data.draw(st.booleans())))
-    attrs.update(dict(pads=pads) if auto_pad == "NOTSET" else dict(auto_pad=auto_pad))
+    attrs = {"kernel_shape": kernel, "strides": strides, "dilations": dilations,
+             "ceil_mode": int(data.draw(st.booleans()))}
+    attrs.update({"pads": pads} if auto_pad == "NOTSET" else {"auto_pad": auto_pad})
     if op == "AveragePool":
         attrs["count_include_pad"] = int(data.draw(st.booleans()))
     _check_random_node((op, attrs), [data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))] + sizes, opset=19)
@@ -560,7 +568,7 @@ def test_random_pad_geometry(data):
         ends.append(end)
     value = np.array(data.draw(st.sampled_from([0.0, 1.5, -2.0])), dtype=np.float32)
     inits = [("p", np.array(begins + ends)), ("v", value), ("a", np.array(axes))]
-    _check_random_node(("Pad", dict(mode=mode)), shape, inits, ["x", "p", "v", "a"], opset=18)
+    _check_random_node(("Pad", {"mode": mode}), shape, inits, ["x", "p", "v", "a"], opset=18)
 
 
 _SCALES = [0.3, 0.45, 0.5, 0.6, 2 / 3, 0.75, 1.0, 1.25, 4 / 3, 1.5, 1.7, 2.0, 2.5, 3.0]
@@ -569,8 +577,8 @@ _SCALES = [0.3, 0.45, 0.5, 0.6, 2 / 3, 0.75, 1.0, 1.25, 4 / 3, 1.5, 1.7, 2.0, 2.
 @given(data=st.data())
 def test_random_resize_geometry(data):
     mode = data.draw(st.sampled_from(["nearest", "linear"]))
-    attrs = dict(mode=mode, coordinate_transformation_mode=data.draw(st.sampled_from(RESIZE_TRANSFORMS)),
-                 nearest_mode=data.draw(st.sampled_from(NEAREST_MODES)))
+    attrs = {"mode": mode, "coordinate_transformation_mode": data.draw(st.sampled_from(RESIZE_TRANSFORMS)),
+                 "nearest_mode": data.draw(st.sampled_from(NEAREST_MODES))}
     shape = [data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(_sizes), data.draw(_sizes)]
     if data.draw(st.booleans()):
         scales = [1.0, 1.0] + [data.draw(st.sampled_from(_SCALES)) for _ in range(2)]
