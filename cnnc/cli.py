@@ -229,10 +229,12 @@ def passes_command():
 
     import cnnc.passes  # noqa: F401
 
-    for name, cls in sorted(registered_passes().items()):
+    passes = sorted(registered_passes().items())
+    width = max(len(name) for name, _ in passes)
+    for name, cls in passes:
         kind = "exact" if cls.exact else "approximate"
         default = ", default" if cls.exact and cls.default else ""
-        click.echo(f"{name:16s} {kind}{default}: {cls.summary}")
+        click.echo(f"{name:{width}s}  {kind}{default}: {cls.summary}")
 
 
 @cli.command("inspect")
