@@ -170,7 +170,7 @@ def write_plot(report: dict, path: str | Path, title: str = "cnnc bench") -> Pat
     for index, comparison in enumerate(comparisons):
         models = comparison["models"]
         offsets = [(j - (len(models) - 1) / 2) * width for j in range(len(models))]
-        for offset, model in zip(offsets, models):
+        for position, (offset, model) in enumerate(zip(offsets, models)):
             samples = model.get("samples_ms") or [model["stats"]["p50_ms"]]
             artist = boxes_axis.boxplot([samples], positions=[index + offset], widths=width * 0.85, whis=(5, 95),
                                         showfliers=False, patch_artist=True, medianprops={"color": "black"})
@@ -178,7 +178,7 @@ def write_plot(report: dict, path: str | Path, title: str = "cnnc bench") -> Pat
                 patch.set_facecolor(colour[model["label"]])
                 patch.set_alpha(0.8)
             ratio = model.get("ratio_to_first")
-            if ratio:
+            if ratio and position > 0:  # the first model is the reference: 1x by definition
                 low, high = ratio["ci95"]
                 speedup, err_low, err_high = ratio["speedup"], 1 / high, 1 / low
                 speedups += [err_low, err_high]
