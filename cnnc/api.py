@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 import cnnc.passes  # noqa: F401  (registers every pass)
-from cnnc import backend, target
+from cnnc import backend, ir, target
 from cnnc.errors import EquivalenceError, ModelError
 from cnnc.frontend import apply_state_dict, load_model
 from cnnc.model_stats import model_stats
@@ -88,8 +88,10 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
         graph = gs.import_onnx(original)
     except Exception as error:  # graphsurgeon raises assorted types on malformed graphs
         raise ModelError(f"cannot import the model into the IR: {error}") from None
+    unread = ir.unread_constants(graph)
     graph, pipeline_report = run_pipeline(graph, pipeline, verify=verify_after if verify_each else None,
                                           strict=strict)
+    ir.forget_loaded_values(graph, unread)  # export then reuses the original tensors: no copy of what passes read
     compiled = backend.to_model(graph, template=original)
     backend.check(compiled)
     report: dict = {

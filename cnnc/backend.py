@@ -7,6 +7,8 @@
   existing file has, so the previous model at the destination keeps pointing at its own, intact data until the
   instant the new model replaces it; the stale data file is removed afterwards.
 - Models over 2 GB (protobuf's limit) are written with external data `<out>.data` automatically.
+- Weights are never copied wholesale: checking and shape inference see a weightless copy (`cnnc.weightless`), and
+  external data is written tensor by tensor from the model itself, so a save holds at most one extra tensor.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from cnnc import target
+from cnnc import ir, target
 from cnnc.errors import ModelError
+from cnnc.weightless import copy_fields, serialized_size, tensor_nbytes, weightless_copy, without_data
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 # Leave headroom under the protobuf limit for the graph structure itself.
@@ -30,9 +34,31 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**26
 _PAUSE_ENV = "CNNC_TEST_PAUSE_BEFORE_REPLACE"
 
 
+def _export(graph: gs.Graph) -> onnx.ModelProto:
+    """graphsurgeon's export, except that each large constant is written into the model field by field: its
+    export would go through protobuf's MergeFrom, which serializes the tensor (one more copy of it, and an error
+    for a tensor over 2 GB). An untouched imported weight is copied from its TensorProto, never through numpy."""
+    model, large = ir.export_weightless(graph, do_type_check=True)
+    names = {tensor.name for tensor in large}
+    kept = [value for value in model.graph.input if value.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    for tensor in large:
+        values = tensor._values
+        proto = model.graph.initializer.add()
+        if isinstance(values, np.ndarray):
+            proto.name, proto.data_type = tensor.name, onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+            proto.dims.extend(values.shape)
+            proto.raw_data = np.ascontiguousarray(values).tobytes()
+        else:  # graphsurgeon's LazyValues: the imported TensorProto itself
+            copy_fields(values.tensor, proto)
+            proto.name = tensor.name
+    return model
+
+
 def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export `graph` with an IR version and opset onnxruntime accepts, keeping the template's metadata."""
-    model = gs.export_onnx(graph, do_type_check=True)
+    model = _export(graph)
     if template is not None:
         model.producer_name = template.producer_name or model.producer_name
         model.model_version = template.model_version
@@ -59,10 +85,10 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
 def _fill_output_shapes(model: onnx.ModelProto) -> None:
     """Give graph outputs that lack a shape the one ONNX shape inference finds (the full checker requires it)."""
     missing = [o for o in model.graph.output if not o.type.tensor_type.HasField("shape")]
-    if not missing or model.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES:
+    if not missing:
         return
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), strict_mode=False)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
         return
     found = {o.name: o for o in inferred.graph.output}
@@ -72,15 +98,9 @@ def _fill_output_shapes(model: onnx.ModelProto) -> None:
 
 
 def check(model: onnx.ModelProto) -> None:
-    """The full ONNX checker (with strict shape inference); models over 2 GB are checked through a file."""
+    """The full ONNX checker (with strict shape inference) on a weightless copy: any size, `model` untouched."""
     try:
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES:
-            with tempfile.TemporaryDirectory(prefix="cnnc-check-") as folder:
-                path = Path(folder) / "model.onnx"
-                onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
-                onnx.checker.check_model(str(path), full_check=True)
-        else:
-            onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(weightless_copy(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise ModelError(f"emitted model fails the ONNX checker: {str(error).strip().splitlines()[0]}") from error
 
@@ -135,6 +155,51 @@ def _stale_data_of(path: Path) -> set[Path]:
     return stale
 
 
+# Large tensors start at a multiple of this in the data file (as onnx writes them), so that readers can map them.
+DATA_ALIGNMENT = 4096
+ALIGN_FROM_BYTES = 1 << 20
+
+
+def _write_with_external_data(model: onnx.ModelProto, model_path: Path, data_path: Path, min_bytes: int) -> bool:
+    """Write the initializers of at least `min_bytes` (and not empty) to `data_path` one by one, then the model
+    pointing at them to `model_path`. The model itself is not modified and never copied with its weights.
+    Returns whether any tensor went to the data file (if none, no data file is left)."""
+    light = onnx.ModelProto()
+    copy_fields(model, light, skip=("graph",))
+    copy_fields(model.graph, light.graph, skip=("initializer",))
+    location = data_path.name
+    offset = 0
+    with open(data_path, "wb") as data:
+        for tensor in model.graph.initializer:
+            size = tensor_nbytes(tensor)
+            if size < max(min_bytes, 1) or tensor.data_location == onnx.TensorProto.EXTERNAL:
+                light.graph.initializer.append(tensor)
+                continue
+            values = (tensor.raw_data if tensor.HasField("raw_data")
+                      else onnx.numpy_helper.to_array(tensor).tobytes())
+            if size >= ALIGN_FROM_BYTES and offset % DATA_ALIGNMENT:
+                padding = DATA_ALIGNMENT - offset % DATA_ALIGNMENT
+                data.write(b"\0" * padding)
+                offset += padding
+            data.write(values)
+            external = without_data(tensor)
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(values)))):
+                entry = external.external_data.add()
+                entry.key, entry.value = key, value
+            external.data_location = onnx.TensorProto.EXTERNAL
+            light.graph.initializer.append(external)
+            offset += len(values)
+            del values
+    if light.ByteSize() > PROTOBUF_LIMIT_BYTES:
+        raise ModelError("the model is over 2 GB without its initializers (tensors inside node attributes); "
+                         "it cannot be written")
+    onnx.save_model(light, model_path)
+    if offset == 0:
+        data_path.unlink()
+        return False
+    return True
+
+
 def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = None) -> list[Path]:
     """Write `model` to `path` atomically; returns the files written. `external_data=None` decides by size."""
     path = Path(path)
@@ -143,7 +208,7 @@ def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = 
         raise ModelError(f"output folder {folder} does not exist")
     if path.is_dir():
         raise ModelError(f"output path {path} is a folder")
-    use_external = external_data if external_data is not None else model.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES
+    use_external = external_data if external_data is not None else serialized_size(model) > EXTERNAL_DATA_THRESHOLD_BYTES
     stale = _stale_data_of(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".cnnc-tmp", dir=folder))
     try:
@@ -152,14 +217,10 @@ def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = 
         data_name = None
         if use_external:
             data_name = _fresh_data_name(folder, path.name)
-            to_write = onnx.ModelProto()
-            to_write.CopyFrom(model)
             # Forced external data moves every initializer out; above 2 GB only those over 1 KB need to go.
-            onnx.save_model(to_write, staged_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=0 if external_data else 1024)
-            if (staging / data_name).is_file():
+            if _write_with_external_data(model, staged_model, staging / data_name, 0 if external_data else 1024):
                 _fsync_file(staging / data_name)
-            else:  # no tensor qualified (a model without initializers): onnx wrote no data file
+            else:  # no tensor qualified (a model without initializers): no data file
                 data_name = None
         else:
             onnx.save_model(model, staged_model)

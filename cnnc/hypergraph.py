@@ -120,7 +120,7 @@ class Hypergraph:
                 continue
             reads = []
             for tensor in node.inputs:
-                if ir.is_empty_input(tensor) or tensor.name in constants or ir.constant_value(tensor) is not None \
+                if ir.is_empty_input(tensor) or tensor.name in constants or ir.is_constant(tensor) \
                         or tensor.name in reads:
                     continue
                 reads.append(tensor.name)
@@ -134,7 +134,7 @@ class Hypergraph:
         if inputs is None:
             sources = [t.name for t in tensors.values() if t.name in read and t.name not in written]
         else:
-            sources = [t.name for t in inputs if ir.constant_value(t) is None and t.name not in constants]
+            sources = [t.name for t in inputs if not ir.is_constant(t) and t.name not in constants]
             tensors.update((t.name, t) for t in inputs)
             # Tensors read but produced by no node and not declared inputs: still given from outside.
             sources += [s for s in dict.fromkeys(s for e in edges for s in e.inputs)
@@ -142,7 +142,7 @@ class Hypergraph:
         if outputs is None:
             sinks = [space for space in dict.fromkeys(s for e in edges for s in e.outputs) if space not in read]
         else:
-            sinks = [t.name for t in outputs if ir.constant_value(t) is None and t.name not in constants]
+            sinks = [t.name for t in outputs if not ir.is_constant(t) and t.name not in constants]
         batch_symbols = {tensors[s].shape[0] for s in sources if s in tensors and tensors[s].shape
                          and isinstance(tensors[s].shape[0], str)}
         sizes, unsized = {}, {}

@@ -8,11 +8,14 @@ graphsurgeon pitfalls this module exists to contain:
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+
+from cnnc.weightless import WEIGHTLESS_MIN_BYTES
 
 # Tensors larger than this are never materialised by constant folding (a folded Tile or Expand could be huge).
 FOLD_SIZE_LIMIT_BYTES = 64 << 20
@@ -73,6 +76,16 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         if isinstance(attr, np.ndarray):
             return attr
     return None
+
+
+def is_constant(tensor: gs.Tensor) -> bool:
+    """Whether `constant_value(tensor)` is not None, without loading the value (graphsurgeon keeps an imported
+    weight lazy until `.values` is read, and then holds a copy of it for good)."""
+    if isinstance(tensor, gs.Constant):
+        return True
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        return isinstance(tensor.inputs[0].attrs.get("value"), (gs.Constant, np.ndarray))
+    return False
 
 
 def is_empty_input(tensor: gs.Tensor) -> bool:
@@ -159,9 +172,26 @@ def fold_constant_subgraphs(graph: gs.Graph) -> gs.Graph:
     return tidy(graph)
 
 
+def export_weightless(graph: gs.Graph, do_type_check: bool = False) -> tuple[onnx.ModelProto, list[gs.Constant]]:
+    """`graph` exported with its large constants declared as graph inputs, and those constants (which share their
+    values with `graph`'s). Shape inference needs their types and shapes, not their values; exporting the values
+    would copy every weight through protobuf's MergeFrom, which serializes it (see cnnc.weightless)."""
+    light = graph.copy()  # shares the constants' values, so the conversion below leaves `graph` alone
+    large = []
+    for tensor in list(light.tensors().values()):
+        if isinstance(tensor, gs.Constant) and tensor._values.nbytes >= WEIGHTLESS_MIN_BYTES and \
+                not is_graph_output(light, tensor) and type(tensor._values).__name__ != "SparseValues":
+            declared = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
+            for consumer in list(tensor.outputs):
+                consumer.inputs = [declared if t is tensor else t for t in consumer.inputs]
+            light.inputs.append(declared)
+            large.append(tensor)
+    return gs.export_onnx(light, do_type_check=do_type_check), large
+
+
 def refresh_shapes(graph: gs.Graph) -> gs.Graph:
     """Annotate the graph's variables, in place, with the shapes and dtypes of ONNX shape inference."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    model, _ = export_weightless(graph)
     inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     tensors = graph.tensors()
     for info in list(inferred.graph.value_info) + list(inferred.graph.output):
@@ -175,6 +205,33 @@ def refresh_shapes(graph: gs.Graph) -> gs.Graph:
         if tensor_type.elem_type and tensor.dtype is None:
             tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
     return graph
+
+
+def unread_constants(graph: gs.Graph) -> list[tuple[gs.Constant, object]]:
+    """The constants whose values graphsurgeon has not loaded yet, each with its lazy loader (which holds the
+    model's TensorProto). Taken right after import, for `forget_loaded_values` before export."""
+    return [(t, t._values) for t in graph.tensors().values()
+            if isinstance(t, gs.Constant) and not isinstance(t._values, np.ndarray)]
+
+
+def forget_loaded_values(graph: gs.Graph, unread: list[tuple[gs.Constant, object]]) -> None:
+    """Give each constant that a pass read (`tensor.values` replaces the lazy loader with an array for good) its
+    loader back, so that export reuses the model's TensorProto instead of copying the array into a new one (two
+    copies of every weight a pass merely looked at). Passes never modify a constant's values (see make_constant);
+    the values are compared with the loader's anyway, one tensor at a time, and kept if they differ."""
+    alive = {id(t) for t in graph.tensors().values()}
+    for tensor, loader in unread:
+        values = tensor._values
+        source = getattr(loader, "tensor", None)
+        if id(tensor) not in alive or not isinstance(values, np.ndarray) or not isinstance(source, onnx.TensorProto):
+            continue
+        original = onnx.numpy_helper.to_array(source)
+        if original.dtype == values.dtype and np.array_equal(original, values):
+            tensor._values = loader
+        del values, original
+    # Graph copies that passes made and dropped hold loaded arrays too, in graphsurgeon's reference cycles (a
+    # tensor and the lists of its readers point at each other), which only the cycle collector frees.
+    gc.collect()
 
 
 def tensor_rank(tensor: gs.Tensor) -> int | None:

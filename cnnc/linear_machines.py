@@ -25,7 +25,7 @@ ALWAYS_LINEAR_OPS = frozenset({"AveragePool", "GlobalAveragePool", "Flatten", "T
 
 
 def _constant(tensor: gs.Tensor) -> bool:
-    return ir.is_empty_input(tensor) or ir.constant_value(tensor) is not None
+    return ir.is_empty_input(tensor) or ir.is_constant(tensor)
 
 
 def linear_reason(node: gs.Node) -> str | None:

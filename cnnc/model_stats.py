@@ -11,6 +11,8 @@ from collections import Counter
 import numpy as np
 import onnx
 
+from cnnc.weightless import serialized_size, weightless_copy
+
 
 def _dims(value: onnx.ValueInfoProto) -> list:
     if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
@@ -35,7 +37,7 @@ def parameter_count(model: onnx.ModelProto) -> int:
 def macs(model: onnx.ModelProto) -> int:
     """Multiply-accumulates of the conv and matrix ops at batch 1."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), strict_mode=False, data_prop=True)
     except Exception:  # shape inference can fail on custom ops; count what it could not see as zero
         inferred = model
     graph = inferred.graph
@@ -74,7 +76,7 @@ def model_stats(model: onnx.ModelProto) -> dict:
         "nodes": len(model.graph.node),
         "parameters": parameter_count(model),
         "macs": macs(model),
-        "size_bytes": model.ByteSize(),
+        "size_bytes": serialized_size(model),
         "ir_version": model.ir_version,
         "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
         "inputs": interface(model.graph.input, skip=initializers),

@@ -95,7 +95,7 @@ def _candidates(graph: gs.Graph, result: PassResult) -> list[list[gs.Node]]:
     """Groups of ≥ 2 Convs (or Gemms) reading one tensor as data input with equal keys; skips recorded."""
     groups = []
     for tensor in graph.tensors().values():
-        if ir.constant_value(tensor) is not None:
+        if ir.is_constant(tensor):
             continue
         for op in ("Conv", "Gemm"):
             readers = [n for n in tensor.outputs if n.op == op and n.inputs[0] is tensor]

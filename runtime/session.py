@@ -15,7 +15,9 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from cnnc import backend
 from cnnc.errors import ModelError, UsageError
+from cnnc.weightless import serialized_size
 
 OPTIMIZATION_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -88,12 +90,11 @@ def make_session(model: onnx.ModelProto | str | Path, provider: str = "cpu", opt
     providers = resolve_provider(provider, cuda_options)
     try:
         if isinstance(model, onnx.ModelProto):
-            if model.ByteSize() > _IN_MEMORY_LIMIT:
+            # serialized_size, not ByteSize: protobuf serializes the whole model to compute ByteSize.
+            if serialized_size(model) > _IN_MEMORY_LIMIT:
                 with tempfile.TemporaryDirectory(prefix="cnnc-session-") as folder:
                     path = os.path.join(folder, "model.onnx")
-                    copy = onnx.ModelProto()
-                    copy.CopyFrom(model)
-                    onnx.save_model(copy, path, save_as_external_data=True, location="model.onnx.data")
+                    backend.save(model, path, external_data=True)  # tensor by tensor: no copy of the model
                     return ort.InferenceSession(path, options, providers=providers)
             return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         return ort.InferenceSession(str(model), options, providers=providers)
