@@ -161,6 +161,7 @@ def test_dataset_table_reconstructs_every_unit_of_every_layer(small):
     for row in layers:
         assert row["units"] == 4 * row["units_per_input"]
         assert row["within_percent"] == 100.0 and row["max_relative_error"] <= 1e-9
+        assert row["max_abs_error_over_max_abs_value"] <= 1e-13
         assert row["explicit_max_relative_error"] <= 1e-9
     assert layers[-1]["explicit_units"] == 4 * 5 and layers[1]["explicit_units"] == 4 * 2
     text = format_dataset_table(table, "small")
@@ -173,6 +174,7 @@ def test_dataset_table_has_a_row_for_a_hidden_dense_layer():
                                   explicit_outputs=True)
     assert [(row["kind"], row["node"], row["units"]) for row in table["layers"]] == [("FC (hidden)", "fc1", 15),
                                                                                      ("FC", "fc2", 5)]
+    assert "| ε0 (FC, hidden) | fc1 |" in format_dataset_table(table)
     assert table["layers"][0]["explicit_units"] == 10 and table["layers"][1]["explicit_units"] == 5
     assert all(row["max_relative_error"] <= 1e-12 and row["explicit_max_relative_error"] <= 1e-12
                for row in table["layers"])
