@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 
 from cnnc.errors import ModelError, UsageError
 from cnnc.external_data import load_external_data
-from cnnc.validate import check_with_onnx, validate_model
+from cnnc.validate import check_divisors, check_with_onnx, validate_model
 
 # Opset that the torch exporter is asked for: new enough for every op cnnc rewrites, old enough for any onnxruntime.
 TORCH_EXPORT_OPSET = 17
@@ -52,6 +52,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise ModelError(f"{path} is not a valid ONNX model (no graph or no IR version)")
     validate_model(model, onnx_checker=False)
     load_external_data(model, path.parent)
+    check_divisors(model)  # needs the weights, external ones included
     check_with_onnx(model)  # only now: the checker would open external-data files itself, unchecked
     return model
 

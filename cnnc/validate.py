@@ -1,12 +1,14 @@
 """Structural validation of an input ModelProto before cnnc touches it.
 
 cnnc checks what onnx's checker reports poorly (a cycle and a dangling input both read "not topologically sorted")
-and what it does not check at all (versions newer than onnxruntime accepts, absurd ranks), then runs the checker.
-Custom-domain ops are allowed: cnnc passes them through untouched.
+and what it does not check at all (versions newer than onnxruntime accepts, absurd ranks and sizes), then runs the
+checker. Once the weights are in memory, `check_divisors` refuses NaN, Inf (or zero) in the constants that passes
+divide by. Custom-domain ops are allowed: cnnc passes them through untouched.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from cnnc import target
@@ -15,6 +17,9 @@ from cnnc.weightless import weightless_copy
 
 MAX_RANK = 32
 MAX_SUBGRAPH_DEPTH = 8
+# Elements of one declared tensor: 2^32 float32 are 16 GiB, beyond any single activation or weight of a CNN. Larger
+# declarations are typos or attacks, and would surface later as an allocation failure, not as a clear refusal.
+MAX_ELEMENTS = 2**32
 
 
 def _check_versions(model: onnx.ModelProto) -> None:
@@ -39,9 +44,19 @@ def _check_ranks(graph: onnx.GraphProto) -> None:
             for dim in dims:
                 if dim.HasField("dim_value") and dim.dim_value < 0:
                     raise ModelError(f"tensor '{info.name}' declares a negative dimension {dim.dim_value}")
+            _check_elements(f"tensor '{info.name}'", [d.dim_value for d in dims if d.HasField("dim_value")])
     for init in graph.initializer:
         if len(init.dims) > MAX_RANK:
             raise ModelError(f"initializer '{init.name}' has rank {len(init.dims)} (limit {MAX_RANK})")
+        _check_elements(f"initializer '{init.name}'", list(init.dims))
+
+
+def _check_elements(what: str, dims: list[int]) -> None:
+    count = 1
+    for dim in dims:  # Python integers: no overflow
+        count *= max(dim, 0)
+    if count > MAX_ELEMENTS:
+        raise ModelError(f"{what} declares {count} elements (shape {dims}; limit {MAX_ELEMENTS})")
 
 
 def _check_names_and_order(graph: onnx.GraphProto, outer_names: set[str], depth: int) -> None:
@@ -113,7 +128,44 @@ def validate_model(model: onnx.ModelProto, onnx_checker: bool = True) -> None:
     _check_ranks(model.graph)
     _check_names_and_order(model.graph, set(), 0)
     if onnx_checker:
+        check_divisors(model)
         check_with_onnx(model)
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    found = {init.name: init for init in graph.initializer if init.data_location != onnx.TensorProto.EXTERNAL}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    found[node.output[0]] = attr.t
+    return found
+
+
+def check_divisors(model: onnx.ModelProto) -> None:
+    """Refuse NaN or Inf where a pass would divide by it: any BatchNormalization parameter (fold-bn divides by
+    √(σ²+ε), so also σ²+ε ≤ 0), and a constant float divisor of Div (which must also not be 0). Such a model
+    computes NaN or Inf itself; refusing it names the cause instead of carrying NaN into the rewritten weights."""
+    constants = _constants(model.graph)
+
+    def value(name: str) -> np.ndarray | None:
+        return onnx.numpy_helper.to_array(constants[name]) if name in constants else None
+
+    for node in model.graph.node:
+        where = f"{node.op_type} '{node.name or (node.output[0] if node.output else '')}'"
+        if node.op_type == "BatchNormalization" and len(node.input) >= 5:
+            params = dict(zip(("scale", "bias", "mean", "variance"), (value(n) for n in node.input[1:5])))
+            for what, values in params.items():
+                if values is not None and values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+                    raise ModelError(f"{where} has NaN or Inf in its {what}; passes divide by √(variance + ε)")
+            epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            variance = params["variance"]
+            if variance is not None and np.any(variance.astype(np.float64) + epsilon <= 0):
+                raise ModelError(f"{where} has variance + ε ≤ 0: its scale γ/√(variance + ε) is not a number")
+        elif node.op_type == "Div" and len(node.input) == 2:
+            divisor = value(node.input[1])
+            if divisor is not None and divisor.dtype.kind == "f" and not np.all(np.isfinite(divisor) & (divisor != 0)):
+                raise ModelError(f"{where} divides by a constant that holds 0, NaN or Inf")
 
 
 def check_with_onnx(model: onnx.ModelProto) -> None:

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 from cnnc import target
 from cnnc.cli import cli
-from helpers import make_model
+from cnnc.frontend import load_onnx
+from helpers import make_model, run_model
 
 WEIGHT = np.arange(6, dtype=np.float32).reshape(2, 3) / 7.0
 
@@ -384,3 +385,178 @@ def test_output_equal_to_input_is_replaced_on_success(tmp_path):
     assert result.exit_code == 0, result.stderr
     onnx.checker.check_model(onnx.load(path), full_check=True)
     assert _folder_listing(tmp_path) == ["model.onnx"]
+
+
+# --- structure limits ----------------------------------------------------------------------------------------------
+
+def _nested_if_model(depth: int) -> onnx.ModelProto:
+    """`depth` Ifs nested in each other's then-branch; the innermost branch reads the outer `x`."""
+    def branch(level: int, name: str) -> onnx.GraphProto:
+        out = f"{name}_out"
+        if level == 0:
+            nodes = [oh.make_node("Identity", ["x"], [out])]
+        else:
+            nodes = [oh.make_node("If", ["cond"], [out], then_branch=branch(level - 1, name + "t"),
+                                  else_branch=branch(0, name + "e"))]
+        return oh.make_graph(nodes, name, [], [oh.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [1, 4])])
+
+    root = oh.make_node("If", ["cond"], ["y"], then_branch=branch(depth - 1, "b"), else_branch=branch(0, "e"))
+    graph = oh.make_graph([root], "nested", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]),
+                                             oh.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_subgraphs_nested_deeper_than_the_limit(tmp_path):
+    from cnnc.validate import MAX_SUBGRAPH_DEPTH, validate_model
+
+    validate_model(_nested_if_model(MAX_SUBGRAPH_DEPTH))  # at the limit: accepted
+    path = tmp_path / "nested.onnx"
+    onnx.save(_nested_if_model(MAX_SUBGRAPH_DEPTH + 1), path)
+    _assert_refused(tmp_path, path, reason="nested deeper")
+
+
+def _huge_initializer_model() -> onnx.ModelProto:
+    # 10^12 declared elements, 16 bytes of data: the declaration alone must be refused.
+    weight = onnx.TensorProto(name="W", data_type=onnx.TensorProto.FLOAT, dims=[10**6, 10**6], raw_data=b"\0" * 16)
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "W"], ["y"], name="matmul")], "huge",
+                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 10**6])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 10**6])], initializer=[weight])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("rank 40", "rank 40"),
+    ("dims 10^12 x 10^12", "elements"),
+    ("dim 2^62", "elements"),
+    ("initializer of 10^12 elements", "elements"),
+])
+def test_huge_declared_ranks_or_dims(tmp_path, case, reason):
+    relu = [oh.make_node("Relu", ["x"], ["y"], name="relu")]
+    shape = {"rank 40": [1] * 40, "dims 10^12 x 10^12": [1, 3, 10**12, 10**12], "dim 2^62": ["N", 3, 2**62, 8]}
+    model = _huge_initializer_model() if case.startswith("initializer") else make_model(
+        relu, [("x", shape[case])], [("y", shape[case])])
+    path = tmp_path / "huge.onnx"
+    onnx.save(model, path)
+    _assert_refused(tmp_path, path, reason=reason)
+
+
+# --- numbers a pass would divide by --------------------------------------------------------------------------------
+
+def _conv_bn_model(parameter: str, value: float) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    params = {"scale": np.ones(4), "bias": np.zeros(4), "mean": np.zeros(4), "var": np.ones(4)}
+    params[parameter] = params[parameter].copy()
+    params[parameter][1] = value
+    inits = [("W", rng.standard_normal((4, 3, 3, 3)).astype(np.float32))] + [
+        (f"bn_{k}", v.astype(np.float32)) for k, v in params.items()]
+    nodes = [oh.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             oh.make_node("BatchNormalization", ["c", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["y"], name="bn")]
+    return make_model(nodes, [("x", ["N", 3, 6, 5])], [("y", None)], inits)
+
+
+@pytest.mark.parametrize("parameter, value, reason", [
+    ("scale", np.nan, "NaN or Inf in its scale"),
+    ("mean", np.inf, "NaN or Inf in its mean"),
+    ("var", -np.inf, "NaN or Inf in its variance"),
+    ("var", -1.0, "variance + ε ≤ 0"),
+])
+def test_nan_or_inf_in_batchnorm_parameters(tmp_path, parameter, value, reason):
+    path = tmp_path / "bn.onnx"
+    onnx.save(_conv_bn_model(parameter, value), path)
+    _assert_refused(tmp_path, path, reason=reason)
+
+
+def test_finite_batchnorm_parameters_compile(tmp_path):
+    path = tmp_path / "bn.onnx"
+    onnx.save(_conv_bn_model("var", 0.25), path)
+    result = CliRunner().invoke(cli, ["compile", str(path), "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize("divisor", [0.0, np.nan, np.inf])
+def test_division_by_a_constant_zero_nan_or_inf(tmp_path, divisor):
+    d = np.array([2.0, divisor, 4.0, 8.0], np.float32)
+    model = make_model([oh.make_node("Div", ["x", "d"], ["y"], name="div")], [("x", [1, 4])], [("y", [1, 4])],
+                       [("d", d)])
+    path = tmp_path / "div.onnx"
+    onnx.save(model, path)
+    _assert_refused(tmp_path, path, reason="divides by a constant that holds 0, NaN or Inf")
+
+
+def test_nan_in_external_data_is_refused_once_read(tmp_path):
+    folder = tmp_path / "model"
+    model = _conv_bn_model("var", np.nan)
+    variance = next(t for t in model.graph.initializer if t.name == "bn_var")
+    values = onnx.numpy_helper.to_array(variance)
+    folder.mkdir()
+    (folder / "var.bin").write_bytes(values.tobytes())
+    variance.ClearField("raw_data")
+    variance.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "var.bin"), ("length", str(values.nbytes))):
+        entry = variance.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, folder / "model.onnx")
+    _assert_refused(tmp_path, folder / "model.onnx", reason="NaN or Inf in its variance")
+
+
+# --- where cnnc writes ---------------------------------------------------------------------------------------------
+
+def test_an_existing_data_file_at_the_target_is_never_appended_to(tmp_path):
+    source = tmp_path / "conv.onnx"
+    onnx.save(_conv_model(), source)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "compiled.onnx.data").write_bytes(b"someone else's data")
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"not yours")
+    (out_dir / "compiled.onnx.1.data").symlink_to(victim)  # the next name cnnc would try, pointing elsewhere
+    result = CliRunner().invoke(cli, ["compile", str(source), "-o", str(out_dir / "compiled.onnx"),
+                                      "--external-data"])
+    assert result.exit_code == 0, result.stderr
+    assert (out_dir / "compiled.onnx.data").read_bytes() == b"someone else's data"
+    assert victim.read_bytes() == b"not yours"
+    written = set(_folder_listing(out_dir)) - {"compiled.onnx", "compiled.onnx.data", "compiled.onnx.1.data"}
+    assert written == {"compiled.onnx.2.data"}
+    x = np.random.default_rng(1).standard_normal((2, 3, 6, 5)).astype(np.float32)
+    np.testing.assert_allclose(run_model(load_onnx(out_dir / "compiled.onnx"), {"x": x})[0],
+                               run_model(_conv_model(), {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_inputs_external_data_location_never_decides_where_cnnc_writes(tmp_path):
+    folder = tmp_path / "model"
+    _weight_file(folder / "weights" / "w.bin")
+    source = _external_model(folder, "weights/w.bin")
+    before = _folder_listing(folder)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = CliRunner().invoke(cli, ["compile", str(source), "-o", str(out_dir / "m.onnx"), "--external-data"])
+    assert result.exit_code == 0, result.stderr
+    assert _folder_listing(folder) == before  # nothing written beside the input
+    assert _folder_listing(out_dir) == ["m.onnx", "m.onnx.data"]  # no weights/ folder, no w.bin
+    stored = onnx.load(out_dir / "m.onnx", load_external_data=False)
+    assert {e.value for t in stored.graph.initializer for e in t.external_data if e.key == "location"} == {
+        "m.onnx.data"}
+
+
+def test_a_refused_pt_file_is_never_retried_without_weights_only(tmp_path, net_factory, monkeypatch):
+    import torch
+
+    import cnnc_bad_input_factory
+
+    path = tmp_path / "module.pt"
+    torch.save(cnnc_bad_input_factory.build(), path)  # loadable only by full unpickling
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    _assert_refused(tmp_path, path, "--module", net_factory, "--input-shape", "input:1,3,6,5", reason="weights_only")
+    assert calls == [True]
