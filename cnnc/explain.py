@@ -610,7 +610,7 @@ def format_dataset_table(table: dict, title: str = "") -> str:
               "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in table["layers"]:
         label = f"ε{row['layer']}" + {"FC": " (FC)", "FC (hidden)": " (FC, hidden)"}.get(row["kind"], "") + (
-            " (first conv)" if row["first_layer"] else "")
+            " (first layer)" if row["first_layer"] else "")
         cells = [label, row["node"], row["mode"], str(row["units_per_input"]), str(row["units"]),
                  f"{row['within_percent']:.4f} %", f"{row['max_relative_error']:.3g}",
                  f"{row['mean_relative_error']:.3g}", f"{row['max_abs_error_over_max_abs_value']:.3g}"]

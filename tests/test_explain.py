@@ -174,7 +174,7 @@ def test_dataset_table_has_a_row_for_a_hidden_dense_layer():
                                   explicit_outputs=True)
     assert [(row["kind"], row["node"], row["units"]) for row in table["layers"]] == [("FC (hidden)", "fc1", 15),
                                                                                      ("FC", "fc2", 5)]
-    assert "| ε0 (FC, hidden) | fc1 |" in format_dataset_table(table)
+    assert "| ε0 (FC, hidden) (first layer) | fc1 |" in format_dataset_table(table)
     assert table["layers"][0]["explicit_units"] == 10 and table["layers"][1]["explicit_units"] == 5
     assert all(row["max_relative_error"] <= 1e-12 and row["explicit_max_relative_error"] <= 1e-12
                for row in table["layers"])
