@@ -21,43 +21,19 @@ import pytest
 from hypothesis import given, settings
 
 import cnnc
-import cnnc.passes  # registers every pass
 from cnnc.errors import ModelError
-from cnnc.pass_contract import default_pass_names, registered_passes
-from fuzz_graphs import check_pass, cnn_graphs, pool_out, random_case, reproducer, run_on_onnxruntime
+from fuzz_graphs import (check_pass, cnn_graphs, fuzzed_specs, pool_out, random_case, reproducer,
+                         run_on_onnxruntime)
 
 EXAMPLES = int(os.environ.get("CNNC_FUZZ_EXAMPLES", "25"))
 
-# Approximate passes run only under a setting that makes them exact on these graphs; the reason is stated here.
-APPROXIMATE_EXACT_SETTINGS = {
-    # It drops skip operands whose weight t satisfies |t| ≤ tolerance; the generated homotopy joins use
-    # t ∈ {0, 0.3, 1} (and 1 − t), so it drops exactly what remove-skip drops: t = 0, which is exact.
-    "remove-skip-approx": "remove-skip-approx",
-    # It drops residual blocks whose mean scaled perturbation ‖f(x)‖/‖x‖ is below eps (which must be positive);
-    # below 1e-30 only a branch that is zero to float64 precision qualifies, and dropping that is exact.
-    "drop-blocks": "drop-blocks{eps=1e-30}",
-}
-# Option settings that take other code paths than the defaults.
-EXTRA_VARIANTS = ["destride{mode=network}", "collapse{conv=force,gemm=force}"]
+
+def _pytest_specs() -> list:
+    specs, left_out = fuzzed_specs()
+    return specs + [pytest.param(name, marks=pytest.mark.skip(reason=why)) for name, why in left_out.items()]
 
 
-def fuzzed_specs() -> list:
-    specs = []
-    for name, cls in sorted(registered_passes().items()):
-        if cls.exact:
-            specs.append(name)
-        elif name in APPROXIMATE_EXACT_SETTINGS:
-            specs.append(APPROXIMATE_EXACT_SETTINGS[name])
-        else:
-            specs.append(pytest.param(name, marks=pytest.mark.skip(
-                reason=f"approximate pass {name} has no setting known to be exact on random graphs: "
-                       "add one to APPROXIMATE_EXACT_SETTINGS")))
-    specs += [spec for spec in EXTRA_VARIANTS if spec.split("{")[0] in registered_passes()]
-    specs.append(",".join(default_pass_names()))  # the full default pipeline
-    return specs
-
-
-SPECS = fuzzed_specs()
+SPECS = _pytest_specs()
 
 
 def _quiet_run(model, feeds):
