@@ -172,6 +172,15 @@ def fold_constant_subgraphs(graph: gs.Graph) -> gs.Graph:
     return tidy(graph)
 
 
+def _plain_values(constant: gs.Constant) -> bool:
+    """An imported tensor not read yet, or an array exported as its own dtype in the model (not sparse, no
+    export dtype or data location of its own): what `backend.to_model` can write field by field."""
+    values = constant._values
+    if isinstance(values, np.ndarray):
+        return constant._export_dtype is None and constant.data_location is None
+    return type(values).__name__ == "LazyValues"
+
+
 def export_weightless(graph: gs.Graph, do_type_check: bool = False) -> tuple[onnx.ModelProto, list[gs.Constant]]:
     """`graph` exported with its large constants declared as graph inputs, and those constants (which share their
     values with `graph`'s). Shape inference needs their types and shapes, not their values; exporting the values
@@ -180,7 +189,7 @@ def export_weightless(graph: gs.Graph, do_type_check: bool = False) -> tuple[onn
     large = []
     for tensor in list(light.tensors().values()):
         if isinstance(tensor, gs.Constant) and tensor._values.nbytes >= WEIGHTLESS_MIN_BYTES and \
-                not is_graph_output(light, tensor) and type(tensor._values).__name__ != "SparseValues":
+                not is_graph_output(light, tensor) and _plain_values(tensor):
             declared = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
             for consumer in list(tensor.outputs):
                 consumer.inputs = [declared if t is tensor else t for t in consumer.inputs]

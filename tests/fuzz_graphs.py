@@ -14,7 +14,7 @@ conv, Pad (constant, reflect, edge), AveragePool and MaxPool (ceil_mode, count_i
 Gemm heads. Input sizes are non-square, the batch is static (1-3) or symbolic, a graph may expose an inner tensor
 as a second output, and node names may be empty. Weights are scaled by 1/√fan_in so that values stay O(1) through
 a few layers. ceil_mode pooling is generated only where onnx's shape inference and onnxruntime agree (see
-test_fuzz.py::test_ceil_mode_pool_where_onnx_and_onnxruntime_disagree_is_refused_cleanly).
+test_fuzz_regressions.py::test_ceil_mode_pool_where_onnx_and_onnxruntime_disagree_is_refused_cleanly).
 
 The builder tracks shapes itself (onnxruntime's rules, including ceil_mode pooling); tests/test_fuzz.py checks
 them against onnxruntime.
@@ -307,7 +307,7 @@ class GraphBuilder:
                                           drop_last=False) for i in range(2)]:
             # onnx's shape inference keeps a last window that starts in the end padding, onnxruntime drops it: the
             # two disagree on this geometry, and cnnc's emitted model would fail the full checker (see
-            # test_fuzz.py::test_ceil_mode_geometry_where_onnx_and_onnxruntime_disagree).
+            # test_fuzz_regressions.py::test_ceil_mode_pool_where_onnx_and_onnxruntime_disagree_is_refused_cleanly).
             ceil_mode = False
             out = [pool_out(sizes[i], kernel[i], strides[i], pads[i], pads[i + 2], dilations[i], False)
                    for i in range(2)]
