@@ -19,6 +19,8 @@ from cnnc.weightless import WEIGHTLESS_MIN_BYTES
 
 # Tensors larger than this are never materialised by constant folding (a folded Tile or Expand could be huge).
 FOLD_SIZE_LIMIT_BYTES = 64 << 20
+# forget_loaded_values runs the cycle collector when it dropped at least this many bytes of loaded weights.
+GC_AFTER_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,7 @@ def forget_loaded_values(graph: gs.Graph, unread: list[tuple[gs.Constant, object
     copies of every weight a pass merely looked at). Passes never modify a constant's values (see make_constant);
     the values are compared with the loader's anyway, one tensor at a time, and kept if they differ."""
     alive = {id(t) for t in graph.tensors().values()}
+    restored_bytes = 0
     for tensor, loader in unread:
         values = tensor._values
         source = getattr(loader, "tensor", None)
@@ -237,10 +240,13 @@ def forget_loaded_values(graph: gs.Graph, unread: list[tuple[gs.Constant, object
         original = onnx.numpy_helper.to_array(source)
         if original.dtype == values.dtype and np.array_equal(original, values):
             tensor._values = loader
+            restored_bytes += values.nbytes
         del values, original
     # Graph copies that passes made and dropped hold loaded arrays too, in graphsurgeon's reference cycles (a
-    # tensor and the lists of its readers point at each other), which only the cycle collector frees.
-    gc.collect()
+    # tensor and the lists of its readers point at each other), which only the cycle collector frees. A collection
+    # costs a tenth of a second with torch loaded: worth it only when it frees weights that matter.
+    if restored_bytes >= GC_AFTER_BYTES:
+        gc.collect()
 
 
 def tensor_rank(tensor: gs.Tensor) -> int | None:
