@@ -2,9 +2,12 @@
 
 The reference is the original on onnxruntime's CPU provider with graph optimisations disabled, so that ORT's own
 fusions neither hide nor cause a difference; the candidate runs the same way. Outputs are matched by name and order.
-An output passes when |candidate − reference| ≤ atol + rtol·|reference| elementwise (numpy's allclose rule); the
-report gives per output the max/mean absolute error, the max error relative to max|reference|, and the smallest
-atol that would pass at the given rtol.
+An output passes when max|candidate − reference| ≤ atol + rtol·max|reference| on every checked batch: the
+tolerance is relative to the output's scale (DESIGN §6), not to each element. An elementwise rule (numpy's allclose)
+flags float32 rounding on near-zero elements of deep networks: two float32 evaluations of a ResNet-50 differ by
+about 1e-4 of max|y| on elements that are themselves near 0, whichever of them is closer to the exact function.
+The report gives per output the max/mean absolute error, the max error relative to max|reference|, and the
+smallest atol that would pass at the given rtol.
 """
 
 from __future__ import annotations
@@ -85,8 +88,8 @@ def _compare(error: OutputError, reference: np.ndarray, candidate: np.ndarray, r
         error._abs_count += diff.size
         error.mean_abs = error._abs_sum / error._abs_count
         error.max_rel = max(error.max_rel, float(diff.max()) / scale if scale > 0 else float(diff.max()))
-        error.needed_atol = max(error.needed_atol, float(np.max(diff - rtol * np.abs(ref[finite]))))
-        if np.any(diff > atol + rtol * np.abs(ref[finite])):
+        error.needed_atol = max(error.needed_atol, float(diff.max()) - rtol * scale)
+        if diff.max() > atol + rtol * scale:
             error.passed = False
 
 

@@ -44,8 +44,8 @@ def test_report_gives_max_mean_relative_error_and_the_atol_needed():
     assert not report.passed and report.feeds == 1
     (out,) = report.outputs
     assert out.max_abs == 0.5 and out.mean_abs == 0.1875 and out.max_rel == 0.125
-    # The smallest atol with |diff| <= atol + rtol·|ref| everywhere: max(diff − rtol·|ref|), here at x = 0.5.
-    assert out.needed_atol == pytest.approx(0.5 - 1e-4 * 0.5, rel=1e-12)
+    # The smallest atol with max|diff| <= atol + rtol·max|ref|: 0.5 − 1e-4·4.
+    assert out.needed_atol == pytest.approx(0.5 - 1e-4 * 4, rel=1e-12)
     assert check_equivalence(reference, candidate, rtol=1e-4, atol=out.needed_atol, user_inputs={"x": X}).passed
     assert not check_equivalence(reference, candidate, rtol=1e-4, atol=out.needed_atol * 0.999,
                                  user_inputs={"x": X}).passed
@@ -57,6 +57,15 @@ def test_relative_tolerance_scales_with_the_reference():
     reference, candidate = _mul([1, 1, 1, 1]), _mul([1.001, 1.001, 1.001, 1.001])
     assert check_equivalence(reference, candidate, rtol=1e-2, atol=0).passed
     assert not check_equivalence(reference, candidate, rtol=1e-4, atol=0).passed
+
+
+def test_tolerance_is_relative_to_the_output_scale_not_to_each_element():
+    # An error of 2e-4 on an element that is itself ~0, in an output whose scale is 4: float32 rounding in a deep
+    # network looks like this. It passes at rtol 1e-4 (2e-4 <= 1e-5 + 1e-4·4) although it is 100 % of that element.
+    x = np.array([[4.0, 0.0, 1.0, 2.0]], np.float32)
+    reference, candidate = _add([0, 0, 0, 0]), _add([0, 2e-4, 0, 0])
+    assert check_equivalence(reference, candidate, rtol=1e-4, atol=1e-5, user_inputs={"x": x}).passed
+    assert not check_equivalence(reference, candidate, rtol=1e-5, atol=1e-5, user_inputs={"x": x}).passed
 
 
 def test_mean_abs_is_the_mean_over_every_checked_value():
