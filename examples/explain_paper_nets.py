@@ -5,10 +5,11 @@ them with `cnnc.frontend.from_torch`, and runs on each
 
     cnnc explain MODEL --dataset --random 200 --explicit-units 1 --md R.md --json R.json
 
-which folds BN (Eq. 7), reconstructs every unit of every conv layer (RM2, before the conv's own bias) and every
-output unit (RM0) on 200 seeded uniform [0, 1) inputs as <x, H_I> + <x_b, H_b>, and additionally rebuilds one
-random unit per conv layer and input, and every output unit, from explicit reverse-mode H. It also runs
-`cnnc analyze` on the ResNet-20 (9 blocks in 3 sections).
+which folds BN (Eq. 7), reconstructs every unit of every conv layer (RM2, before the conv's own bias), of every
+hidden fully connected layer and of every output (RM0) on 200 seeded uniform [0, 1) inputs as
+<x, H_I> + <x_b, H_b>, and additionally rebuilds one random unit per layer and input, and every output unit, from
+explicit reverse-mode H. It also runs
+`cnnc analyze` on the ResNet-20 (9 blocks in 3 sections) and writes its JSON and plot to examples/results/.
 
     python examples/explain_paper_nets.py --models /tmp/cnnc-nets --results bench/results
 
@@ -131,13 +132,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="/tmp/cnnc-explain-nets", help="where the ONNX exports go")
     parser.add_argument("--results", default="bench/results", help="where explain-*.md / .json go")
+    parser.add_argument("--analyze-results", default="examples/results", help="where analyze-*.json / .png go")
     parser.add_argument("--inputs", type=int, default=200)
     parser.add_argument("--nets", default=",".join(NETWORKS))
     args = parser.parse_args()
     cnnc = shutil.which("cnnc") or str(Path(sys.executable).with_name("cnnc"))
-    models, results = Path(args.models), Path(args.results)
-    models.mkdir(parents=True, exist_ok=True)
-    results.mkdir(parents=True, exist_ok=True)
+    models, results, analyze = Path(args.models), Path(args.results), Path(args.analyze_results)
+    for folder in (models, results, analyze):
+        folder.mkdir(parents=True, exist_ok=True)
     for name in args.nets.split(","):
         module, shape = build(name)
         path = models / f"{name}.onnx"
@@ -146,7 +148,7 @@ def main() -> None:
              "--md", str(results / f"explain-{name}.md"), "--json", str(results / f"explain-{name}.json")])
         if name == "resnet20":
             run([cnnc, "analyze", str(path), "--random", "32", "--eps", "0.1", "--json",
-                 str(results / f"explain-analyze-{name}.json")])
+                 str(analyze / f"analyze-{name}.json"), "--plot", str(analyze / f"analyze-{name}.png")])
 
 
 if __name__ == "__main__":
