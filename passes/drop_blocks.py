@@ -100,14 +100,15 @@ class DropBlocks(Pass):
                              "scaled": {m.block.join: m.scaled for m in report.blocks}})
         outputs = {t.name for t in graph.outputs}
         dropped = []
-        joins = {node.name: node for node in graph.nodes}
+        # By output tensor, which ONNX makes unique: node names may be empty or repeated.
+        joins = {node.outputs[0].name: node for node in graph.nodes if node.op == "Add" and node.outputs}
         for measure in report.blocks:
             block = measure.block
             where = f"block {measure.index} (Add '{block.join}', {block.kind})"
             if not measure.scaled < self.eps:  # NaN (all-zero inputs) is never below eps
                 result.skip(where, f"mean scaled perturbation {measure.scaled:.4g} is not below eps={self.eps:g}")
                 continue
-            join = joins[block.join]
+            join = joins[block.output]
             skip = join.inputs[block.skip_index]  # as rewired by earlier drops in the chain
             if block.output in outputs and (skip in graph.inputs or skip.name in outputs):
                 result.skip(where, f"its output is a graph output and its skip '{skip.name}' is a graph "

@@ -9,10 +9,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx_graphsurgeon as gs
 import pytest
 
 import cnnc
+from cnnc import backend
 from cnnc.errors import ModelError
+from cnnc.passes.drop_blocks import DropBlocks
+from cnnc.pipeline import run_pipeline
 from fuzz_graphs import pool_out, run_on_onnxruntime
 
 
@@ -32,3 +36,31 @@ def test_ceil_mode_pool_where_onnx_and_onnxruntime_disagree_is_refused_cleanly()
     assert run_on_onnxruntime(model, {"x": np.ones((1, 1, 13, 13), np.float32)})[0].shape == (1, 1, 7, 7)
     with pytest.raises(ModelError, match="fails the ONNX checker"):
         cnnc.compile(model, passes=[], strict=True)
+
+
+def test_drop_blocks_finds_the_join_of_a_block_when_nodes_are_unnamed():
+    """Fuzz seeds 587, 1637, 1056, 1344 (bench/fuzz.py, 2026-11-21): drop-blocks looked the join of a block up by
+    node name; with unnamed nodes every join was the last Add, which it rewired instead (a wrong result), or
+    rewired twice (IndexError, an output nothing computes, a deviation between different shapes). Here block 1's
+    branch is exactly zero (zero weights) and block 2's is not: only block 1 may go."""
+    rng = np.random.default_rng(0)
+    nodes = [oh.make_node("Conv", ["x", "Wzero"], ["zero_branch"], pads=[1, 1, 1, 1]),
+             oh.make_node("Add", ["x", "zero_branch"], ["a1"]),
+             oh.make_node("Relu", ["a1"], ["r"]),
+             oh.make_node("Conv", ["r", "W"], ["branch"], pads=[1, 1, 1, 1]),
+             oh.make_node("Add", ["r", "branch"], ["y"])]
+    graph = oh.make_graph(nodes, "unnamed", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 5, 6])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 5, 6])],
+                          initializer=[onnx.numpy_helper.from_array(np.zeros((2, 2, 3, 3), np.float32), "Wzero"),
+                                       onnx.numpy_helper.from_array(
+                                           rng.standard_normal((2, 2, 3, 3)).astype(np.float32), "W")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    rewritten, report = run_pipeline(gs.import_onnx(model), [DropBlocks(eps=1e-6)], strict=True)
+    result = report.records[0].result
+    assert result.stats["dropped"] == [""] and len(result.applied) == 2
+    compiled = backend.to_model(rewritten, template=model)
+    assert [n.op_type for n in compiled.graph.node] == ["Relu", "Conv", "Add"]
+    x = rng.standard_normal((1, 2, 5, 6)).astype(np.float32)
+    np.testing.assert_allclose(run_on_onnxruntime(compiled, {"x": x})[0], run_on_onnxruntime(model, {"x": x})[0],
+                               rtol=1e-5, atol=1e-6)
