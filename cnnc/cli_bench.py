@@ -44,8 +44,8 @@ def parse_batches(text: str | None) -> list[int] | None:
 @click.option("--no-cuda-graph", is_flag=True, help="on CUDA, do not try CUDA graphs")
 @click.option("--cudnn-algo-search", type=click.Choice(["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]),
               default="EXHAUSTIVE", show_default=True, help="cuDNN convolution algorithm search on CUDA")
-@click.option("--spinning/--no-spinning", default=True, show_default=True,
-              help="let onnxruntime's intra-op threads spin between calls (its default)")
+@click.option("--spinning/--no-spinning", default=False, show_default=True,
+              help="let onnxruntime's intra-op threads spin between calls (onnxruntime's default; off here: on 2 cores it slowed models and let one session steal cores from the next)")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the random inputs")
 @click.option("--json", "json_path", default=None, metavar="R.json", help="write the full report as JSON")
 @click.option("--md", "md_path", default=None, metavar="R.md", help="write the table as Markdown")

@@ -16,11 +16,13 @@ What a measurement is:
 - the models of one comparison run interleaved, A B A B ..., one call each per round, so that drift on a shared
   machine (other jobs, thermal and frequency changes) hits all of them alike; the result is each model's ratio to
   the first one, with a bootstrap interval over rounds that keeps the pairing of each round;
-- intra-op thread pools keep onnxruntime's default spinning. Turning it off (`spinning=False`) stops model A's idle
-  workers from competing with model B's call, but costs a thread wake-up per parallel op: on the 2-core CPU this was
-  measured on, the 40-conv linear ResNet-34 at batch 1 took 0.65-0.76 ms with spinning and 0.88-1.11 ms without,
-  an overhead no deployment pays, which would pull every ratio towards 1. The same model interleaved with itself,
-  spinning on, gave a ratio of 1.00 (95 % CI 0.99-1.01). `thread_spinning` in the report says which was used.
+- intra-op thread spinning is off by default (`spinning=True` turns it back on). On this 2-core CPU it made the
+  linear ResNet-34 slower even alone (batch 64: 92 ms spinning, 55 ms not), because two spinning workers plus the
+  caller's thread fight for two cores, and in an interleaved comparison one session's spinning workers also steal
+  the cores from the next model's call. The faster setting for the baseline is the fair one; the report's
+  `thread_spinning` says which was used;
+- each timed call is preceded by one untimed call of the same model (`rewarm`): right after another model's long
+  call a session's thread pool is asleep, and waking it costs ~0.1 ms, most of a small model's call.
 
 Statistics are over per-call latencies: min, median (p50), p90, p99 (numpy's linear interpolation), mean, sample
 standard deviation, and throughput = batch / mean latency. The clock is injectable (`timer=`) so that the
@@ -108,10 +110,15 @@ def ratio_to_first(first_s: Sequence[float], other_s: Sequence[float], seed: int
 
 def interleave(runners: Sequence[Callable[[], Any]], *, warmup: int, iters: int | None = None,
                duration: float | None = None, timer: Timer = time.perf_counter, min_rounds: int = MIN_ROUNDS,
-               max_rounds: int = MAX_ROUNDS) -> list[list[float]]:
+               max_rounds: int = MAX_ROUNDS, rewarm: int = 0) -> list[list[float]]:
     """Time `runners` round-robin (A B A B ...): `warmup` untimed rounds, then `iters` rounds, or rounds until
     `duration` seconds have passed (at least `min_rounds`, at most `max_rounds`). Returns seconds per call, per
-    runner, in round order."""
+    runner, in round order.
+
+    `rewarm` untimed calls precede each timed call of a runner. Each onnxruntime session has its own thread pool;
+    right after another model's long call its threads are asleep, and waking them costs ~0.1 ms, which is most of a
+    small model's call (a collapsed Gemm: 15 µs hot, 120 µs cold). One re-warm call per turn measures every model
+    hot, as a service running it continuously would, while rounds still alternate so drift cancels."""
     if (iters is None) == (duration is None):
         raise UsageError("give either a number of iterations or a duration")
     if iters is not None and iters < 1:
@@ -131,6 +138,8 @@ def interleave(runners: Sequence[Callable[[], Any]], *, warmup: int, iters: int 
         elif rounds >= max_rounds or (rounds >= min_rounds and timer() - started >= duration):
             break
         for run, times in zip(runners, samples):
+            for _ in range(rewarm):
+                run()
             begin = timer()
             run()
             times.append(timer() - begin)
@@ -277,7 +286,7 @@ def _first_line(error: Exception) -> str:
 
 def prepare(model: onnx.ModelProto, label: str, *, provider: str, batch: int | None, input_shapes=None,
             threads: int | None = None, cuda_graph: bool = True, cudnn_conv_algo_search: str = "EXHAUSTIVE",
-            denormal_as_zero: bool = True, spinning: bool = True, seed: int = 0, timer: Timer = time.perf_counter,
+            denormal_as_zero: bool = True, spinning: bool = False, seed: int = 0, timer: Timer = time.perf_counter,
             session_factory: SessionFactory = make_session) -> PreparedModel:
     """Create `model`'s session on `provider` ("cpu" or "cuda"), bind its inputs, and run it once (timed).
 
@@ -526,7 +535,8 @@ def bench_models(models: Sequence[onnx.ModelProto | str | Path], labels: Sequenc
                  batch: int | Sequence[int] | None = None, provider: str = "auto", warmup: int | None = None,
                  iters: int | None = None, duration: float | None = None, threads: int | None = None,
                  input_shapes=None, cuda_graph: bool = True, cudnn_conv_algo_search: str = "EXHAUSTIVE",
-                 denormal_as_zero: bool = True, spinning: bool = True, peers: bool = False, seed: int = 0,
+                 denormal_as_zero: bool = True, spinning: bool = False, peers: bool = False, seed: int = 0,
+                 rewarm: int = 1,
                  timer: Timer = time.perf_counter, session_factory: SessionFactory = make_session,
                  log: Callable[[str], None] | None = None) -> dict:
     """Benchmark `models` against the first one, interleaved, at every batch size in `batch`; returns the report.
@@ -568,7 +578,8 @@ def bench_models(models: Sequence[onnx.ModelProto | str | Path], labels: Sequenc
                 "denormal_as_zero": denormal_as_zero, "thread_spinning": spinning, "io_binding": True,
                 "cuda_graph_requested": cuda_graph and device_kind == "cuda",
                 "cudnn_conv_algo_search": cudnn_conv_algo_search if device_kind == "cuda" else None,
-                "interleaved": "round-robin, one call per model per round", "seed": seed}
+                "interleaved": "round-robin, one timed call per model per round",
+                "rewarm_calls": rewarm, "seed": seed}
     env = environment(device_kind)
     comparisons = []
     for size in _batches(batch):
@@ -579,7 +590,8 @@ def bench_models(models: Sequence[onnx.ModelProto | str | Path], labels: Sequenc
         effective = size or next(iter(prepared[0].info["inputs"].values()), {"shape": [1]})["shape"][0]
         if log:
             log(f"batch {effective}: timing {', '.join(labels)} interleaved")
-        samples = interleave([p.run for p in prepared], warmup=warmup, iters=iters, duration=duration, timer=timer)
+        samples = interleave([p.run for p in prepared], warmup=warmup, iters=iters, duration=duration, timer=timer,
+                             rewarm=rewarm)
         comparisons.append(_comparison(prepared, samples, effective, seed))
         comparisons[-1]["loadavg_1_5_15_after"] = [round(v, 2) for v in os.getloadavg()]
         del prepared  # free the sessions (and device memory) before the next batch size
