@@ -49,8 +49,10 @@ def resize_sizes_to_scales(graph: gs.Graph) -> int:
             continue
         kept = _leading_dims_of(concat.inputs[0], data)
         tail = ir.constant_value(concat.inputs[1])
-        if kept is None or tail is None or kept + tail.size != len(shape) or node.attrs.get("axes") is not None:
-            continue
+        policy = node.attrs.get("keep_aspect_ratio_policy", "stretch")
+        if kept is None or tail is None or kept + tail.size != len(shape) or node.attrs.get("axes") is not None \
+                or (policy.decode() if isinstance(policy, bytes) else policy) != "stretch":
+            continue  # (not_larger / not_smaller derive one common scale from `sizes`: not per-axis scales)
         static = shape[kept:]
         if not all(isinstance(d, int) and d > 0 for d in static):
             continue

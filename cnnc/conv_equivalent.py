@@ -123,8 +123,10 @@ def machine_window(nodes: list[gs.Node], source: gs.Tensor) -> tuple[Window | No
     return windows, ""
 
 
-def extract_conv(function, nodes, source: gs.Tensor, target: gs.Tensor) -> tuple[ConvForm | None, str]:
-    """The conv equal to `function` (source -> target), read off by VJPs and proven on random inputs."""
+def extract_conv(function, nodes, source: gs.Tensor, target: gs.Tensor, chunk: int = 64
+                 ) -> tuple[ConvForm | None, str]:
+    """The conv equal to `function` (source -> target), read off by VJPs (`chunk` output channels per backward
+    pass, to bound memory) and proven on random inputs."""
     in_size, out_size = _spatial(source), _spatial(target)
     if in_size is None or out_size is None:
         return None, "machine input or output is not a 4-D tensor of known size"
@@ -146,17 +148,21 @@ def extract_conv(function, nodes, source: gs.Tensor, target: gs.Tensor) -> tuple
         if (n + p + end - k) // s + 1 != out:
             return None, "output size does not match the composed geometry"
         end_pads.append(end)
-    x = torch.zeros((cout, cin) + in_size, dtype=torch.float64, requires_grad=True)
-    y = function(x)[0]
-    probes = torch.zeros_like(y)
-    probes[torch.arange(cout), torch.arange(cout), pixel[0], pixel[1]] = 1.0
-    (grad,) = torch.autograd.grad(y, x, grad_outputs=probes)
     rows = slice(pixel[0] * window.stride[0] - window.pad[0], pixel[0] * window.stride[0] - window.pad[0]
                  + window.extent[0])
     cols = slice(pixel[1] * window.stride[1] - window.pad[1], pixel[1] * window.stride[1] - window.pad[1]
                  + window.extent[1])
-    dense = grad[:, :, rows, cols].detach().numpy()
-    bias = y[0, :, pixel[0], pixel[1]].detach().numpy()
+    dense = np.empty((cout, cin, window.extent[0], window.extent[1]))
+    for start in range(0, cout, chunk):  # one batch element per output channel probed
+        channels = torch.arange(start, min(start + chunk, cout))
+        x = torch.zeros((len(channels), cin) + in_size, dtype=torch.float64, requires_grad=True)
+        y = function(x)[0]
+        probes = torch.zeros_like(y)
+        probes[torch.arange(len(channels)), channels, pixel[0], pixel[1]] = 1.0
+        (grad,) = torch.autograd.grad(y, x, grad_outputs=probes)
+        dense[channels.numpy()] = grad[:, :, rows, cols].detach().numpy()
+    with torch.no_grad():
+        bias = function(torch.zeros((1, cin) + in_size, dtype=torch.float64))[0][0, :, pixel[0], pixel[1]].numpy()
     group = _largest_group(dense)
     weight = np.concatenate([dense[g * (cout // group):(g + 1) * (cout // group),
                                    g * (cin // group):(g + 1) * (cin // group)] for g in range(group)], axis=0)

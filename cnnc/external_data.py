@@ -23,8 +23,22 @@ from cnnc.errors import ModelError
 KNOWN_KEYS = {"location", "offset", "length", "checksum"}
 
 
+def _all_tensors(message):
+    """Every TensorProto anywhere in `message`: initializers, sparse initializers' values and indices, Constant
+    attributes (dense and sparse), subgraphs and functions. Walked by protobuf reflection, so no field is missed
+    (onnx's own helper skips sparse tensors)."""
+    for field, value in message.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        for item in (value if field.is_repeated else (value,)):
+            if isinstance(item, onnx.TensorProto):
+                yield item
+            else:
+                yield from _all_tensors(item)
+
+
 def _tensors_with_external_data(model: onnx.ModelProto):
-    for tensor in external_data_helper._get_all_tensors(model):
+    for tensor in _all_tensors(model):
         if external_data_helper.uses_external_data(tensor):
             yield tensor
 
@@ -97,7 +111,8 @@ def load_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
         if unknown:
             raise ModelError(f"external data of tensor '{tensor.name}' has unknown keys {sorted(unknown)}")
         path = resolve_location(model_dir, tensor.name, entries.get("location", ""))
-        file_size = path.stat().st_size
+        checked = os.lstat(path)
+        file_size = checked.st_size
         offset = _parse_int(tensor.name, "offset", entries["offset"]) if "offset" in entries else 0
         expected = _expected_nbytes(tensor)
         if "length" in entries:
@@ -114,7 +129,17 @@ def load_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
             raise ModelError(
                 f"external data of tensor '{tensor.name}': length {length} does not match its shape "
                 f"{list(tensor.dims)} and dtype ({expected} bytes)")
-        with open(path, "rb") as handle:
+        # Open without following a symlink and make sure it is the very file that was checked: a swap between the
+        # check and the open (of the file or of a parent folder) is refused.
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError as error:
+            raise ModelError(f"external data {entries['location']!r} cannot be opened safely: {error}") from None
+        with os.fdopen(fd, "rb") as handle:
+            opened = os.fstat(handle.fileno())
+            if not stat.S_ISREG(opened.st_mode) or opened.st_nlink != 1 or \
+                    (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
+                raise ModelError(f"external data {entries['location']!r} changed while it was being checked")
             handle.seek(offset)
             tensor.raw_data = handle.read(length)
         del tensor.external_data[:]

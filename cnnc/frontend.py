@@ -18,7 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from cnnc.errors import ModelError, UsageError
-from cnnc.external_data import load_external_data
+from cnnc.external_data import has_external_data, load_external_data
 from cnnc.validate import check_divisors, check_with_onnx, validate_model
 
 # Opset that the torch exporter is asked for: new enough for every op cnnc rewrites, old enough for any onnxruntime.
@@ -70,7 +70,15 @@ def from_torch(module: Any, example_input: Any, dynamic_batch: bool = True) -> o
     if example_input is None:
         raise UsageError("compiling a torch module needs example_input")
     args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-    module = module.eval()
+    was_training = module.training
+    module.eval()
+    try:
+        return _export_eval_module(torch, module, args, dynamic_batch)
+    finally:
+        module.train(was_training)  # the caller's module keeps its mode (compile may run mid-training)
+
+
+def _export_eval_module(torch, module, args: tuple, dynamic_batch: bool) -> onnx.ModelProto:
     try:
         with torch.no_grad():
             outputs = module(*args)
@@ -152,6 +160,10 @@ def apply_state_dict(module: Any, path: str | Path) -> None:
 def load_model(source: Any, example_input: Any = None) -> onnx.ModelProto:
     """Any supported source (ModelProto, ONNX path, torch module) into a validated ModelProto."""
     if isinstance(source, onnx.ModelProto):
+        if has_external_data(source):
+            # Its locations would be resolved against the current folder, not the model's: only a path can be
+            # checked (cnnc.external_data) and read safely.
+            raise ModelError("this ModelProto references external data; pass the model's file path instead")
         validate_model(source)
         return source
     if isinstance(source, (str, Path)):

@@ -162,7 +162,8 @@ def find_linear_machines(graph: gs.Graph, supported=None) -> list[LinearMachine]
 
     `supported(node) -> str | None` can veto nodes further (e.g. ops the float64 evaluator cannot run).
     """
-    graph.toposort()
+    if not ir.is_topologically_sorted(graph):  # keep an order that is already valid (e.g. schedule's)
+        graph.toposort()
     linear = [n for n in graph.nodes if linear_reason(n) is None and (supported is None or supported(n) is None)]
     machines = []
     for component in _components(linear):

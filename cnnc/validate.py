@@ -73,6 +73,8 @@ def _check_names_and_order(graph: onnx.GraphProto, outer_names: set[str], depth:
 
     for init in graph.initializer:
         define(init.name, "an initializer")
+    for sparse in graph.sparse_initializer:
+        define(sparse.values.name, "a sparse initializer")
     initializer_names = set(defined)
     for value in graph.input:
         if value.name not in initializer_names:  # IR < 4 lists initializers as inputs too

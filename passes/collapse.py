@@ -158,7 +158,12 @@ class Collapse(Pass):
             if mode == "off":
                 reasons.append(f"{strategy}: disabled")
                 continue
-            done, why = getattr(self, f"_try_{strategy}")(graph, machine, force=mode == "force")
+            try:
+                done, why = getattr(self, f"_try_{strategy}")(graph, machine, force=mode == "force")
+            except (ValueError, RuntimeError, IndexError) as error:
+                # The float64 evaluator or torch refuses the machine at the probe shapes (e.g. a Reshape that
+                # hard-codes batch 1): this machine stays, the others are still collapsed.
+                done, why = False, f"evaluation failed: {type(error).__name__}: {str(error).splitlines()[0]}"
             if done:
                 result.did(f"{machine.describe()} -> {why}")
                 return None
@@ -177,7 +182,8 @@ class Collapse(Pass):
             return False, "needs one input and one output"
         source, target = machine.inputs[0], machine.outputs[0]
         function = SubgraphFunction(machine.nodes, machine.inputs, machine.outputs)
-        form, why = extract_conv(function, machine.nodes, source, target)
+        chunk = max(1, ACTIVATION_BUDGET_BYTES // (2 * _activation_bytes(machine)))
+        form, why = extract_conv(function, machine.nodes, source, target, chunk=chunk)
         if form is None:
             return False, why
         old, new = machine_cost(machine), _numel(target.shape) * math.prod(form.weight.shape[1:])

@@ -560,3 +560,32 @@ def test_a_refused_pt_file_is_never_retried_without_weights_only(tmp_path, net_f
     monkeypatch.setattr(torch, "load", spy)
     _assert_refused(tmp_path, path, "--module", net_factory, "--input-shape", "input:1,3,6,5", reason="weights_only")
     assert calls == [True]
+
+
+def test_sparse_constant_with_an_absolute_external_location_is_refused(tmp_path):
+    # onnx's own tensor walker skips sparse tensors; cnnc walks every TensorProto, sparse values included.
+    (tmp_path / "secret.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    values = onnx.numpy_helper.from_array(np.zeros(2, np.float32), "sparse_values")
+    values.ClearField("raw_data")
+    values.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", str(tmp_path / "secret.bin")), ("offset", "0"), ("length", "8")):
+        entry = values.external_data.add()
+        entry.key, entry.value = key, value
+    indices = onnx.numpy_helper.from_array(np.array([0, 2], np.int64), "sparse_indices")
+    sparse = oh.make_sparse_tensor(values, indices, [3])
+    model = make_model([oh.make_node("Constant", [], ["c"], sparse_value=sparse), oh.make_node("Add", ["x", "c"], ["y"])],
+                       [("x", [3])], [("y", [3])])
+    path = tmp_path / "sparse.onnx"
+    path.write_bytes(model.SerializeToString())
+    _assert_refused(tmp_path, path, reason="absolute location")
+
+
+def test_a_modelproto_with_external_data_is_refused_by_the_api(tmp_path):
+    import cnnc
+
+    model = _matmul_model()
+    onnx.save_model(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    unresolved = onnx.load_model(str(tmp_path / "m.onnx"), load_external_data=False)
+    with pytest.raises(cnnc.ModelError, match="pass the model's file path"):
+        cnnc.compile(unresolved, passes="fold-bn")
+    assert cnnc.compile(str(tmp_path / "m.onnx"), passes="fold-bn").report["equivalence"]["passed"]

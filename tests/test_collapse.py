@@ -203,6 +203,22 @@ def test_narrow_cut_factors_the_dense_map_into_two_thin_gemms():
     assert_same_outputs(model, compiled, _feeds(model, 2), rtol=1e-4, atol=1e-5)
 
 
+def test_a_machine_the_evaluator_cannot_batch_is_kept_and_the_others_still_collapse(rng):
+    # Reshape(x, [1, -1]) hard-codes batch 1: probing W with a batch of one-hot rows fails for that machine only.
+    w1, w2 = rng.standard_normal((4, 4)).astype(np.float32), rng.standard_normal((2, 2, 1, 1)).astype(np.float32)
+    nodes = [oh.make_node("Reshape", ["x", "shape"], ["flat"]), oh.make_node("Gemm", ["flat", "w1"], ["g"]),
+             oh.make_node("Mul", ["g", "k"], ["y1"]),
+             oh.make_node("Conv", ["z", "w2"], ["c"]), oh.make_node("Mul", ["c", "k"], ["y2"])]
+    model = make_model(nodes, [("x", [1, 2, 2]), ("z", ["N", 2, 3, 3])], [("y1", [1, 4]), ("y2", None)],
+                       [("shape", np.array([1, -1], np.int64)), ("w1", w1), ("w2", w2), ("k", np.float32(3.0))])
+    compiled, result = _compile(model, "collapse{gemm=force}")
+    assert any("evaluation failed" in why for _, why in result.skipped)
+    assert len(result.applied) == 1 and "Conv" in result.applied[0]
+    assert op_counts(compiled)["Mul"] == 1  # the Reshape/Gemm/Mul machine is untouched
+    feeds = {"x": rng.standard_normal((1, 2, 2)).astype(np.float32), "z": rng.standard_normal((2, 2, 3, 3)).astype(np.float32)}
+    assert_same_outputs(model, compiled, feeds, rtol=1e-5, atol=1e-5)
+
+
 def test_negative_machine_with_non_constant_weight_is_left_alone(rng):
     nodes = [oh.make_node("Conv", ["x", "w"], ["h"]), oh.make_node("Mul", ["h", "k"], ["y"])]
     model = make_model(nodes, [("x", ["N", 2, 5, 5]), ("w", [3, 2, 1, 1])], [("y", None)],

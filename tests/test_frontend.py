@@ -275,3 +275,13 @@ def test_frontend_to_backend_round_trip(tmp_path):
     for batch in (1, 3):
         x = _input(batch, seed=10 + batch).numpy()
         np.testing.assert_array_equal(run_model(reloaded, {"input": x})[0], run_model(original, {"input": x})[0])
+
+
+def test_export_restores_the_module_training_mode():
+    import torch
+
+    from cnnc.frontend import from_torch
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).train()
+    from_torch(module, torch.randn(1, 1, 5, 5))
+    assert module.training and all(layer.training for layer in module)
