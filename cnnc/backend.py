@@ -30,8 +30,9 @@ PROTOBUF_LIMIT_BYTES = 2**31 - 1
 # Leave headroom under the protobuf limit for the graph structure itself.
 EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**26
 
-# Test hook: when set, the writer pauses here after the temporary files exist and before they are moved in.
-_PAUSE_ENV = "CNNC_TEST_PAUSE_BEFORE_REPLACE"
+# A seam for the kill-during-save test (tests/test_backend.py): called after the staged files are complete and
+# fsync'ed, before anything is moved into place. Never set in production; no environment variable can reach it.
+_before_replace = None
 
 
 def _export(graph: gs.Graph) -> onnx.ModelProto:
@@ -225,12 +226,8 @@ def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = 
         else:
             onnx.save_model(model, staged_model)
         _fsync_file(staged_model)
-        if os.environ.get(_PAUSE_ENV):
-            Path(os.environ[_PAUSE_ENV]).write_text("paused")
-            import time
-
-            while True:  # the test kills the process here
-                time.sleep(0.05)
+        if _before_replace is not None:
+            _before_replace()
         if data_name is not None:
             os.replace(staging / data_name, folder / data_name)  # a fresh name: nothing points at it yet
             written.append(folder / data_name)
