@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -101,10 +102,15 @@ def _print_compile_report(report: dict) -> None:
 
 
 def _write_json(path: str | None, payload: dict) -> None:
+    """Write a report atomically (temporary file beside it, then os.replace): never a half-written JSON."""
     if path:
+        target = Path(path)
+        temporary = target.with_name(f".{target.name}.cnnc-tmp")
         try:
-            Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+            temporary.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+            os.replace(temporary, target)
         except OSError as error:  # a typo in the path is the user's error, not an internal one
+            temporary.unlink(missing_ok=True)
             raise UsageError(f"cannot write --json {path}: {error.strerror or error}") from None
 
 
@@ -199,23 +205,29 @@ def compile_command(model, passes, output, json_path, no_check, verify_each, exa
         if report:
             _write_json(json_path, report)
         raise
+    if bench:  # before saving: a failure here must not leave a model at -o behind a non-zero exit code
+        _bench_compiled(result, bench_batch, provider, list(input_shapes))
     result.save(output, external_data=external_data)
     _print_compile_report(result.report)
-    click.echo(f"wrote {output}")
     if bench:
-        _bench_compiled(result, bench_batch, provider, list(input_shapes))
+        _print_bench(result.report["bench"])
+    click.echo(f"wrote {output}")
     _write_json(json_path, result.report)
 
 
 def _bench_compiled(result, batch: str | None, provider: str, input_shapes: list[str]) -> None:
     """Time original vs compiled side by side and add the comparison to the compile report."""
     from cnnc.cli_bench import parse_batches
-    from cnnc.runtime import bench_report
     from cnnc.runtime.bench import bench_models
 
     report = bench_models([result.original, result.model], ["original", "compiled"], batch=parse_batches(batch),
                           provider=provider, input_shapes=input_shapes, log=lambda line: click.echo(line, err=True))
     result.report["bench"] = report
+
+
+def _print_bench(report: dict) -> None:
+    from cnnc.runtime import bench_report
+
     click.echo()
     click.echo(bench_report.text_table(bench_report.table_rows(report)))
     for line in bench_report.environment_lines(report):
