@@ -429,7 +429,7 @@ class LinearEdge:
 
 
 @dataclass(frozen=True)
-class LinearMachine:
+class LinearHypergraph:
     """A linear machine over named spaces of given dimensions: per-hyperedge linear maps, its input spaces (x₀) and
     the output spaces whose block of the resolvent is wanted."""
 
@@ -482,7 +482,7 @@ def _apply(edge: LinearEdge, values: list[np.ndarray], dims: Mapping[str, int]) 
     return list(edge.linear_map(values))
 
 
-def resolvent(machine: LinearMachine) -> np.ndarray:
+def resolvent(machine: LinearHypergraph) -> np.ndarray:
     """The block of (id − F)⁻¹ = Σ_{k ≤ D} F^k from the machine's inputs to its outputs, computed level by level.
 
     x₀ places the identity in each input space; then for d = 1..D the ops of level d apply R_{f_d} = id + f_d, each

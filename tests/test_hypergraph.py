@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cnnc.hypergraph import (Hyperedge, Hypergraph, LinearEdge, LinearMachine, greedy_order, min_peak_order,
+from cnnc.hypergraph import (Hyperedge, Hypergraph, LinearEdge, LinearHypergraph, greedy_order, min_peak_order,
                              onnxruntime_default_order, resolvent, schedule_figures)
 from helpers import make_model
 
@@ -160,7 +160,7 @@ def linear_machines(draw):
     edges = tuple(LinearEdge(e.inputs, e.outputs, rng.standard_normal(
         (sum(dims[s] for s in e.outputs), sum(dims[s] for s in e.inputs)))) for e in graph.edges)
     outputs = tuple(graph.sinks) or (graph.edges[-1].outputs[0],)
-    return LinearMachine(edges, dims, graph.sources, outputs)
+    return LinearHypergraph(edges, dims, graph.sources, outputs)
 
 
 def _block(matrix, offsets, rows, columns):
@@ -201,7 +201,7 @@ def test_resolvent_of_a_chain_is_the_matrix_product(rng):
     dims = {"x0": 3, "x1": 4, "x2": 2, "x3": 5}
     mats = [rng.standard_normal((dims[f"x{i + 1}"], dims[f"x{i}"])) for i in range(3)]
     edges = tuple(LinearEdge((f"x{i}",), (f"x{i + 1}",), mats[i]) for i in range(3))
-    machine = LinearMachine(edges, dims, ("x0",), ("x3",))
+    machine = LinearHypergraph(edges, dims, ("x0",), ("x3",))
     np.testing.assert_allclose(resolvent(machine), mats[2] @ mats[1] @ mats[0], atol=1e-12)
 
 
@@ -211,7 +211,7 @@ def test_resolvent_with_callable_maps_and_a_skip(rng):
     a, b, c = rng.standard_normal((3, 3)), rng.standard_normal((3, 4)), rng.standard_normal((4, 3))
     edges = (LinearEdge(("x",), ("h",), lambda values: [c @ values[0]]),
              LinearEdge(("x", "h"), ("y",), np.concatenate([a, b], axis=1)))
-    machine = LinearMachine(edges, dims, ("x",), ("y", "h"))
+    machine = LinearHypergraph(edges, dims, ("x",), ("y", "h"))
     np.testing.assert_allclose(resolvent(machine), np.concatenate([a + b @ c, c]), atol=1e-12)
 
 
