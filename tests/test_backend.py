@@ -200,8 +200,9 @@ def test_a_kill_during_save_leaves_the_previous_model_intact(tmp_path, rng, layo
     source = tmp_path / "new.onnx"
     onnx.save(backend.to_model(gs.import_onnx(_conv_model(np.random.default_rng(2), cout=6))), source)
     marker = tmp_path / "paused"
+    # cwd=tmp_path: `python -c` puts the current folder on sys.path; the installed cnnc is the one under test.
     process = subprocess.Popen([sys.executable, "-c", SAVER, str(source), str(out), layout, str(marker)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():

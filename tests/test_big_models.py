@@ -95,8 +95,10 @@ print(json.dumps({"before": before, "compile": compiled, "save": peak(), "writte
 
 
 def _compile_and_save_in_a_fresh_process(model: Path, out: Path) -> dict:
+    # cwd away from the repository: `python -c` puts the current folder first on sys.path, and the checkout's
+    # cnnc/ has no mapped cnnc.passes (the installed package is what must be measured).
     done = subprocess.run([sys.executable, "-c", MEASURE, str(model), str(out)], capture_output=True, text=True,
-                          timeout=1200)
+                          timeout=1200, cwd=model.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
