@@ -18,7 +18,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 import cnnc.passes  # noqa: F401  (registers every pass)
-from cnnc import backend, ir, target
+from cnnc import backend, ir
+from cnnc.target import runnable
 from cnnc.errors import EquivalenceError, ModelError
 from cnnc.frontend import apply_state_dict, load_model
 from cnnc.model_stats import model_stats
@@ -38,16 +39,6 @@ class CompileResult:
         written = backend.save(self.model, path, external_data=external_data)
         self.report["written"] = [str(p) for p in written]
         return written
-
-
-def runnable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model`, or a copy stamped with an IR version onnxruntime accepts (the original is never modified)."""
-    if model.ir_version <= target.max_ir_version():
-        return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    copy.ir_version = target.max_ir_version()
-    return copy
 
 
 def _equivalence(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: dict) -> dict:

@@ -315,7 +315,7 @@ def example_command(name, output):
         return
     module, example_input = build_example(name)
     model = from_torch(module, example_input)
-    model.ir_version = min(model.ir_version, backend.target.max_ir_version())
+    model = backend.target.runnable(model)
     output = output or f"{name}.onnx"
     backend.save(model, output)
     click.echo(f"wrote {output}")

@@ -54,3 +54,13 @@ def max_opset() -> int:
         if _runtime_accepts(ir_version, opset):
             return opset
     raise RuntimeError("onnxruntime accepts no default-domain opset; is it installed correctly?")
+
+
+def runnable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model`, or a copy stamped with an IR version onnxruntime accepts (the given model is never modified)."""
+    if model.ir_version <= max_ir_version():
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.ir_version = max_ir_version()
+    return copy

@@ -230,12 +230,7 @@ def runnable_model(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
         from cnnc.frontend import load_onnx
 
         model = load_onnx(model)
-    if model.ir_version <= target.max_ir_version():
-        return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    copy.ir_version = target.max_ir_version()
-    return copy
+    return target.runnable(model)
 
 
 # ------------------------------------------------------------------------------------------------- sessions
