@@ -110,14 +110,18 @@ def _emit_gemm(graph: gs.Graph, machine: LinearMachine, weight: np.ndarray, bias
         return
     parts = [y]
     if len(machine.outputs) > 1:
-        sizes = ir.make_constant(base + "_split", np.array([math.prod(s) for s in shapes], np.int64), graph)
-        parts = [gs.Variable(ir.unique_name(graph, f"{base}_part{i}"), dtype=dtype) for i in range(len(shapes))]
-        graph.nodes.append(gs.Node("Split", ir.unique_name(graph, base + "_split"), {"axis": 1},
-                                   inputs=[y, sizes], outputs=parts))
-    for part, tensor, shape in zip(parts, machine.outputs, shapes):
-        if len(shape) == 1:
-            _add(graph, "Identity", [part], base, dtype, output=tensor)
+        split = [math.prod(s) for s in shapes]
+        # A flat output is written by the Split itself; others get a Reshape below.
+        parts = [tensor if len(shape) == 1 else gs.Variable(ir.unique_name(graph, f"{base}_part{i}"), dtype=dtype)
+                 for i, (tensor, shape) in enumerate(zip(machine.outputs, shapes))]
+        if (graph.opset or 13) >= 13:  # opset 13 moved `split` from an attribute to an input
+            attrs, inputs = {"axis": 1}, [y, ir.make_constant(base + "_split", np.array(split, np.int64), graph)]
         else:
+            attrs, inputs = {"axis": 1, "split": split}, [y]
+        graph.nodes.append(gs.Node("Split", ir.unique_name(graph, base + "_split"), attrs, inputs=inputs,
+                                   outputs=parts))
+    for part, tensor, shape in zip(parts, machine.outputs, shapes):
+        if len(shape) > 1:
             target = ir.make_constant(base + "_shape", np.array((-1,) + shape, np.int64), graph)
             _add(graph, "Reshape", [part, target], base, dtype, output=tensor)
 

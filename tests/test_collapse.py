@@ -219,6 +219,20 @@ def test_a_machine_the_evaluator_cannot_batch_is_kept_and_the_others_still_colla
     assert_same_outputs(model, compiled, feeds, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("opset", [11, 17])
+def test_a_machine_with_two_outputs_becomes_one_gemm_and_a_split_at_any_opset(rng, opset):
+    nodes = [oh.make_node("MatMul", ["x", "a"], ["h"]), oh.make_node("MatMul", ["h", "b"], ["y1"]),
+             oh.make_node("Relu", ["h"], ["y2"])]
+    model = make_model(nodes, [("x", ["N", 6])], [("y1", ["N", 3]), ("y2", ["N", 4])],
+                       [("a", rng.standard_normal((6, 4)).astype(np.float32)),
+                        ("b", rng.standard_normal((4, 3)).astype(np.float32))], opset=opset)
+    compiled, result = _compile(model, "collapse{gemm=force}")
+    assert op_counts(compiled) == {"Gemm": 1, "Split": 1, "Relu": 1}
+    split = next(n for n in compiled.graph.node if n.op_type == "Split")
+    assert list(split.output) == ["y1", "h"] or list(split.output) == ["h", "y1"]  # written directly, no copies
+    assert_same_outputs(model, compiled, {"x": rng.standard_normal((3, 6)).astype(np.float32)}, rtol=1e-5, atol=1e-5)
+
+
 def test_negative_machine_with_non_constant_weight_is_left_alone(rng):
     nodes = [oh.make_node("Conv", ["x", "w"], ["h"]), oh.make_node("Mul", ["h", "k"], ["y"])]
     model = make_model(nodes, [("x", ["N", 2, 5, 5]), ("w", [3, 2, 1, 1])], [("y", None)],
