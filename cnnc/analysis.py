@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from cnnc.errors import ModelError, UsageError
-from cnnc.torch_eval import SubgraphFunction, _topological_order
+from cnnc.torch_eval import SubgraphFunction, topological_order
 
 # Ops that may sit on a projection shortcut: linear in their data input.
 _LINEAR_OPS = frozenset({
@@ -64,7 +64,7 @@ class ResidualBlock:
 
 def _data_flow(graph: gs.Graph):
     """Topologically ordered nodes, the set of data tensor names, their ancestor sets and longest-path depths."""
-    nodes = _topological_order(list(graph.nodes))
+    nodes = topological_order(list(graph.nodes))
     data = {t.name for t in graph.inputs}
     ancestors: dict[str, frozenset[str]] = {name: frozenset() for name in data}
     depth = {name: 0 for name in data}
@@ -183,7 +183,7 @@ def load_samples(graph: gs.Graph, path: str | Path) -> np.ndarray:
 
 def evaluate_tensors(graph: gs.Graph, names: list[str], samples: np.ndarray, chunk: int = 16):
     """Yield (start, {name: float64 tensor}) for `names` over `samples` in chunks (no gradients)."""
-    nodes = _topological_order(list(graph.nodes))
+    nodes = topological_order(list(graph.nodes))
     tensors = graph.tensors()
     opset = graph.opset if isinstance(graph.opset, int) else None
     try:

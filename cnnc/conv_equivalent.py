@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from cnnc import ir
+from cnnc.torch_eval import same_pads
 
 PER_CHANNEL_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
 
@@ -59,16 +60,13 @@ def _per_channel_constant(value: np.ndarray) -> bool:
     return value.size == 1 or (value.ndim >= 3 and all(d == 1 for d in value.shape[-2:]))
 
 
-def _begin_pads(node: gs.Node, size: tuple[int, int]) -> tuple[int, int] | None:
+def _begin_pads(node: gs.Node, size: tuple[int, int]) -> tuple[int, int]:
+    """Begin pads as onnxruntime applies them (SAME_* resolved by the evaluator's own rule, not re-derived here)."""
     geometry = ir.conv_geometry(node)
     if geometry.auto_pad in ("NOTSET", "VALID"):
         return (0, 0) if geometry.auto_pad == "VALID" else geometry.pads[:2]
-    pads = []
-    for axis in range(2):
-        k, s, d, n = geometry.kernel_shape[axis], geometry.strides[axis], geometry.dilations[axis], size[axis]
-        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
-        pads.append(total // 2 if geometry.auto_pad == "SAME_UPPER" else total - total // 2)
-    return tuple(pads)
+    return tuple(same_pads(size[axis], geometry.strides[axis], geometry.kernel_shape[axis], geometry.auto_pad,
+                           pooling=node.op != "Conv")[0] for axis in range(2))
 
 
 def machine_window(nodes: list[gs.Node], source: gs.Tensor) -> tuple[Window | None, str]:

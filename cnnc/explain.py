@@ -47,7 +47,7 @@ import torch
 
 from cnnc.errors import ModelError, UsageError
 from cnnc.ir import constant_value, is_empty_input
-from cnnc.torch_eval import SubgraphFunction, _topological_order, unsupported_reason
+from cnnc.torch_eval import SubgraphFunction, topological_order, unsupported_reason
 
 MODES = ("RM0", "RM1", "RM2", "RM3", "RM4")
 TINY = float(np.finfo(np.float32).tiny)  # Eq. 16: c = 0 is replaced by the smallest positive (normal) float32
@@ -221,7 +221,7 @@ class BackMap:
         self.graph = graph
         self.dtype = dtype
         self.opset = graph.opset if isinstance(graph.opset, int) else None
-        self.nodes = _topological_order(list(graph.nodes))
+        self.nodes = topological_order(list(graph.nodes))
         self.input = graph.inputs[0]
         self.tensors = graph.tensors()
         self.data = {self.input.name}

@@ -105,7 +105,7 @@ _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 # Convolution
 
 
-def _same_pads(in_size: int, stride: int, kernel: int, auto_pad: str, pooling: bool = False) -> tuple[int, int]:
+def same_pads(in_size: int, stride: int, kernel: int, auto_pad: str, pooling: bool = False) -> tuple[int, int]:
     """onnxruntime's SAME padding for Conv and pooling (legacy: undilated kernel, C++ division).
 
     When the stride exceeds the kernel the padding needed is negative: Conv then pads nothing, pooling refuses.
@@ -125,7 +125,7 @@ def _conv_pads(node: gs.Node, in_sizes, kernel, strides) -> tuple[list[int], lis
     rank = len(kernel)
     auto_pad = _attr(node, "auto_pad", "NOTSET")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pairs = [_same_pads(in_sizes[i], strides[i], kernel[i], auto_pad) for i in range(rank)]
+        pairs = [same_pads(in_sizes[i], strides[i], kernel[i], auto_pad) for i in range(rank)]
         return [p[0] for p in pairs], [p[1] for p in pairs]
     if auto_pad == "VALID":
         return [0] * rank, [0] * rank
@@ -207,7 +207,7 @@ def _pool_geometry(node: gs.Node, in_sizes: Sequence[int]):
     axes = []
     for i in range(rank):
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            head, tail = _same_pads(in_sizes[i], strides[i], kernel[i], auto_pad, pooling=True)
+            head, tail = same_pads(in_sizes[i], strides[i], kernel[i], auto_pad, pooling=True)
         elif auto_pad == "VALID":
             head, tail = 0, 0
         else:
@@ -883,7 +883,7 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     return None
 
 
-def _topological_order(nodes: list[gs.Node]) -> list[gs.Node]:
+def topological_order(nodes: list[gs.Node]) -> list[gs.Node]:
     """Nodes ordered so that each comes after the producers of its inputs (graph order breaks ties)."""
     produced_by = {t.name: i for i, node in enumerate(nodes) for t in node.outputs}
     order, state = [], {}
@@ -1012,7 +1012,7 @@ def evaluate_graph(graph: gs.Graph, feeds: dict[str, np.ndarray], dtype: torch.d
     if missing:
         raise ValueError(f"no value fed for graph input(s) {missing}")
     opset = graph.opset if isinstance(graph.opset, int) else None
-    function = SubgraphFunction(_topological_order(list(graph.nodes)), list(graph.inputs), list(graph.outputs),
+    function = SubgraphFunction(topological_order(list(graph.nodes)), list(graph.inputs), list(graph.outputs),
                                 dtype=dtype, opset=opset)
     with torch.no_grad():
         outputs = function(*[torch.from_numpy(np.asarray(feeds[t.name])) for t in graph.inputs])
