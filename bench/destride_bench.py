@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 import paper_models  # noqa: E402
 
 import cnnc  # noqa: E402
-from cnnc.frontend import from_torch  # noqa: E402
+from cnnc.io.frontend import from_torch  # noqa: E402
 from cnnc.runtime import bench  # noqa: E402
 
 SINGLE_CONVS = [  # (label, in channels, out channels, kernel, stride, groups, input size)

@@ -2,7 +2,7 @@
 
 | name              | source                      | input     | what it is                                                   |
 |-------------------|-----------------------------|-----------|--------------------------------------------------------------|
-| linear-resnet34   | seed 000 §5.2               | 1×28×28   | ResNet-34 without nonlinearities (cnnc.examples)             |
+| linear-resnet34   | seed 000 §5.2               | 1×28×28   | ResNet-34 without nonlinearities (cnnc.zoo)             |
 | skip3-linear      | seed 000 §3, §5.2           | 1×28×28   | 3 linear 3×3 convs, a skip from layer 1 to layer 3, then FC  |
 | allskip6-homotopy | seed 000 §5.3               | 1×28×28   | 6 ReLU convs, skips between all non-consecutive layers as    |
 |                   |                             |           | homotopy joins, exported at t = 0                            |
@@ -280,7 +280,7 @@ class PaperModel:
 
 
 def _linear_resnet34() -> nn.Module:
-    from cnnc.examples import build_example
+    from cnnc.zoo import build_example
 
     module, _ = build_example("linear-resnet34")
     return module
@@ -312,8 +312,8 @@ MODELS = {m.name: m for m in (
 
 def build(spec: PaperModel, seed: int = 0):
     """(module to export, example input, exporter) with seeded weights and calibrated BN statistics. The exporter
-    turns (module, example) into ONNX: cnnc.frontend.from_torch, or the homotopy's export at t = 0."""
-    from cnnc.frontend import from_torch
+    turns (module, example) into ONNX: cnnc.io.frontend.from_torch, or the homotopy's export at t = 0."""
+    from cnnc.io.frontend import from_torch
 
     torch.manual_seed(seed)
     module = spec.build().eval()

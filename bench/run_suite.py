@@ -29,7 +29,7 @@ import paper_models  # noqa: E402
 
 import cnnc  # noqa: E402
 from cnnc.errors import CnncError  # noqa: E402
-from cnnc.pass_contract import default_pass_names, registered_passes  # noqa: E402
+from cnnc.pipeline.contract import default_pass_names, registered_passes  # noqa: E402
 from cnnc.runtime import bench, bench_report  # noqa: E402
 from cnnc.runtime.equivalence import DEFAULT_ATOL  # noqa: E402
 

@@ -18,13 +18,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 import cnnc.passes  # noqa: F401  (registers every pass)
-from cnnc import backend, ir
-from cnnc.target import runnable
+from cnnc.io import backend
+from cnnc import ir
+from cnnc.io.target import runnable
 from cnnc.errors import EquivalenceError, ModelError
-from cnnc.frontend import apply_state_dict, load_model
-from cnnc.model_stats import model_stats
-from cnnc.pass_contract import Pass, default_pass_names, parse_pipeline
-from cnnc.pipeline import run_pipeline
+from cnnc.io.frontend import apply_state_dict, load_model
+from cnnc.ir.stats import model_stats
+from cnnc.pipeline.contract import Pass, default_pass_names, parse_pipeline
+from cnnc.pipeline.manager import run_pipeline
 from cnnc.runtime.equivalence import DEFAULT_ATOL, DEFAULT_RTOL, check_equivalence
 
 

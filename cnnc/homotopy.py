@@ -349,7 +349,7 @@ class SkipHomotopy:
 
         The previous t is restored afterwards. At t = 0 every join reads Mul(S, 0): `remove-skip` deletes it.
         """
-        from cnnc.frontend import from_torch
+        from cnnc.io.frontend import from_torch
 
         previous = self.t_per_join()
         try:

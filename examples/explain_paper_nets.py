@@ -1,7 +1,7 @@
 """Seed 003's data-set experiment (Tables 3–4) on the networks of the issue, with nothing trained.
 
 Builds three CIFAR/MNIST-size networks in torch with seeded weights (and realistic BatchNorm statistics), exports
-them with `cnnc.frontend.from_torch`, and runs on each
+them with `cnnc.io.frontend.from_torch`, and runs on each
 
     cnnc explain MODEL --dataset --random 200 --explicit-units 1 --md R.md --json R.json
 
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cnnc.frontend import from_torch
+from cnnc.io.frontend import from_torch
 
 
 class LeNetAllConv(nn.Module):

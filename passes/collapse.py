@@ -7,12 +7,12 @@ accumulates exactly that sum level by level, in reverse topological order. Seed 
 adjoint (transposed) operators, which is what reverse mode does. Everything is evaluated in float64 and stored as
 float32, so the collapsed network is closer to the exact function than the float32 original.
 
-Strategies, chosen per machine (`cnnc.linear_machines`) by a cost model over MACs and weight bytes:
-1. conv (`cnnc.conv_equivalent`): one input, one output, and a single-conv form, i.e. parallel branches reading the
+Strategies, chosen per machine (`cnnc.linear.machines`) by a cost model over MACs and weight bytes:
+1. conv (`cnnc.linear.conv_equivalent`): one input, one output, and a single-conv form, i.e. parallel branches reading the
    same tensor with the same stride and summed (RepVGG / DBB / ACNet / MobileOne: k×k, 1×1, 1×k, k×1, identity, BN,
    average pool), or a chain whose inner convs do not pad. The kernel is read off the machine and proven on random
    inputs, border pixels included; chains with inner zero padding fail that proof and go to strategy 2 or stay.
-2. gemm (`cnnc.affine_map`): anything else, including a whole linear network: Flatten/Concat -> Gemm -> Split/Reshape,
+2. gemm (`cnnc.linear.affine_map`): anything else, including a whole linear network: Flatten/Concat -> Gemm -> Split/Reshape,
    W computed by batched reverse mode (rows as VJPs) when the output is smaller than the input, forward mode
    otherwise, with a progress bar. The batch axis stays dynamic; input and output names, shapes and order are kept.
 
@@ -32,12 +32,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
-from cnnc.affine_map import dense_affine_map, verify_affine_map
-from cnnc.conv_equivalent import extract_conv
-from cnnc.linear_machines import (DATA_MOVEMENT_OPS, LinearMachine, cut_tensors, find_linear_machines,
+from cnnc.linear.affine_map import dense_affine_map, verify_affine_map
+from cnnc.linear.conv_equivalent import extract_conv
+from cnnc.linear.machines import (DATA_MOVEMENT_OPS, LinearMachine, cut_tensors, find_linear_machines,
                                   split_at_outputs, split_at_tensor)
-from cnnc.pass_contract import Pass, PassResult, register
-from cnnc.torch_eval import SubgraphFunction, unsupported_reason
+from cnnc.pipeline.contract import Pass, PassResult, register
+from cnnc.eval import SubgraphFunction, unsupported_reason
 
 ACTIVATION_BUDGET_BYTES = 4 << 30  # float64 activations kept for one batch of Jacobian probes
 MAX_RELATIVE_DEVIATION = 1e-9  # a true affine replacement matches to float64 rounding

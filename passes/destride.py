@@ -47,7 +47,7 @@ from cnnc.passes import destride_network as network
 from cnnc.passes.destride_network import CHANNEL_MAJOR, PHASE_MAJOR, Builder, expand_channels, is_one
 
 from cnnc import ir
-from cnnc.pass_contract import Pass, PassResult, register
+from cnnc.pipeline.contract import Pass, PassResult, register
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ the rest of the network is not bounded by eps (later layers can amplify it), so 
 original and the rewritten graph on the same samples (float64 evaluator) and reports the largest output
 deviation, absolute and relative to the largest |output|, and with labels the top-1 accuracy before and after.
 
-Which blocks: those that `cnnc.analysis.find_residual_blocks` finds (an Add whose operands are a skip and a branch
+Which blocks: those that `cnnc.analysis.perturbation.find_residual_blocks` finds (an Add whose operands are a skip and a branch
 of it), measured once on the original graph. Blocks are dropped together: each one's Δl is its own, measured
 with every other block in place, which is what `cnnc analyze` reports.
 
@@ -29,10 +29,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
-from cnnc.analysis import find_residual_blocks, load_samples, measure_perturbations, sample_inputs
+from cnnc.analysis.perturbation import find_residual_blocks, load_samples, measure_perturbations, sample_inputs
 from cnnc.errors import CnncError
-from cnnc.pass_contract import Pass, PassResult, register
-from cnnc.torch_eval import evaluate_graph
+from cnnc.pipeline.contract import Pass, PassResult, register
+from cnnc.eval import evaluate_graph
 
 
 def _deviation(before: dict, after: dict) -> dict:

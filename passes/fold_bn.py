@@ -29,7 +29,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
-from cnnc.pass_contract import Pass, PassResult, register
+from cnnc.pipeline.contract import Pass, PassResult, register
 
 
 def _bn_affine(bn: gs.Node) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:

@@ -34,7 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
-from cnnc.pass_contract import Pass, PassResult, register
+from cnnc.pipeline.contract import Pass, PassResult, register
 
 _TRANSPARENT = ("Identity", "Neg")
 _CONSTANT_OPS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
@@ -260,7 +260,7 @@ def _measure_deviation(reference, candidate, seed: int = 0) -> dict:
     """Max abs and relative (to max |y|) output deviation on seeded uniform and normal inputs, batch 1."""
     import onnxruntime as ort
 
-    from cnnc import target
+    from cnnc.io import target
 
     sessions = []
     for graph in (reference, candidate):

@@ -1,6 +1,6 @@
 """schedule: fuse same-level Convs/Gemms that read one tensor, and emit the nodes in an order of least peak memory.
 
-Maths (seed 002). On the hypergraph of the network (cnnc.hypergraph: tensors are spaces, ops are hyperedges) two ops
+Maths (seed 002). On the hypergraph of the network (cnnc.linear.hypergraph: tensors are spaces, ops are hyperedges) two ops
 that read only the same tensor X and constants sit on the same level, depth(X) + 1, and neither depends on the other,
 so the resolvent factors either way round: they may run in any order or as one op.
 - Horizontal fusion. Convs reading X with identical kernel, strides, pads, dilations and auto_pad, group = 1 and
@@ -10,7 +10,7 @@ so the resolvent factors either way round: they may run in any order or as one o
   A Split on axis 1 then restores Y_1 … Y_n, unless the Y_i are read only by one Concat on axis 1 as a contiguous
   run, which then reads the fused output directly. Split takes its sizes as an input from opset 13 on, as an
   attribute before.
-- Order. A topological order whose peak of live activation bytes is least (cnnc.hypergraph.min_peak_order: exact
+- Order. A topological order whose peak of live activation bytes is least (cnnc.linear.hypergraph.min_peak_order: exact
   bottleneck search over the down-sets of the dependency order, greedy past a state limit); it replaces the input
   order only when its peak is strictly lower, so a second run changes nothing.
 
@@ -42,8 +42,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
-from cnnc.hypergraph import Hypergraph, min_peak_order, onnxruntime_default_order
-from cnnc.pass_contract import Pass, PassResult, register
+from cnnc.linear.hypergraph import Hypergraph, min_peak_order, onnxruntime_default_order
+from cnnc.pipeline.contract import Pass, PassResult, register
 
 # Activations onnxruntime folds into a preceding Conv (FusedConv) or Gemm; a fusion puts a Split between them.
 RUNTIME_FUSED_ACTIVATIONS = frozenset({"Relu", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "HardSigmoid"})

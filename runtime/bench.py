@@ -46,7 +46,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from cnnc import target
+from cnnc.io import target
 from cnnc.errors import UsageError
 from cnnc.runtime.inputs import graph_inputs, parse_input_shapes
 from cnnc.runtime.session import cuda_available, make_session
@@ -227,7 +227,7 @@ def static_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> di
 def runnable_model(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
     """A validated ModelProto stamped with an IR version the installed onnxruntime accepts (never in place)."""
     if not isinstance(model, onnx.ModelProto):
-        from cnnc.frontend import load_onnx
+        from cnnc.io.frontend import load_onnx
 
         model = load_onnx(model)
     return target.runnable(model)

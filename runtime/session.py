@@ -15,9 +15,9 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from cnnc import backend
+from cnnc.io import backend
 from cnnc.errors import ModelError, UsageError
-from cnnc.weightless import serialized_size
+from cnnc.ir.weightless import serialized_size
 
 OPTIMIZATION_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

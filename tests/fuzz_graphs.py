@@ -581,7 +581,7 @@ def run_on_onnxruntime(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 
 def _float64_reference(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray] | None:
-    from cnnc.torch_eval import evaluate_graph, unsupported_reason
+    from cnnc.eval import evaluate_graph, unsupported_reason
 
     graph = gs.import_onnx(model)
     if any(unsupported_reason(node) for node in graph.nodes):
@@ -594,9 +594,9 @@ def check_pass(case: FuzzCase, spec: str, reference: list[np.ndarray] | None = N
     """Run pipeline `spec` on the case strictly and compare with the original on onnxruntime (see module doc)."""
     import cnnc.passes  # noqa: F401  (registers every pass)
 
-    from cnnc import backend
-    from cnnc.pass_contract import parse_pipeline
-    from cnnc.pipeline import run_pipeline
+    from cnnc.io import backend
+    from cnnc.pipeline.contract import parse_pipeline
+    from cnnc.pipeline.manager import run_pipeline
 
     if reference is None:
         reference = run_on_onnxruntime(case.model, case.feeds)
@@ -675,7 +675,7 @@ def fuzzed_specs() -> tuple[list[str], dict[str, str]]:
     approximate passes left out with the reason."""
     import cnnc.passes  # noqa: F401  (registers every pass)
 
-    from cnnc.pass_contract import default_pass_names, registered_passes
+    from cnnc.pipeline.contract import default_pass_names, registered_passes
 
     specs, left_out = [], {}
     for name, cls in sorted(registered_passes().items()):

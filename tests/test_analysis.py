@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from helpers import make_model
 from torch import nn
 
-from cnnc.analysis import (
+from cnnc.analysis.perturbation import (
     find_residual_blocks,
     format_report,
     load_samples,
@@ -26,9 +26,9 @@ from cnnc.analysis import (
     stopping_depth,
 )
 from cnnc.cli import cli
-from cnnc.cli_analysis import load_graph
+from cnnc.cli.analysis import load_graph
 from cnnc.errors import UsageError
-from cnnc.frontend import from_torch
+from cnnc.io.frontend import from_torch
 
 C_PROJECTION = 0.375  # constants exact in float32, so that the hand computation in float64 is exact too
 

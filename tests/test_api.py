@@ -12,10 +12,11 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import cnnc
-from cnnc import ir, target
+from cnnc import ir
+from cnnc.io import target
 from cnnc.api import CompileResult
 from cnnc.errors import CnncError, EquivalenceError, ModelError, UsageError
-from cnnc.pass_contract import _REGISTRY, Pass, PassResult, parse_pipeline, register
+from cnnc.pipeline.contract import _REGISTRY, Pass, PassResult, parse_pipeline, register
 from cnnc.passes.fold_bn import FoldBatchNorm
 from helpers import bn_params, make_model, op_counts, run_model
 
@@ -241,7 +242,7 @@ def test_registry_refuses_a_second_class_under_a_taken_name():
 
     with pytest.raises(RuntimeError, match="registered twice"):
         register(Impostor)
-    assert cnnc.pass_contract.registered_passes()["fold-bn"] is FoldBatchNorm
+    assert cnnc.pipeline.contract.registered_passes()["fold-bn"] is FoldBatchNorm
     register(FoldBatchNorm)  # the same class again is harmless
 
     @dataclass
@@ -250,4 +251,4 @@ def test_registry_refuses_a_second_class_under_a_taken_name():
 
     with pytest.raises(TypeError, match="frozen"):
         register(Mutable)
-    assert "test-mutable" not in cnnc.pass_contract.registered_passes()
+    assert "test-mutable" not in cnnc.pipeline.contract.registered_passes()

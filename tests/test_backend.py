@@ -15,9 +15,9 @@ import onnx.helper as oh
 import onnx_graphsurgeon as gs
 import pytest
 
-from cnnc import backend, target
+from cnnc.io import backend, target
 from cnnc.errors import ModelError
-from cnnc.frontend import load_onnx
+from cnnc.io.frontend import load_onnx
 from helpers import make_model, run_model
 
 
@@ -176,7 +176,7 @@ def test_overwriting_never_deletes_data_that_cnnc_did_not_name(tmp_path, rng):
 SAVER = """
 import pathlib, sys, time
 import onnx
-from cnnc import backend
+from cnnc.io import backend
 
 def pause():  # the staged files are complete: tell the test, then wait to be killed
     pathlib.Path(sys.argv[4]).write_text("paused")

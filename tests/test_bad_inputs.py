@@ -17,9 +17,9 @@ import onnx.helper as oh
 import pytest
 from click.testing import CliRunner
 
-from cnnc import target
+from cnnc.io import target
 from cnnc.cli import cli
-from cnnc.frontend import load_onnx
+from cnnc.io.frontend import load_onnx
 from helpers import make_model, run_model
 
 WEIGHT = np.arange(6, dtype=np.float32).reshape(2, 3) / 7.0
@@ -410,7 +410,7 @@ def _nested_if_model(depth: int) -> onnx.ModelProto:
 
 
 def test_subgraphs_nested_deeper_than_the_limit(tmp_path):
-    from cnnc.validate import MAX_SUBGRAPH_DEPTH, validate_model
+    from cnnc.io.validate import MAX_SUBGRAPH_DEPTH, validate_model
 
     validate_model(_nested_if_model(MAX_SUBGRAPH_DEPTH))  # at the limit: accepted
     path = tmp_path / "nested.onnx"

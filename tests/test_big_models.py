@@ -27,12 +27,13 @@ import pytest
 from click.testing import CliRunner
 
 import cnnc
-from cnnc import backend, ir, validate
+from cnnc.io import backend, validate
+from cnnc import ir
 from cnnc.cli import cli
 from cnnc.errors import ModelError
-from cnnc.frontend import load_onnx
-from cnnc.model_stats import model_stats
-from cnnc.weightless import WEIGHTLESS_MIN_BYTES, serialized_size, weightless_copy
+from cnnc.io.frontend import load_onnx
+from cnnc.ir.stats import model_stats
+from cnnc.ir.weightless import WEIGHTLESS_MIN_BYTES, serialized_size, weightless_copy
 from helpers import make_model, run_model
 
 # Peak resident memory of compile + save, in copies of the weights, above the process before compile().

@@ -21,7 +21,7 @@ from torch import nn
 import cnnc
 from cnnc import ir
 from cnnc.cli import cli
-from cnnc.pass_contract import _REGISTRY, Pass, PassResult, default_pass_names, register, registered_passes
+from cnnc.pipeline.contract import _REGISTRY, Pass, PassResult, default_pass_names, register, registered_passes
 from helpers import bn_params, make_model, op_counts, run_model
 
 RTOL, ATOL = 1e-4, 1e-5  # the acceptance tolerances (also the CLI defaults, passed explicitly below)

@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from cnnc import backend
-from cnnc.frontend import from_torch
-from cnnc.pass_contract import parse_pipeline
+from cnnc.io import backend
+from cnnc.io.frontend import from_torch
+from cnnc.pipeline.contract import parse_pipeline
 from cnnc.passes.collapse import Collapse
-from cnnc.pipeline import run_pipeline
+from cnnc.pipeline.manager import run_pipeline
 from helpers import assert_same_outputs, make_model, op_counts, run_model
 
 import cnnc.passes  # noqa: F401
@@ -54,7 +54,7 @@ def _feeds(model, batch, seed=0):
 
 
 def test_linear_resnet34_collapses_to_one_gemm():
-    from cnnc.examples import build_example
+    from cnnc.zoo import build_example
 
     module, example = build_example("linear-resnet34")
     model = from_torch(module, example)
@@ -319,7 +319,7 @@ def _linear_graphs(draw):
 
 
 def _float64_reference(model, feeds):
-    from cnnc.torch_eval import evaluate_graph
+    from cnnc.eval import evaluate_graph
 
     values = evaluate_graph(gs.import_onnx(model), feeds)
     return [values[o.name] for o in model.graph.output]

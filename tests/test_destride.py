@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cnnc
-from cnnc import backend
-from cnnc.pipeline import run_pipeline
+from cnnc.io import backend
+from cnnc.pipeline.manager import run_pipeline
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -476,7 +476,7 @@ def test_network_mode_without_strides_changes_nothing(rng):
 
 def test_pipeline_spec_and_api(rng):
     result = cnnc.compile(_lenet(rng), passes="destride{mode=network}", rtol=1e-5, atol=1e-5)
-    assert result.report["equivalence"]["passed"] and "destride" not in cnnc.pass_contract.default_pass_names()
+    assert result.report["equivalence"]["passed"] and "destride" not in cnnc.pipeline.contract.default_pass_names()
     record = result.report["passes"][0]
     assert record["pass"] == "destride{mode=network}" and record["stats"]["macs_after"] > record["stats"]["macs_before"]
 
@@ -552,7 +552,7 @@ def test_destride_and_collapse_in_either_order_stay_exact(rng, order):
     """destride's Pad/Slice/SpaceToDepth/Conv are all linear, so collapse may take them into its machines (as a
     Gemm: SpaceToDepth has no single-conv form). Collapse first merges a conv chain into one strided conv, which
     destride then rewrites; both orders are exact, they differ in what is left."""
-    from cnnc.pass_contract import parse_pipeline
+    from cnnc.pipeline.contract import parse_pipeline
 
     inits = [("W1", _weights(rng, 8, 3, 3, 3)), ("B1", _weights(rng, 8)), ("W2", _weights(rng, 8, 8, 3, 3)),
              ("W3", _weights(rng, 4, 8, 1, 1))]

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cnnc
-from cnnc import backend
+from cnnc.io import backend
 from cnnc.cli import cli
-from cnnc.pipeline import run_pipeline
+from cnnc.pipeline.manager import run_pipeline
 
 
 def _residual_chain(rng, zero_blocks, n_blocks=4, channels=3, spatial=(5, 7), kernel=(3, 3), dilation=1,
@@ -159,7 +159,7 @@ def test_a_block_from_graph_input_to_graph_output_is_kept(rng):
 
 def test_registered_as_approximate_and_not_default():
     assert DropBlocks.exact is False and DropBlocks.default is False
-    assert "drop-blocks" not in cnnc.pass_contract.default_pass_names()
+    assert "drop-blocks" not in cnnc.pipeline.contract.default_pass_names()
 
 
 def test_compile_with_drop_blocks_passes_the_equivalence_check(rng, tmp_path):

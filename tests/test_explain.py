@@ -15,10 +15,10 @@ from helpers import make_model
 from torch import nn
 
 from cnnc.cli import cli
-from cnnc.cli_analysis import load_graph
+from cnnc.cli.analysis import load_graph
 from cnnc.errors import ModelError, UsageError
-from cnnc.explain import BackMap, format_dataset_table, parse_unit, plot_hypersurface, relative_error
-from cnnc.frontend import from_torch
+from cnnc.analysis.explain import BackMap, format_dataset_table, parse_unit, plot_hypersurface, relative_error
+from cnnc.io.frontend import from_torch
 from cnnc.ir import constant_value
 
 EXACT = 1e-11  # float64: the identity holds to rounding

@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cnnc
-from cnnc import backend
+from cnnc.io import backend
 from cnnc.passes.fold_bn import FoldBatchNorm
-from cnnc.pipeline import run_pipeline
+from cnnc.pipeline.manager import run_pipeline
 from helpers import assert_same_outputs, bn_params, make_model, op_counts
 
 
@@ -274,7 +274,7 @@ def test_random_conv_bn_graphs(data):
 
 def test_api_compile_torch_resnet_leaves_no_batchnorm():
     torch = pytest.importorskip("torch")
-    from cnnc.examples import build_example
+    from cnnc.zoo import build_example
 
     module, example_input = build_example("resnet-bn")
     result = cnnc.compile(module, passes="fold-bn", example_input=example_input, rtol=1e-4, atol=1e-5)

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from onnx import external_data_helper
 
 import cnnc
-from cnnc import backend, target
+from cnnc.io import backend, target
 from cnnc.errors import ModelError, UsageError
-from cnnc.frontend import from_torch, load_model, load_onnx, load_state_dict
-from cnnc.pipeline import canonicalize
+from cnnc.io.frontend import from_torch, load_model, load_onnx, load_state_dict
+from cnnc.pipeline.manager import canonicalize
 from helpers import make_model, op_counts, run_model
 
 
@@ -280,7 +280,7 @@ def test_frontend_to_backend_round_trip(tmp_path):
 def test_export_restores_the_module_training_mode():
     import torch
 
-    from cnnc.frontend import from_torch
+    from cnnc.io.frontend import from_torch
 
     module = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).train()
     from_torch(module, torch.randn(1, 1, 5, 5))

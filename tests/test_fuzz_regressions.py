@@ -16,10 +16,10 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import cnnc
-from cnnc import backend
+from cnnc.io import backend
 from cnnc.errors import ModelError
 from cnnc.passes.drop_blocks import DropBlocks
-from cnnc.pipeline import run_pipeline
+from cnnc.pipeline.manager import run_pipeline
 from fuzz_graphs import pool_out, run_on_onnxruntime
 
 

@@ -27,7 +27,7 @@ from cnnc.homotopy import (
     Residual,
     SkipHomotopy,
 )
-from cnnc.pipeline import canonicalize
+from cnnc.pipeline.manager import canonicalize
 
 
 # Local equivalents of torchvision's blocks (torchvision is not a dependency): same attributes, same forward shape,

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cnnc.hypergraph import (Hyperedge, Hypergraph, LinearEdge, LinearHypergraph, greedy_order, min_peak_order,
+from cnnc.linear.hypergraph import (Hyperedge, Hypergraph, LinearEdge, LinearHypergraph, greedy_order, min_peak_order,
                              onnxruntime_default_order, resolvent, schedule_figures)
 from helpers import make_model
 

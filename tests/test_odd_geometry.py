@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import cnnc
-from cnnc.pass_contract import default_pass_names
+from cnnc.pipeline.contract import default_pass_names
 from helpers import op_counts, run_model
 
 

@@ -13,7 +13,7 @@ import pytest
 import cnnc
 import cnnc.passes
 import cnnc.runtime
-from cnnc.pass_contract import Pass, register, registered_passes
+from cnnc.pipeline.contract import Pass, register, registered_passes
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,10 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cnnc
-from cnnc import backend
+from cnnc.io import backend
 from cnnc.errors import UsageError
-from cnnc.pass_contract import parse_pipeline, registered_passes
-from cnnc.pipeline import run_pipeline
+from cnnc.pipeline.contract import parse_pipeline, registered_passes
+from cnnc.pipeline.manager import run_pipeline
 
 
 def _run(model, pass_=None):
@@ -428,7 +428,7 @@ def _homotopy_resnet():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1), Block(8, 8, 1), Block(8, 16, 2), Block(16, 16, 1),
                           Block(16, 24, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
-    from cnnc.examples import _realistic_batchnorm
+    from cnnc.zoo import _realistic_batchnorm
 
     _realistic_batchnorm(model, 0)
     example = torch.randn(2, 1, 12, 10)

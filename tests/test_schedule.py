@@ -19,11 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cnnc
-from cnnc import backend, ir
+from cnnc.io import backend
+from cnnc import ir
 from cnnc.cli import cli
-from cnnc.hypergraph import Hypergraph, onnxruntime_default_order
+from cnnc.linear.hypergraph import Hypergraph, onnxruntime_default_order
 from cnnc.passes.schedule import Schedule
-from cnnc.pipeline import run_pipeline
+from cnnc.pipeline.manager import run_pipeline
 from helpers import assert_same_outputs, make_model, op_counts
 
 # For tests of the rewrite itself on tiny tensors: launches dominate the cost model and memory may grow.
@@ -355,7 +356,7 @@ def test_random_networks(network, options):
 @settings(max_examples=15)
 @given(random_networks())
 def test_onnxruntime_execution_order_matches_the_model(network):
-    """PRIORITY_BASED runs the stored order; the default runs cnnc.hypergraph.onnxruntime_default_order."""
+    """PRIORITY_BASED runs the stored order; the default runs cnnc.linear.hypergraph.onnxruntime_default_order."""
     model, _ = network
     stored = [n.name for n in model.graph.node]
     assert _profile_order(model, ort.ExecutionOrder.PRIORITY_BASED) == stored

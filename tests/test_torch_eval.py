@@ -18,8 +18,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from cnnc.frontend import from_torch
-from cnnc.torch_eval import SUPPORTED_OPS, SubgraphFunction, evaluate_graph, unsupported_reason
+from cnnc.io.frontend import from_torch
+from cnnc.eval import SUPPORTED_OPS, SubgraphFunction, evaluate_graph, unsupported_reason
 from helpers import make_model, run_model
 
 RELATIVE_TOLERANCE = 1e-5

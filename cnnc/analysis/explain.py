@@ -47,7 +47,7 @@ import torch
 
 from cnnc.errors import ModelError, UsageError
 from cnnc.ir import constant_value, is_empty_input
-from cnnc.torch_eval import SubgraphFunction, topological_order, unsupported_reason
+from cnnc.eval import SubgraphFunction, topological_order, unsupported_reason
 
 MODES = ("RM0", "RM1", "RM2", "RM3", "RM4")
 TINY = float(np.finfo(np.float32).tiny)  # Eq. 16: c = 0 is replaced by the smallest positive (normal) float32

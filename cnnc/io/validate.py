@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from cnnc import target
+from cnnc.io import target
 from cnnc.errors import ModelError
-from cnnc.weightless import weightless_copy
+from cnnc.ir.weightless import weightless_copy
 
 MAX_RANK = 32
 MAX_SUBGRAPH_DEPTH = 8
@@ -124,7 +124,7 @@ def validate_model(model: onnx.ModelProto, onnx_checker: bool = True) -> None:
 
     `onnx_checker=False` runs only cnnc's own structural checks: onnx's checker opens external-data files (relative
     to the current directory for an in-memory model), so a model with external data is checked only once
-    `cnnc.external_data` has validated and inlined its tensors (see `check_with_onnx`).
+    `cnnc.io.external_data` has validated and inlined its tensors (see `check_with_onnx`).
     """
     _check_versions(model)
     _check_ranks(model.graph)

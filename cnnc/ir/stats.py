@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import onnx
 
-from cnnc.weightless import serialized_size, weightless_copy
+from cnnc.ir.weightless import serialized_size, weightless_copy
 
 
 def _dims(value: onnx.ValueInfoProto) -> list:

@@ -139,7 +139,7 @@ def cli(debug: bool) -> None:
 
 
 def _load_torch_source(model: str, module_factory: str | None, input_shapes):
-    from cnnc.examples import build_example  # noqa: F401  (keeps torch import lazy)
+    from cnnc.zoo import build_example  # noqa: F401  (keeps torch import lazy)
 
     if not module_factory:
         raise UsageError(f"{model} is a PyTorch state dict: give --module package.module:factory to build the net")
@@ -181,7 +181,7 @@ def compile_command(model, passes, output, json_path, no_check, verify_each, exa
                     external_data, bench, bench_batch, provider, check_n, seed, rtol, atol, input_shapes, inputs):
     """Compile MODEL (ONNX, or a .pt state dict with --module) and prove the result equivalent."""
     from cnnc import api
-    from cnnc.examples import build_example
+    from cnnc.zoo import build_example
 
     if (model is None) == (example is None):
         raise UsageError("give either MODEL or --example NAME")
@@ -217,7 +217,7 @@ def compile_command(model, passes, output, json_path, no_check, verify_each, exa
 
 def _bench_compiled(result, batch: str | None, provider: str, input_shapes: list[str]) -> None:
     """Time original vs compiled side by side and add the comparison to the compile report."""
-    from cnnc.cli_bench import parse_batches
+    from cnnc.cli.bench import parse_batches
     from cnnc.runtime.bench import bench_models
 
     report = bench_models([result.original, result.model], ["original", "compiled"], batch=parse_batches(batch),
@@ -237,7 +237,7 @@ def _print_bench(report: dict) -> None:
 @cli.command("passes")
 def passes_command():
     """List every registered pass."""
-    from cnnc.pass_contract import registered_passes
+    from cnnc.pipeline.contract import registered_passes
 
     import cnnc.passes  # noqa: F401
 
@@ -258,14 +258,14 @@ def passes_command():
 @click.option("--plot", default=None, metavar="PNG", help="with --schedule: draw the level structure to PNG")
 def inspect_command(model, as_json, schedule, batch, plot):
     """Op counts, parameters, MACs, inputs and outputs of MODEL."""
-    from cnnc.frontend import load_onnx
-    from cnnc.model_stats import model_stats
+    from cnnc.io.frontend import load_onnx
+    from cnnc.ir.stats import model_stats
 
     loaded = load_onnx(model)
     stats = model_stats(loaded)
     schedule_text = ""
     if schedule or plot:
-        from cnnc.cli_schedule import schedule_section
+        from cnnc.cli.schedule import schedule_section
 
         stats["schedule"], schedule_text = schedule_section(loaded, batch=batch, plot=plot)
     if as_json:
@@ -305,9 +305,9 @@ def verify_command(model_a, model_b, json_path, check_n, seed, rtol, atol, input
 @click.option("-o", "--output", default=None, help="where to write the ONNX model (default: NAME.onnx)")
 def example_command(name, output):
     """Write a built-in example model as ONNX (no NAME: list them)."""
-    from cnnc import backend
-    from cnnc.examples import EXAMPLES, build_example
-    from cnnc.frontend import from_torch
+    from cnnc.io import backend
+    from cnnc.zoo import EXAMPLES, build_example
+    from cnnc.io.frontend import from_torch
 
     if name is None:
         for example in EXAMPLES.values():
@@ -321,9 +321,9 @@ def example_command(name, output):
     click.echo(f"wrote {output}")
 
 
-cli.add_command(importlib.import_module("cnnc.cli_bench").bench_command)  # `cnnc bench` (issue 7)
-cli.add_command(importlib.import_module("cnnc.cli_analysis").analyze_command)  # `cnnc analyze` (issue 8)
-cli.add_command(importlib.import_module("cnnc.cli_analysis").explain_command)  # `cnnc explain` (issue 8)
+cli.add_command(importlib.import_module("cnnc.cli.bench").bench_command)  # `cnnc bench` (issue 7)
+cli.add_command(importlib.import_module("cnnc.cli.analysis").analyze_command)  # `cnnc analyze` (issue 8)
+cli.add_command(importlib.import_module("cnnc.cli.analysis").explain_command)  # `cnnc explain` (issue 8)
 
 
 def main() -> None:

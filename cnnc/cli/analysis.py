@@ -1,7 +1,7 @@
 """`cnnc analyze` (seed 001: perturbation from identity) and `cnnc explain` (seed 003: the adjoint back-map).
 
-Registered on the `cnnc` group at the end of `cnnc/cli.py`. The maths lives in `cnnc.analysis` and
-`cnnc.explain`; this module loads the model (BN folded by the fold-bn pass for explain, Eq. 7), parses options
+Registered on the `cnnc` group at the end of `cnnc/cli.py`. The maths lives in `cnnc.analysis.perturbation` and
+`cnnc.analysis.explain`; this module loads the model (BN folded by the fold-bn pass for explain, Eq. 7), parses options
 and prints. `load_graph` is also what scripts and tests use to get the graph the commands see.
 """
 
@@ -21,9 +21,9 @@ from cnnc.errors import ModelError, UsageError
 def load_graph(model: str | Path | onnx.ModelProto, fold_bn: bool) -> gs.Graph:
     """The model as a canonical graphsurgeon graph (constants folded, shapes inferred), with BN folded by the
     fold-bn pass when `fold_bn`; a BN that cannot be folded stays, and explain then refuses it by name."""
-    from cnnc.frontend import load_model
+    from cnnc.io.frontend import load_model
     from cnnc.passes.fold_bn import FoldBatchNorm
-    from cnnc.pipeline import run_pipeline
+    from cnnc.pipeline.manager import run_pipeline
 
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
     try:
@@ -35,7 +35,7 @@ def load_graph(model: str | Path | onnx.ModelProto, fold_bn: bool) -> gs.Graph:
 
 
 def _samples(graph: gs.Graph, inputs: str | None, random: int | None, seed: int, default: int) -> np.ndarray:
-    from cnnc.analysis import load_samples, sample_inputs
+    from cnnc.analysis.perturbation import load_samples, sample_inputs
 
     if inputs and random:
         raise UsageError("give --inputs or --random, not both")
@@ -72,7 +72,7 @@ def _need_matplotlib(option: str, path: str | None) -> None:
 def analyze_command(model, inputs, random, seed, eps, chunk, json_path, plot_path):
     """Per residual block of MODEL: absolute and scaled perturbation from identity, section distances and the
     depth the stopping rule suggests (seed 001)."""
-    from cnnc.analysis import format_report, measure_perturbations, plot_report
+    from cnnc.analysis.perturbation import format_report, measure_perturbations, plot_report
 
     _need_matplotlib("--plot", plot_path)
     graph = load_graph(model, fold_bn=False)
@@ -108,8 +108,8 @@ def analyze_command(model, inputs, random, seed, eps, chunk, json_path, plot_pat
 def explain_command(model, unit, mode, input_path, seed, dataset, inputs, random, explicit_units, chunk, list_units,
                     json_path, md_path, png_path):
     """Write a unit of a ReLU/LeakyReLU network as <x, H_I> + <x_b, H_b> (seed 003's adjoint back-map)."""
-    from cnnc.analysis import load_samples, sample_inputs
-    from cnnc.explain import BackMap, format_dataset_table, plot_hypersurface
+    from cnnc.analysis.perturbation import load_samples, sample_inputs
+    from cnnc.analysis.explain import BackMap, format_dataset_table, plot_hypersurface
 
     _need_matplotlib("--png", png_path)
     backmap = BackMap(load_graph(model, fold_bn=True))

@@ -15,8 +15,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from cnnc.errors import ModelError, UsageError
-from cnnc.hypergraph import Hypergraph, min_peak_order, onnxruntime_default_order, schedule_figures
-from cnnc.pipeline import canonicalize
+from cnnc.linear.hypergraph import Hypergraph, min_peak_order, onnxruntime_default_order, schedule_figures
+from cnnc.pipeline.manager import canonicalize
 
 # Above this many tensors the drawing of the hypergraph is unreadable; the plot then shows only the level widths.
 PLOT_TENSOR_LIMIT = 150

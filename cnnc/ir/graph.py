@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from cnnc.weightless import WEIGHTLESS_MIN_BYTES
+from cnnc.ir.weightless import WEIGHTLESS_MIN_BYTES
 
 # Tensors larger than this are never materialised by constant folding (a folded Tile or Expand could be huge).
 FOLD_SIZE_LIMIT_BYTES = 64 << 20
@@ -186,7 +186,7 @@ def _plain_values(constant: gs.Constant) -> bool:
 def export_weightless(graph: gs.Graph, do_type_check: bool = False) -> tuple[onnx.ModelProto, list[gs.Constant]]:
     """`graph` exported with its large constants declared as graph inputs, and those constants (which share their
     values with `graph`'s). Shape inference needs their types and shapes, not their values; exporting the values
-    would copy every weight through protobuf's MergeFrom, which serializes it (see cnnc.weightless)."""
+    would copy every weight through protobuf's MergeFrom, which serializes it (see cnnc.ir.weightless)."""
     light = graph.copy()  # shares the constants' values, so the conversion below leaves `graph` alone
     large = []
     for tensor in list(light.tensors().values()):

@@ -1,13 +1,13 @@
 """Backend: graphsurgeon graph -> checked ModelProto -> file, written atomically.
 
-- The emitted IR version and opset are ones the installed onnxruntime accepts (`cnnc.target`).
+- The emitted IR version and opset are ones the installed onnxruntime accepts (`cnnc.io.target`).
 - Every emitted model passes `onnx.checker.check_model(full_check=True)`.
 - Writing never leaves a partial file at the destination: model (and data) go to a temporary folder beside the
   target, are fsync'ed, and are moved in with `os.replace`. An external-data file always gets a name that no
   existing file has, so the previous model at the destination keeps pointing at its own, intact data until the
   instant the new model replaces it; the stale data file is removed afterwards.
 - Models over 2 GB (protobuf's limit) are written with external data `<out>.data` automatically.
-- Weights are never copied wholesale: checking and shape inference see a weightless copy (`cnnc.weightless`), and
+- Weights are never copied wholesale: checking and shape inference see a weightless copy (`cnnc.ir.weightless`), and
   external data is written tensor by tensor from the model itself, so a save holds at most one extra tensor.
 """
 
@@ -22,9 +22,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from cnnc import ir, target
+from cnnc import ir
+
+from cnnc.io import target
 from cnnc.errors import ModelError
-from cnnc.weightless import copy_fields, serialized_size, tensor_nbytes, weightless_copy, without_data
+from cnnc.ir.weightless import copy_fields, serialized_size, tensor_nbytes, weightless_copy, without_data
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 # Leave headroom under the protobuf limit for the graph structure itself.

@@ -14,8 +14,8 @@ from typing import Callable
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
-from cnnc.canonicalize import canonicalize
-from cnnc.pass_contract import Pass, PassResult
+from cnnc.ir.canonicalize import canonicalize
+from cnnc.pipeline.contract import Pass, PassResult
 
 # Called after each pass with (pass, graph); raises (e.g. EquivalenceError) to stop the pipeline.
 VerifyHook = Callable[[Pass, gs.Graph], None]

@@ -1,6 +1,6 @@
 """The dense matrix of an affine machine, f(X) = W·X + B (seed 000 Theorem 3.1: W = f_W(1), B = f(0)).
 
-f is evaluated in float64 by `cnnc.torch_eval`. B = f(0). The rows or columns of W come in batches:
+f is evaluated in float64 by `cnnc.eval`. B = f(0). The rows or columns of W come in batches:
 - reverse mode (the adjoint of seed 003; rows of W as vector-Jacobian products) when the output is smaller than the
   input: a batch of c zero inputs, one one-hot cotangent per batch element, one backward pass -> c rows;
 - forward mode when the input is smaller: a batch of c one-hot inputs, f(e_j) − f(0) -> c columns.

@@ -20,7 +20,7 @@ Finding blocks in a graph. A join is an `Add` of two data tensors (tensors compu
 With a post-activation block (ResNet v1, relu(x + f(x))) the measured quantity is ‖f(x)‖/‖x‖ at the join; the
 ReLU after it is not part of the perturbation.
 
-Activations are read with the float64 evaluator (`cnnc.torch_eval`), in chunks of samples.
+Activations are read with the float64 evaluator (`cnnc.eval`), in chunks of samples.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from cnnc.errors import ModelError, UsageError
-from cnnc.torch_eval import SubgraphFunction, topological_order
+from cnnc.eval import SubgraphFunction, topological_order
 
 # Ops that may sit on a projection shortcut: linear in their data input.
 _LINEAR_OPS = frozenset({

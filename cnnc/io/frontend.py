@@ -1,7 +1,7 @@
 """Frontends: an ONNX file, a PyTorch module, or a `.pt`/`.pth` state dict, into an ONNX ModelProto.
 
 Untrusted files are the normal case. An ONNX file is parsed without following its external-data references, checked
-(`cnnc.validate`), and only then are its external tensors read, through the checks of `cnnc.external_data`.
+(`cnnc.io.validate`), and only then are its external tensors read, through the checks of `cnnc.io.external_data`.
 A `.pt` file is only ever read with `torch.load(weights_only=True)`, never retried otherwise.
 """
 
@@ -18,8 +18,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from cnnc.errors import ModelError, UsageError
-from cnnc.external_data import has_external_data, load_external_data
-from cnnc.validate import check_divisors, check_with_onnx, validate_model
+from cnnc.io.external_data import has_external_data, load_external_data
+from cnnc.io.validate import check_divisors, check_with_onnx, validate_model
 
 # Opset that the torch exporter is asked for: new enough for every op cnnc rewrites, old enough for any onnxruntime.
 TORCH_EXPORT_OPSET = 17
@@ -162,7 +162,7 @@ def load_model(source: Any, example_input: Any = None) -> onnx.ModelProto:
     if isinstance(source, onnx.ModelProto):
         if has_external_data(source):
             # Its locations would be resolved against the current folder, not the model's: only a path can be
-            # checked (cnnc.external_data) and read safely.
+            # checked (cnnc.io.external_data) and read safely.
             raise ModelError("this ModelProto references external data; pass the model's file path instead")
         validate_model(source)
         return source

@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from cnnc import ir
-from cnnc.torch_eval import same_pads
+from cnnc.eval import same_pads
 
 PER_CHANNEL_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
 

@@ -1,0 +1,1 @@
+"""The pass infrastructure: the pass contract, pipeline specs and the pass manager."""
