@@ -10,8 +10,8 @@ if __name__ != "cnnc.passes":
 from cnnc.passes import fold_bn  # noqa: E402,F401
 from cnnc.passes import remove_skip  # noqa: E402,F401
 from cnnc.passes import collapse  # noqa: E402,F401
-from cnnc.passes import destride, destride_network  # noqa: E402,F401
+from cnnc.passes import destride  # noqa: E402,F401
 from cnnc.passes import drop_blocks  # noqa: E402,F401
 from cnnc.passes import schedule  # noqa: E402,F401  (last: it reorders nodes, later passes may not keep the order)
 
-__all__ = ["fold_bn", "remove_skip", "collapse", "destride", "destride_network", "drop_blocks", "schedule"]
+__all__ = ["fold_bn", "remove_skip", "collapse", "destride", "drop_blocks", "schedule"]

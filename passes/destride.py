@@ -23,7 +23,7 @@ AveragePool equals a depthwise conv with weights 1/Πk when every window divides
 ceil_mode window, or count_include_pad = 1. A strided ConvTranspose is the mirror image: the phases of its output are
 y[s·j+r] = Σ_{c,b} x[c, j−(k'−1)+b]·W[c, o, s(k'−1−b)+r], k' = ⌈k/s⌉, a stride-1 conv with ΠS·O outputs and
 pads k'−1, then DepthToSpace and a Slice of the pads. Whole-network mode (Theorem 2) keeps feature maps polyphase
-across convs and elementwise ops (planned in destride_network.py) and re-assembles where they stop commuting.
+across convs and elementwise ops (planned in cnnc/linear/polyphase.py) and re-assembles where they stop commuting.
 
 Cost: MACs change by about Π(s·⌈k/s⌉/k) over the axes: ×16/9 for 3×3 stride 2, ×1 for 2×2 stride 2, ×1 for 1×1
 stride 2 (×4 if the unused phases were kept). In network mode a conv with G > 1 multiplies the structural zeros of
@@ -43,8 +43,8 @@ from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from cnnc.passes import destride_network as network
-from cnnc.passes.destride_network import CHANNEL_MAJOR, PHASE_MAJOR, Builder, expand_channels, is_one
+from cnnc.linear import polyphase as network
+from cnnc.linear.polyphase import CHANNEL_MAJOR, PHASE_MAJOR, Builder, expand_channels, is_one
 
 from cnnc import ir
 from cnnc.pipeline.contract import Pass, PassResult, register

@@ -9,7 +9,7 @@ import onnx.helper as oh
 import onnx_graphsurgeon as gs
 import pytest
 from cnnc.passes.destride import Destride, plan_axis, polyphase_weight
-from cnnc.passes.destride_network import CHANNEL_MAJOR, PHASE_MAJOR, Builder
+from cnnc.linear.polyphase import CHANNEL_MAJOR, PHASE_MAJOR, Builder
 from helpers import assert_same_outputs, make_model, op_counts, run_model
 from hypothesis import given
 from hypothesis import strategies as st

@@ -1,4 +1,4 @@
-"""Polyphase layouts and the region rewrite of `destride` (seed 004, Theorem 2); the conv maths is in destride.py.
+"""Polyphase layouts and the region rewrite of `destride` (seed 004, Theorem 2); the conv maths is in passes/destride.py.
 
 A tensor of spatial lengths L held with factor F (one per axis, F | L) is stored as C·ΠF channels of L/F: phase r of
 channel c holds t[c, F·q + r], in phase-major (q·C + c, as SpaceToDepth) or channel-major (c·P + q) order.
