@@ -25,21 +25,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from cnnc.runtime import bench
+from cnnc.runtime.environment import device_slug
+from cnnc.runtime.session import make_session
 from torch import nn
 
+import cnnc
+from cnnc.io.frontend import from_torch
+from cnnc.zoo import calibrate_batchnorm
+from cnnc.zoo.blocks import RepVGGBlock
+from cnnc.zoo.resnets import BasicBlock, Bottleneck, ResNet
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-import paper_models  # noqa: E402
-
-import cnnc  # noqa: E402
-from cnnc.io.frontend import from_torch  # noqa: E402
-from cnnc.runtime import bench  # noqa: E402
-from cnnc.runtime.session import make_session  # noqa: E402
-
-DEPTHS = {"resnet18": (paper_models.BasicBlock, (2, 2, 2, 2)), "resnet34": (paper_models.BasicBlock, (3, 4, 6, 3)),
-          "resnet50": (paper_models.Bottleneck, (3, 4, 6, 3)), "resnet101": (paper_models.Bottleneck, (3, 4, 23, 3))}
+DEPTHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
+          "resnet50": (Bottleneck, (3, 4, 6, 3)), "resnet101": (Bottleneck, (3, 4, 23, 3))}
 
 
 def _identity(x):
@@ -50,22 +50,10 @@ def linear_resnet(depth: str, in_channels: int, classes: int, seed: int = 0) -> 
     """A ResNet with every nonlinearity removed and the stem max-pool replaced by an average pool (seed 000 §5.2)."""
     torch.manual_seed(seed)
     block, layers = DEPTHS[depth]
-    module = paper_models.ResNet(block, layers, (64, 128, 256, 512), in_channels, classes, activation=_identity)
+    module = ResNet(block, layers, (64, 128, 256, 512), in_channels, classes, activation=_identity)
     module.pool = nn.AvgPool2d(3, 2, 1)
-    paper_models.calibrate_batchnorm(module.eval(), (8, in_channels, 28, 28), seed)
+    calibrate_batchnorm(module.eval(), (8, in_channels, 28, 28), seed)
     return module.eval()
-
-
-class RepVGGBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.dense = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
-        self.pointwise = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        self.identity = nn.BatchNorm2d(cout) if stride == 1 and cin == cout else None
-
-    def forward(self, x):
-        y = self.dense(x) + self.pointwise(x)
-        return F.relu(y + self.identity(x) if self.identity is not None else y)
 
 
 def repvgg_a0(classes: int = 1000) -> nn.Module:
@@ -76,7 +64,7 @@ def repvgg_a0(classes: int = 1000) -> nn.Module:
             blocks.append(RepVGGBlock(cin, width, 2 if index == 0 else 1))
             cin = width
     module = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)).eval()
-    paper_models.calibrate_batchnorm(module, (4, 3, 112, 112), 0)
+    calibrate_batchnorm(module, (4, 3, 112, 112), 0)
     return module
 
 
@@ -179,7 +167,7 @@ def main(argv=None) -> int:
                "entries": entries}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"collapse-{date}-{bench.device_slug({'environment': env, 'settings': entries[0]['settings']})}"
+    stem = out / f"collapse-{date}-{device_slug({'environment': env, 'settings': entries[0]['settings']})}"
     Path(f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     write_markdown(results, Path(f"{stem}.md"))
     write_plot(results, Path(f"{stem}.png"))

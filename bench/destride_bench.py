@@ -4,7 +4,7 @@
 
 Cases: single strided convs (a 3-channel stem at 224×224, 7×7 and 3×3; 3×3, 1×1 and 2×2 stride-2 convs inside a
 ResNet-like net; a depthwise 3×3 stride-2 conv), compiled with `--passes destride`, and seed 004's all-conv LeNet
-(bench/paper_models.py) with `destride` (per conv) and `destride{mode=network}` (Theorem 2). Each is timed against
+(cnnc.zoo.paper) with `destride` (per conv) and `destride{mode=network}` (Theorem 2). Each is timed against
 its original interleaved at ORT_ENABLE_ALL with cnnc.runtime.bench; the MAC change is the pass's own count.
 Results: bench/results/destride-<date>-<device>.{json,md}.
 """
@@ -18,16 +18,15 @@ import sys
 from pathlib import Path
 
 import torch
+from cnnc.runtime import bench
+from cnnc.runtime.environment import device_slug
 from torch import nn
 
+import cnnc
+from cnnc.io.frontend import from_torch
+from cnnc.zoo.paper import LeNetAllConv
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import paper_models  # noqa: E402
-
-import cnnc  # noqa: E402
-from cnnc.io.frontend import from_torch  # noqa: E402
-from cnnc.runtime import bench  # noqa: E402
 
 SINGLE_CONVS = [  # (label, in channels, out channels, kernel, stride, groups, input size)
     ("stem 3→32 3×3/2", 3, 32, 3, 2, 1, 224),
@@ -77,12 +76,12 @@ def main(argv=None) -> int:
         conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups)
         entries.append(_case(label, nn.Sequential(conv, nn.ReLU()), (1, cin, size, size), "destride", args.provider,
                              [1], args.duration, log))
-    lenet = paper_models.LeNetAllConv()
+    lenet = LeNetAllConv()
     for passes in ("destride", "destride{mode=network}"):
         entries.append(_case("seed 004 all-conv LeNet", lenet, (1, 1, 28, 28), passes, args.provider, [1, 64],
                              args.duration, log))
     env = entries[0]["environment"]
-    slug = bench.device_slug({"environment": env, "settings": entries[0]["settings"]})
+    slug = device_slug({"environment": env, "settings": entries[0]["settings"]})
     date = datetime.date.today().isoformat()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

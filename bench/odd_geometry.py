@@ -24,6 +24,7 @@ sys.path.insert(0, str(HERE))  # paper_models.py sits beside this script
 
 import paper_models
 from cnnc.runtime import bench, bench_report
+from cnnc.runtime.environment import device_slug
 
 import cnnc
 
@@ -67,7 +68,7 @@ def main() -> int:
                      f"[{ratio['ci95'][0]:.3f}-{ratio['ci95'][1]:.3f}] | {comparison['verdict']} |")
     report["compile"] = {"passes": passes, "equivalence": equivalence, "nodes": [before["nodes"], after["nodes"]],
                          "ops_before": before["ops"], "ops_after": after["ops"]}
-    stem = f"odd-geometry-{datetime.date.today().isoformat()}-{bench.device_slug(report)}"
+    stem = f"odd-geometry-{datetime.date.today().isoformat()}-{device_slug(report)}"
     args.out.mkdir(parents=True, exist_ok=True)
     bench_report.write_json(report, args.out / f"{stem}.json")
     text = ["# Compiled ResNet-18 against the original at ORT_ENABLE_ALL", "",

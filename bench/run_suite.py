@@ -29,9 +29,11 @@ import paper_models  # noqa: E402
 
 import cnnc  # noqa: E402
 from cnnc.errors import CnncError  # noqa: E402
-from cnnc.pipeline.contract import default_pass_names, registered_passes  # noqa: E402
+from cnnc.passes import DEFAULT_PIPELINE, PASSES  # noqa: E402
 from cnnc.runtime import bench, bench_report  # noqa: E402
+from cnnc.runtime.environment import device_slug  # noqa: E402
 from cnnc.runtime.equivalence import DEFAULT_ATOL  # noqa: E402
+from cnnc.runtime.session import runnable_model  # noqa: E402
 
 QUICK_MODELS = ("linear-resnet34", "skip3-linear", "allskip6-homotopy", "lenet-allconv")
 # Seconds of interleaved timing per (model, batch), and warm-up rounds. Large batches of the 224×224 nets take
@@ -80,11 +82,11 @@ def _compile(spec, original, passes: str | None, atol: float) -> tuple[object | 
     try:
         result = cnnc.compile(original, passes=passes, atol=atol)
     except CnncError as error:  # an equivalence failure or a refused model: recorded, the suite goes on
-        return None, {"passes": passes or ",".join(default_pass_names()), "failed": f"{type(error).__name__}: "
+        return None, {"passes": passes or ",".join(DEFAULT_PIPELINE), "failed": f"{type(error).__name__}: "
                                                                                f"{error}"}
     report = result.report
     return result.model, {
-        "passes": passes or ",".join(default_pass_names()),
+        "passes": passes or ",".join(DEFAULT_PIPELINE),
         "seconds": round(time.perf_counter() - started, 2),
         "equivalence": report["equivalence"]["summary"],
         "pass_records": _pass_summary(report),
@@ -100,7 +102,7 @@ def run_model(spec, batches, provider, threads, duration, log) -> tuple[dict, li
     record = {"name": spec.name, "source": spec.source, "input_shape": list(spec.input_shape),
               "linear": spec.linear, "paper_result": spec.paper_result,
               "subnormal_activations": paper_models.subnormal_fraction(module, example)}
-    original = bench.runnable_model(exporter(module, example))
+    original = runnable_model(exporter(module, example))
     record["export_seconds"] = round(time.perf_counter() - started, 2)
     # The check's tolerance: the compiled model must agree with the original to within a few times the original's
     # own float32 error. A deep plain net of random weights is ill-conditioned enough that exact rewrites (BN
@@ -113,7 +115,7 @@ def run_model(spec, batches, provider, threads, duration, log) -> tuple[dict, li
     models, labels, record["variants"] = [original], ["original"], {}
     for label, passes in variants:
         missing = [p.split("{")[0] for p in (passes or "").split(",") if p and p.split("{")[0] not in
-                   registered_passes()]
+                   PASSES]
         if missing:
             record["variants"][label] = {"passes": passes, "failed": f"pass(es) not registered: {missing}"}
             continue
@@ -246,9 +248,9 @@ def main(argv=None) -> int:
               "settings": {**last["settings"], "warmup_rounds": "10 (2 for 224x224 at batch > 1)",
                            "duration_s": duration or f"{DURATION_S['small']} ({DURATION_S['big']} for 224x224)",
                            "devices_used": sorted({m["device"] for c in comparisons for m in c["models"]})},
-              "default_passes": default_pass_names(), "notes": [], "models": records, "comparisons": comparisons,
+              "default_passes": list(DEFAULT_PIPELINE), "notes": [], "models": records, "comparisons": comparisons,
               "wall_seconds": round(time.perf_counter() - started, 1)}
-    report["device_slug"] = bench.device_slug(report)
+    report["device_slug"] = device_slug(report)
     stem = f"{report['environment']['date_utc'][:10]}-{report['device_slug']}" + ("-quick" if args.quick else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,15 +17,15 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
-import cnnc.passes  # noqa: F401  (registers every pass)
 from cnnc.io import backend
 from cnnc import ir
 from cnnc.io.target import runnable
 from cnnc.errors import EquivalenceError, ModelError
-from cnnc.io.frontend import apply_state_dict, load_model
+from cnnc.io.frontend import load_model
 from cnnc.ir.stats import model_stats
-from cnnc.pipeline.contract import Pass, default_pass_names, parse_pipeline
-from cnnc.pipeline.manager import run_pipeline
+from cnnc.passes import DEFAULT_PIPELINE, ORDER_CONSTRAINTS, parse_pipeline
+from cnnc.pipeline.contract import Pass
+from cnnc.pipeline.manager import check_model, run_pipeline
 from cnnc.runtime.equivalence import DEFAULT_ATOL, DEFAULT_RTOL, check_equivalence
 
 
@@ -51,16 +51,14 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
             check_n: int = 2, seed: int = 0, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
             input_shapes=None, inputs=None, verify_each: bool = False, state_dict: str | Path | None = None,
             strict: bool = False) -> CompileResult:
-    """Compile `model` (ONNX path, ModelProto or nn.Module) with `passes` (default: every default exact pass).
+    """Compile `model` (ONNX path, ModelProto or nn.Module) with `passes` (default: `DEFAULT_PIPELINE`).
 
-    With `check` (the default) the result is proven equivalent to the original on seeded inputs (DESIGN §6) and
+    With `check` (the default) the result is proven equivalent to the original on seeded inputs (ARCHITECTURE.md) and
     `EquivalenceError` is raised otherwise; `verify_each` checks after every pass and names the pass that broke it.
     """
     started = time.perf_counter()
-    if state_dict is not None:
-        apply_state_dict(model, state_dict)
-    original = runnable(load_model(model, example_input))
-    pipeline: list[Pass] = parse_pipeline(passes if passes is not None else default_pass_names())
+    original = runnable(load_model(model, example_input, state_dict=state_dict))
+    pipeline: list[Pass] = parse_pipeline(passes if passes is not None else DEFAULT_PIPELINE)
     check_options = dict(n=check_n, seed=seed, rtol=rtol, atol=atol, input_shapes=input_shapes, user_inputs=inputs)
     per_pass: dict[str, dict] = {}
 
@@ -82,12 +80,14 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
         raise ModelError(f"cannot import the model into the IR: {error}") from None
     unread = ir.unread_constants(graph)
     graph, pipeline_report = run_pipeline(graph, pipeline, verify=verify_after if verify_each else None,
-                                          strict=strict)
+                                          strict=strict, constraints=ORDER_CONSTRAINTS)
     ir.forget_loaded_values(graph, unread)  # export then reuses the original tensors: no copy of what passes read
     compiled = backend.to_model(graph, template=original)
-    backend.check(compiled)
+    check_model(compiled, pipeline_report)
     report: dict = {
         "passes": pipeline_report.as_dict(),
+        "housekeeping": pipeline_report.housekeeping_as_dict(),  # canonicalize, tidy, refresh-shapes, check-model
+        "order_notes": pipeline_report.order_notes,  # constraints of cnnc.passes.ORDER_CONSTRAINTS the order breaks
         "canonicalize_seconds": round(pipeline_report.canonicalize_seconds, 6),
         "before": model_stats(original),
         "after": model_stats(compiled),

@@ -13,7 +13,7 @@ explicit reverse-mode H. It also runs
 
     python examples/explain_paper_nets.py --models /tmp/cnnc-nets --results bench/results
 
-The networks:
+The networks (defined in cnnc.zoo.paper):
 - lenet:    seed 004 Table 1 (non-unity stride): 5×5 conv 20, 2×2/2 conv 20, 5×5 conv 50, 2×2/2 conv 50, fc 500,
             fc 10, ReLU after every layer but the last; 1×28×28.
 - vgg7:     seed 003 Table A.1: 3×3 convs 32, 32 | 64, 64 | 96, 96 with BN and ReLU, average pools of window 3 and
@@ -30,96 +30,28 @@ import argparse
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from cnnc.io.frontend import from_torch
+from cnnc.zoo import draw_batchnorm_statistics
+from cnnc.zoo.paper import VGG7, LeNetAllConv, ResNet20
 
-
-class LeNetAllConv(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 20, 5), nn.ReLU(), nn.Conv2d(20, 20, 2, 2), nn.ReLU(),
-                                      nn.Conv2d(20, 50, 5), nn.ReLU(), nn.Conv2d(50, 50, 2, 2), nn.ReLU())
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
-class VGG7(nn.Module):
-    def __init__(self):
-        super().__init__()
-        layers, channels = [], 3
-        for index, width in enumerate((32, 32, 64, 64, 96, 96)):
-            if index in (2, 4):
-                layers.append(nn.AvgPool2d(3, 2, 1))
-            layers += [nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-            channels = width
-        self.features = nn.Sequential(*layers)
-        self.fc = nn.Linear(96, 10)
-
-    def forward(self, x):
-        return torch.relu(self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride, slope=0.1):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.stride, self.extra, self.slope = stride, cout - cin, slope
-
-    def forward(self, x):
-        y = F.leaky_relu(self.bn1(self.conv1(x)), self.slope)
-        y = self.bn2(self.conv2(y))
-        shortcut = x
-        if self.stride != 1 or self.extra:  # option A: subsample, then pad the new channels with zeros
-            shortcut = F.pad(F.avg_pool2d(x, 1, self.stride), (0, 0, 0, 0, 0, self.extra))
-        return F.leaky_relu(y + shortcut, self.slope)
-
-
-class ResNet20(nn.Module):
-    def __init__(self, widths=(16, 32, 64), slope=0.1):
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0])
-        blocks, channels = [], widths[0]
-        for section, width in enumerate(widths):
-            for index in range(3):
-                blocks.append(BasicBlock(channels, width, 2 if section and index == 0 else 1, slope))
-                channels = width
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(channels, 10)
-        self.slope = slope
-
-    def forward(self, x):
-        x = self.blocks(F.leaky_relu(self.bn(self.stem(x)), self.slope))
-        return F.leaky_relu(self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)), self.slope)
-
-
-NETWORKS = {"lenet": (LeNetAllConv, (1, 1, 28, 28)), "vgg7": (VGG7, (1, 3, 32, 32)),
+NETWORKS = {"lenet": (LeNetAllConv, (1, 1, 28, 28)), "vgg7": (partial(VGG7, head="global-pool"), (1, 3, 32, 32)),
             "resnet20": (ResNet20, (1, 3, 32, 32))}
 
 
 def build(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
-    """The network with seeded weights and BN statistics near those of a trained net (means near 0, variances
+    """The network with seeded weights and drawn BN statistics near those of a trained net (means near 0, variances
     and scales near 1), so that activations neither vanish nor explode through the untrained layers."""
     factory, shape = NETWORKS[name]
     torch.manual_seed(seed)
     module = factory().eval()
-    generator = torch.Generator().manual_seed(seed)
-    for layer in module.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            n = layer.num_features
-            with torch.no_grad():
-                layer.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
-                layer.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-                layer.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                layer.bias.copy_(0.1 * torch.randn(n, generator=generator))
+    draw_batchnorm_statistics(module, seed)
     return module, shape
 
 

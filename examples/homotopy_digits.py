@@ -47,6 +47,7 @@ from cnnc.homotopy import (
     ListSchedule,
     SkipHomotopy,
 )
+from cnnc.zoo.resnets import BasicBlock
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEDULES = {
@@ -84,29 +85,6 @@ def load_digits_28(seed: int = 0, validation: float = 0.2):
 # ----------------------------------------------------------------------------------------------------- models
 
 
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock, as written there: cnnc.homotopy finds `out += identity` with torch.fx."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
 class SmallResNet(nn.Module):
     """1x28x28 -> stem 16@14 -> 2 blocks 16@14 -> 32@7 (projection, stride 2) -> 64@4 (projection) -> 10 classes.
 
@@ -116,8 +94,10 @@ class SmallResNet(nn.Module):
     def __init__(self, width: int = 16):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        # cnnc.zoo's BasicBlock is torchvision's: cnnc.homotopy finds `out += identity` with torch.fx.
         self.layers = nn.Sequential(BasicBlock(width, width), BasicBlock(width, width),
-                                    BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 4 * width, 2))
+                                    BasicBlock(width, 2 * width, 2, "projection"),
+                                    BasicBlock(2 * width, 4 * width, 2, "projection"))
         self.head = nn.Linear(4 * width, 10)
 
     def forward(self, x):

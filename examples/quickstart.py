@@ -2,10 +2,10 @@
 
     python examples/quickstart.py
 
-A RepVGG-style block stack (3×3+BN, 1×1+BN and identity-BN branches summed before each ReLU) with a pooled linear
-head: fold-bn folds every BN, collapse merges each block's branches into one 3×3 conv (its cost model keeps the
-pooled head, which is already cheaper than a dense map), and the result is proven equivalent on seeded inputs before
-anything is written.
+A RepVGG-style block stack (cnnc.zoo.blocks.RepVGGBlock: 3×3+BN, 1×1+BN and identity-BN branches summed before
+each ReLU) with a pooled linear head: fold-bn folds every BN, collapse merges each block's branches into one 3×3
+conv (its cost model keeps the pooled head, which is already cheaper than a dense map), and the result is proven
+equivalent on seeded inputs before anything is written.
 """
 
 from __future__ import annotations
@@ -14,28 +14,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+from cnnc.runtime.bench import bench_models
 from torch import nn
 
 import cnnc
-from cnnc.runtime.bench import bench_models
-
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.k3 = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
-        self.k1 = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        self.identity = nn.BatchNorm2d(cout) if stride == 1 and cin == cout else None
-
-    def forward(self, x):
-        y = self.k3(x) + self.k1(x)
-        return torch.relu(y + self.identity(x) if self.identity is not None else y)
+from cnnc.zoo.blocks import RepVGGBlock
 
 
 def main() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(Block(3, 16, 2), Block(16, 16, 1), Block(16, 32, 2), Block(32, 32, 1),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    blocks = [RepVGGBlock(3, 16, 2), RepVGGBlock(16, 16, 1), RepVGGBlock(16, 32, 2), RepVGGBlock(32, 32, 1)]
+    model = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
     example = torch.randn(1, 3, 64, 48)
 
     result = cnnc.compile(model, passes="fold-bn,collapse", example_input=example)

@@ -26,18 +26,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
+from cnnc.eval import SubgraphFunction, unsupported_reason
 from cnnc.linear.affine_map import dense_affine_map, verify_affine_map
 from cnnc.linear.conv_equivalent import extract_conv
 from cnnc.linear.machines import (DATA_MOVEMENT_OPS, LinearMachine, cut_tensors, find_linear_machines,
                                   split_at_outputs, split_at_tensor)
-from cnnc.pipeline.contract import Pass, PassResult, register
-from cnnc.eval import SubgraphFunction, unsupported_reason
+from cnnc.pipeline.contract import Pass, PassResult, single_producers
+from cnnc.pipeline.match import MatchResult, fail, first_match, success
 
 ACTIVATION_BUDGET_BYTES = 4 << 30  # float64 activations kept for one batch of Jacobian probes
 MAX_RELATIVE_DEVIATION = 1e-9  # a true affine replacement matches to float64 rounding
@@ -126,7 +128,6 @@ def _emit_gemm(graph: gs.Graph, machine: LinearMachine, weight: np.ndarray, bias
             _add(graph, "Reshape", [part, target], base, dtype, output=tensor)
 
 
-@register
 @dataclass(frozen=True)
 class Collapse(Pass):
     """Each linear machine -> one Conv (branch merge / chain) or one Gemm, exactly, by cost."""
@@ -136,6 +137,18 @@ class Collapse(Pass):
     conv: Literal["auto", "force", "off"] = "auto"  # force: ignore the cost model; off: never
     gemm: Literal["auto", "force", "off"] = "auto"
     max_weight_mb: float = 1024.0  # a dense W above this is refused
+
+    def requires(self, graph: gs.Graph) -> None:
+        # A machine's boundary is read off who writes and who reads each tensor: one writer per tensor.
+        broken = single_producers(graph)
+        if broken is not None:
+            raise self.precondition(f"the graph is not in single-assignment form: {broken}")
+
+    def ensures(self, graph: gs.Graph, result: PassResult) -> None:
+        # A replacement writes the machine's own output tensors, so every graph output keeps exactly one writer.
+        broken = single_producers(graph)
+        if broken is not None:
+            raise self.postcondition(f"a replacement left the graph broken: {broken}")
 
     def run(self, graph: gs.Graph) -> PassResult:
         result = PassResult()
@@ -155,24 +168,25 @@ class Collapse(Pass):
         return result
 
     def _replace(self, graph: gs.Graph, machine: LinearMachine, result: PassResult) -> str | None:
-        """Replace `machine` by the first strategy that applies; None on success, else why none did."""
-        reasons = []
-        for strategy in ("conv", "gemm"):
-            mode = getattr(self, strategy)
-            if mode == "off":
-                reasons.append(f"{strategy}: disabled")
-                continue
-            try:
-                done, why = getattr(self, f"_try_{strategy}")(graph, machine, force=mode == "force")
-            except (ValueError, RuntimeError, IndexError) as error:
-                # The float64 evaluator or torch refuses the machine at the probe shapes (e.g. a Reshape that
-                # hard-codes batch 1): this machine stays, the others are still collapsed.
-                done, why = False, f"evaluation failed: {type(error).__name__}: {str(error).splitlines()[0]}"
-            if done:
-                result.did(f"{machine.describe()} -> {why}")
-                return None
-            reasons.append(f"{strategy}: {why}")
-        return "; ".join(reasons)
+        """Replace `machine` by the first strategy that applies (one Conv, else one Gemm); None on success, else
+        why none did."""
+        outcome = first_match((strategy, partial(self._attempt, strategy, graph, machine))
+                              for strategy in ("conv", "gemm"))
+        if outcome:
+            result.did(f"{machine.describe()} -> {outcome.value}")
+            return None
+        return outcome.reasons(labelled=True)
+
+    def _attempt(self, strategy: str, graph: gs.Graph, machine: LinearMachine) -> MatchResult:
+        mode = getattr(self, strategy)
+        if mode == "off":
+            return fail("disabled")
+        try:
+            return getattr(self, f"_try_{strategy}")(graph, machine, force=mode == "force")
+        except (ValueError, RuntimeError, IndexError) as error:
+            # The float64 evaluator or torch refuses the machine at the probe shapes (e.g. a Reshape that
+            # hard-codes batch 1): this machine stays, the others are still collapsed.
+            return fail(f"evaluation failed: {type(error).__name__}: {str(error).splitlines()[0]}")
 
     def _shapes(self, machine: LinearMachine):
         ins = [_per_sample_shape(t) for t in machine.inputs]
@@ -181,18 +195,18 @@ class Collapse(Pass):
             return None
         return ins, outs
 
-    def _try_conv(self, graph: gs.Graph, machine: LinearMachine, force: bool) -> tuple[bool, str]:
+    def _try_conv(self, graph: gs.Graph, machine: LinearMachine, force: bool) -> MatchResult:
         if len(machine.inputs) != 1 or len(machine.outputs) != 1:
-            return False, "needs one input and one output"
+            return fail("needs one input and one output")
         source, target = machine.inputs[0], machine.outputs[0]
         function = SubgraphFunction(machine.nodes, machine.inputs, machine.outputs)
         chunk = max(1, ACTIVATION_BUDGET_BYTES // (2 * _activation_bytes(machine)))
         form, why = extract_conv(function, machine.nodes, source, target, chunk=chunk)
         if form is None:
-            return False, why
+            return fail(why)
         old, new = machine_cost(machine), _numel(target.shape) * math.prod(form.weight.shape[1:])
         if new > old and not force:
-            return False, f"one conv would cost {new} MACs per sample, the machine {old}"
+            return fail(f"one conv would cost {new} MACs per sample, the machine {old}")
         dtype = source.dtype or np.float32
         name = target.name + "_merged"
         weight = ir.make_constant(name + "_W", form.weight.astype(dtype), graph)
@@ -201,36 +215,36 @@ class Collapse(Pass):
         graph.nodes.append(gs.Node("Conv", ir.unique_name(graph, name), {
             "kernel_shape": list(form.weight.shape[2:]), "strides": list(form.strides), "pads": list(form.pads),
             "group": form.group}, inputs=[source, weight, bias], outputs=[target]))
-        return True, (f"one Conv {form.weight.shape[2]}×{form.weight.shape[3]}/{form.strides[0]} group {form.group} "
-                      f"({new} MACs per sample, was {old})")
+        return success(f"one Conv {form.weight.shape[2]}×{form.weight.shape[3]}/{form.strides[0]} group {form.group} "
+                       f"({new} MACs per sample, was {old})")
 
-    def _try_gemm(self, graph: gs.Graph, machine: LinearMachine, force: bool) -> tuple[bool, str]:
+    def _try_gemm(self, graph: gs.Graph, machine: LinearMachine, force: bool) -> MatchResult:
         shapes = self._shapes(machine)
         if shapes is None:
-            return False, "an input or output has unknown or symbolic non-batch dims"
+            return fail("an input or output has unknown or symbolic non-batch dims")
         ins, outs = shapes
         n, m = sum(map(math.prod, ins)), sum(map(math.prod, outs))
         factored = self._try_factored_gemm(graph, machine, m, n, force)
         if factored is not None:
-            return True, factored
+            return success(factored)
         old, weight_mb = machine_cost(machine), m * n * 4 / 2**20
         if not force and m * n >= old:
-            return False, f"a dense {m}×{n} W costs {m * n} MACs per sample, the machine {old}"
+            return fail(f"a dense {m}×{n} W costs {m * n} MACs per sample, the machine {old}")
         if weight_mb > self.max_weight_mb:
-            return False, f"a dense {m}×{n} W needs {weight_mb:.0f} MB (max_weight_mb={self.max_weight_mb:g})"
+            return fail(f"a dense {m}×{n} W needs {weight_mb:.0f} MB (max_weight_mb={self.max_weight_mb:g})")
         batch = machine.inputs[0].shape[0]
         if isinstance(batch, int) and batch != 1:
-            return False, f"the batch is fixed at {batch}; W is computed per sample"
+            return fail(f"the batch is fixed at {batch}; W is computed per sample")
         function = SubgraphFunction(machine.nodes, machine.inputs, machine.outputs)
         # Autograd keeps about one copy of the activations for the backward pass, plus the gradients in flight.
         chunk = max(1, min(256, ACTIVATION_BUDGET_BYTES // (2 * _activation_bytes(machine))))
         affine = dense_affine_map(function, ins, outs, chunk=chunk, label=f"collapse {machine.outputs[0].name}")
         deviation = verify_affine_map(function, affine)
         if not deviation <= MAX_RELATIVE_DEVIATION:
-            return False, f"not a per-sample affine map (deviation {deviation:.2g} on a random batch)"
+            return fail(f"not a per-sample affine map (deviation {deviation:.2g} on a random batch)")
         _retire(machine)
         _emit_gemm(graph, machine, affine.weight, affine.bias, machine.inputs[0].dtype or np.float32)
-        return True, f"one Gemm {m}×{n} ({m * n} MACs per sample, was {old}; float64 deviation {deviation:.1g})"
+        return success(f"one Gemm {m}×{n} ({m * n} MACs per sample, was {old}; float64 deviation {deviation:.1g})")
 
     def _try_factored_gemm(self, graph: gs.Graph, machine: LinearMachine, m: int, n: int, force: bool) -> str | None:
         """W = W2·W1 through the narrowest cut tensor, when two thin Gemms cost less than one m×n Gemm."""
@@ -245,8 +259,9 @@ class Collapse(Pass):
         for piece in (first, second):
             if piece is None or len(piece.nodes) < 2 or not piece.has_arithmetic:
                 continue  # already a single op (typically the classifier's own Gemm)
-            ok, why = self._try_gemm(graph, piece, force)
-            if not ok:
-                return None if not done else f"factored at {cut.name} (rank {rank}); {'; '.join(done)}; kept {why}"
-            done.append(why)
+            match = self._try_gemm(graph, piece, force)
+            if not match:
+                return None if not done else \
+                    f"factored at {cut.name} (rank {rank}); {'; '.join(done)}; kept {match.reason}"
+            done.append(match.value)
         return f"factored at {cut.name} (rank {rank}): " + "; ".join(done) if done else None

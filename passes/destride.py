@@ -47,7 +47,7 @@ from cnnc.linear import polyphase as network
 from cnnc.linear.polyphase import CHANNEL_MAJOR, PHASE_MAJOR, Builder, expand_channels, is_one
 
 from cnnc import ir
-from cnnc.pipeline.contract import Pass, PassResult, register
+from cnnc.pipeline.contract import Pass, PassResult
 
 
 @dataclass(frozen=True)
@@ -150,14 +150,6 @@ def transpose_weight(weight: np.ndarray, group: int, strides, taps, layout: str)
     return w.reshape(-1, c_in // group, *taps).astype(weight.dtype)
 
 
-def _float_constant(node: gs.Node, index: int) -> tuple[np.ndarray | None, bool]:
-    """(value, ok): the float constant at input `index`; ok is False when the input exists but is not one."""
-    if len(node.inputs) <= index or ir.is_empty_input(node.inputs[index]):
-        return None, True
-    value = ir.constant_value(node.inputs[index])
-    return value, value is not None and np.issubdtype(value.dtype, np.floating)
-
-
 def _resolve_pads(geometry: ir.ConvGeometry, lengths) -> tuple[int, ...]:
     """Explicit pads; for SAME_* the split onnxruntime makes (C++ division, not clamped: a kernel smaller than the
     stride can give a negative total, i.e. rows cropped at the end, or at the start, which conv_spec refuses)."""
@@ -174,9 +166,9 @@ def conv_spec(node: gs.Node) -> tuple[ConvSpec | None, str]:
     x = node.inputs[0]
     lengths = network.spatial_lengths(x)
     if node.op == "Conv":
-        weight, ok = _float_constant(node, 1)
-        bias, bias_ok = _float_constant(node, 2)
-        if weight is None or not ok or not bias_ok:
+        weight, _ = ir.float_constant(node, 1)
+        bias, bias_why = ir.float_constant(node, 2)
+        if weight is None or bias_why:
             return None, "weight or bias is not a float constant"
         geometry = ir.conv_geometry(node)
     else:
@@ -266,9 +258,9 @@ def emit_conv(builder: Builder, spec: ConvSpec, source: gs.Tensor, source_factor
 
 def destride_conv_transpose(builder: Builder, node: gs.Node) -> dict | str:
     """Rewrite a strided ConvTranspose as stride-1 Conv -> DepthToSpace -> Slice; returns stats or the reason not."""
-    weight, ok = _float_constant(node, 1)
-    bias, bias_ok = _float_constant(node, 2)
-    if weight is None or not ok or not bias_ok:
+    weight, _ = ir.float_constant(node, 1)
+    bias, bias_why = ir.float_constant(node, 2)
+    if weight is None or bias_why:
         return "weight or bias is not a float constant"
     geometry, x = ir.conv_geometry(node), node.inputs[0]
     lengths = network.spatial_lengths(x)
@@ -326,7 +318,6 @@ def _describe(stats: dict) -> str:
             f"{tuple(stats['factor_out'])}, MACs x{ratio:.2f}")
 
 
-@register
 @dataclass(frozen=True)
 class Destride(Pass):
     """Rewrite strided Conv / AveragePool / ConvTranspose as stride-1 convs over space-to-depth maps."""
@@ -334,7 +325,6 @@ class Destride(Pass):
     name = "destride"
     summary = ("strided convs as stride-1 convs over space-to-depth maps (seed 004); exact, but raises MACs by about "
                "(s·⌈k/s⌉/k)² and measured slower on CPU, so not run by default")
-    default = False
     mode: Literal["conv", "network"] = "conv"
     # Grouped and depthwise convs (and AveragePool, a depthwise conv) too. On onnxruntime's CPU provider a depthwise
     # 3×3 stride-2 conv became 16× slower: the rewritten conv has s² inputs per group and loses the depthwise kernel.

@@ -5,11 +5,12 @@ Maths (seed 001). A residual block computes x(l+1) = x(l) + f(x(l)); its scaled 
 where it is. When Δl < eps the block is close to the identity (a projection block: to its shortcut S(x)), and
 replacing x(l+1) by x(l) removes the whole branch f at a relative cost of about Δl at that point. The error after
 the rest of the network is not bounded by eps (later layers can amplify it), so the pass measures it: it runs the
-original and the rewritten graph on the same samples (float64 evaluator) and reports the largest output
-deviation, absolute and relative to the largest |output|, and with labels the top-1 accuracy before and after.
+original and the rewritten graph on the same samples on onnxruntime (`cnnc.runtime.deviation`, the measure that
+remove-skip-approx reports too) and reports the largest output deviation, absolute and relative to the largest
+|output|, and with labels the top-1 accuracy before and after. The Δl themselves come from the float64 evaluator.
 
-Which blocks: those that `cnnc.analysis.perturbation.find_residual_blocks` finds (an Add whose operands are a skip and a branch
-of it), measured once on the original graph. Blocks are dropped together: each one's Δl is its own, measured
+Which blocks: those that `cnnc.analysis.residual_blocks.find_residual_blocks` finds (an Add whose operands are a
+skip and a branch of it), measured once on the original graph. Blocks are dropped together: each one's Δl is its own, measured
 with every other block in place, which is what `cnnc analyze` reports.
 
 Sample inputs: `inputs` (a .npy file, batch on axis 0), else `random` seeded uniform [0, 1) samples of the graph
@@ -27,21 +28,28 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from cnnc.runtime.deviation import deviation, run_outputs
 
 from cnnc import ir
-from cnnc.analysis.perturbation import find_residual_blocks, load_samples, measure_perturbations, sample_inputs
+from cnnc.analysis.perturbation import measure_perturbations
+from cnnc.analysis.residual_blocks import find_residual_blocks
+from cnnc.analysis.samples import load_samples, sample_inputs
 from cnnc.errors import CnncError
-from cnnc.pipeline.contract import Pass, PassResult, register
-from cnnc.eval import evaluate_graph
+from cnnc.ir.shapes import is_fixed
+from cnnc.pipeline.contract import Pass, PassResult
 
 
-def _deviation(before: dict, after: dict) -> dict:
-    worst_abs, scale = 0.0, 0.0
-    for name, reference in before.items():
-        worst_abs = max(worst_abs, float(np.max(np.abs(after[name] - reference), initial=0.0)))
-        scale = max(scale, float(np.max(np.abs(reference), initial=0.0)))
-    return {"max_abs": worst_abs, "max_rel": worst_abs / scale if scale > 0 else (0.0 if worst_abs == 0 else
-                                                                                  float("inf"))}
+def _sample_feeds(graph: gs.Graph, samples: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """The samples as onnxruntime feeds: in the input's dtype, in chunks of its batch when that is fixed."""
+    tensor = graph.inputs[0]
+    declared = (tensor.shape or [None])[0]
+    step = int(declared) if is_fixed(declared) else samples.shape[0]
+    values = samples.astype(np.dtype(tensor.dtype) if tensor.dtype is not None else samples.dtype, copy=False)
+    return [{tensor.name: values[start:start + step]} for start in range(0, values.shape[0], step)]
+
+
+def _stacked(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([run[name] for run in runs]) for name in runs[0]}
 
 
 def _accuracy(outputs: dict, first: str, labels: np.ndarray) -> float:
@@ -49,7 +57,6 @@ def _accuracy(outputs: dict, first: str, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
-@register
 @dataclass(frozen=True)
 class DropBlocks(Pass):
     """Approximate: drop residual blocks whose mean scaled perturbation on sample inputs is below eps."""
@@ -57,7 +64,6 @@ class DropBlocks(Pass):
     name = "drop-blocks"
     summary = "replace residual blocks with mean ‖x(l+1)−x(l)‖/‖x(l)‖ < eps by their skip (seed 001)"
     exact = False
-    default = False
     eps: float = 0.01
     inputs: str = ""  # .npy sample inputs; empty: `random` seeded uniform [0, 1) samples
     random: int = 16
@@ -87,10 +93,8 @@ class DropBlocks(Pass):
         if labels is not None and labels.shape[0] != samples.shape[0]:
             result.skip("whole graph", f"{labels.shape[0]} labels for {samples.shape[0]} samples")
             return result
-        feeds = {graph.inputs[0].name: samples}
         try:
             report = measure_perturbations(graph, samples, eps=self.eps, blocks=blocks)
-            before = evaluate_graph(graph, feeds)
         except (CnncError, ValueError) as error:  # an op the float64 evaluator does not reproduce exactly
             result.skip("whole graph", f"cannot measure the blocks: {error}")
             return result
@@ -99,6 +103,7 @@ class DropBlocks(Pass):
         result.stats.update({"eps": self.eps, "samples": int(samples.shape[0]), "blocks": len(blocks),
                              "scaled": {m.block.join: m.scaled for m in report.blocks}})
         outputs = {t.name for t in graph.outputs}
+        reference = graph.copy()
         dropped = []
         # By output tensor, which ONNX makes unique: node names may be empty or repeated.
         joins = {node.outputs[0].name: node for node in graph.nodes if node.op == "Add" and node.outputs}
@@ -122,16 +127,22 @@ class DropBlocks(Pass):
         if not dropped:
             return result
         ir.tidy(graph)
-        after = evaluate_graph(graph, feeds)
         result.stats["dropped"] = dropped
-        result.stats["output_deviation"] = _deviation(before, after)
+        feeds = _sample_feeds(reference, samples)
+        try:
+            runs = run_outputs(reference, feeds), run_outputs(graph, feeds)
+        except Exception as error:  # onnxruntime cannot run it (custom ops, a batch it refuses, ...)
+            result.stats["output_deviation"] = f"not measured: {type(error).__name__}: {error}"
+            return result
+        before, after = (_stacked(run) for run in runs)
+        result.stats["output_deviation"] = deviation(*runs)
         if labels is not None:
             first = graph.outputs[0].name
             result.stats["accuracy_before"] = _accuracy(before, first, labels)
             result.stats["accuracy_after"] = _accuracy(after, first, labels)
-        deviation = result.stats["output_deviation"]
+        measured = result.stats["output_deviation"]
         result.applied.append(f"measured output deviation on {samples.shape[0]} samples: max abs "
-                              f"{deviation['max_abs']:.3g}, relative to max |y| {deviation['max_rel']:.3g}"
+                              f"{measured['max_abs']:.3g}, relative to max |y| {measured['max_rel']:.3g}"
                               + (f"; top-1 accuracy {result.stats['accuracy_before']:.4f} -> "
                                  f"{result.stats['accuracy_after']:.4f}" if labels is not None else ""))
         return result

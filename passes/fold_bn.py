@@ -24,12 +24,14 @@ with another node is never modified.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
-from cnnc.pipeline.contract import Pass, PassResult, register
+from cnnc.pipeline.contract import Pass, PassResult, single_producers
+from cnnc.pipeline.match import MatchResult, fail, first_match, success
 
 
 def _bn_affine(bn: gs.Node) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
@@ -61,13 +63,6 @@ def _axis1(vector: np.ndarray, rank: int) -> np.ndarray:
     return vector.reshape((-1,) + (1,) * max(rank - 2, 0))
 
 
-def _float_weight(node: gs.Node, index: int) -> np.ndarray | None:
-    if len(node.inputs) <= index or ir.is_empty_input(node.inputs[index]):
-        return None
-    value = ir.constant_value(node.inputs[index])
-    return value if value is not None and np.issubdtype(value.dtype, np.floating) else None
-
-
 def _set_input(graph: gs.Graph, node: gs.Node, index: int, hint: str, value: np.ndarray) -> None:
     constant = ir.make_constant(hint, value, graph)
     while len(node.inputs) <= index:
@@ -75,28 +70,28 @@ def _set_input(graph: gs.Graph, node: gs.Node, index: int, hint: str, value: np.
     node.inputs[index] = constant
 
 
-def _fold_into_producer(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray) -> str | None:
-    """Fold BN into the Conv/ConvTranspose/Gemm that produces its input. Returns the reason when it cannot."""
+def _fold_into_producer(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray) -> MatchResult:
+    """Fold BN into the Conv/ConvTranspose/Gemm that produces its input, else fail with the reason."""
     x = bn.inputs[0]
     producer = ir.sole_producer(x)
     if producer is None or producer.op not in ("Conv", "ConvTranspose", "Gemm"):
-        return f"input is produced by {producer.op if producer else 'no node'}, not Conv/ConvTranspose/Gemm"
+        return fail(f"input is produced by {producer.op if producer else 'no node'}, not Conv/ConvTranspose/Gemm")
     if ir.sole_consumer(graph, x) is not bn:
-        return f"{producer.op} '{producer.name}' output has another consumer"
-    weight = _float_weight(producer, 1)
+        return fail(f"{producer.op} '{producer.name}' output has another consumer")
+    weight = ir.float_constant(producer, 1)[0]
     if weight is None:
-        return f"{producer.op} '{producer.name}' weight is not a float constant"
+        return fail(f"{producer.op} '{producer.name}' weight is not a float constant")
     n = s.size
     if producer.op == "Gemm":
         if not (len(producer.inputs) < 3 or ir.is_empty_input(producer.inputs[2])
-                or _float_weight(producer, 2) is not None):
-            return f"Gemm '{producer.name}' C is not a constant"
+                or ir.float_constant(producer, 2)[0] is not None):
+            return fail(f"Gemm '{producer.name}' C is not a constant")
         trans_b = int(producer.attrs.get("transB", 0))
         out_features = weight.shape[0] if trans_b else weight.shape[1]
         if weight.ndim != 2 or out_features != n:
-            return f"Gemm '{producer.name}' has {out_features} outputs, BN has {n} channels"
+            return fail(f"Gemm '{producer.name}' has {out_features} outputs, BN has {n} channels")
         new_w = weight.astype(np.float64) * (s[:, None] if trans_b else s[None, :])
-        c = _float_weight(producer, 2)
+        c = ir.float_constant(producer, 2)[0]
         c_eff = float(producer.attrs.get("beta", 1.0)) * (c.astype(np.float64) if c is not None else np.zeros(n))
         if c_eff.ndim == 0 or (c_eff.ndim == 2 and c_eff.shape[0] == 1):
             c_eff = np.broadcast_to(c_eff, (n,)) if c_eff.ndim == 0 else c_eff[0]  # a row vector: keep it 1-D
@@ -120,41 +115,41 @@ def _fold_into_producer(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarr
                 scaled = (grouped * s.reshape((group, 1, weight.shape[1]) + (1,) * (weight.ndim - 2))
                           ).reshape(weight.shape)
         if scaled is None:
-            return f"{producer.op} '{producer.name}' has {out_channels} output channels, BN has {n}"
-        bias = _float_weight(producer, 2)
+            return fail(f"{producer.op} '{producer.name}' has {out_channels} output channels, BN has {n}")
+        bias = ir.float_constant(producer, 2)[0]
         if len(producer.inputs) > 2 and not ir.is_empty_input(producer.inputs[2]) and bias is None:
-            return f"{producer.op} '{producer.name}' bias is not a float constant"
+            return fail(f"{producer.op} '{producer.name}' bias is not a float constant")
         new_b = (bias.astype(np.float64) if bias is not None else np.zeros(n)) * s + t
         _set_input(graph, producer, 1, producer.name + "_W_bnfold", scaled.astype(weight.dtype))
         _set_input(graph, producer, 2, producer.name + "_B_bnfold", new_b.astype(weight.dtype))
     producer.outputs = list(bn.outputs[:1])  # the producer now writes the BN's output tensor, name and all
     bn.outputs.clear()
     bn.inputs.clear()
-    return None
+    return success(f"folded into {producer.op} '{producer.name}'")
 
 
-def _fold_into_consumer(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray) -> str | None:
-    """Fold BN into the pad-free Conv or Gemm that is its only reader. Returns the reason when it cannot."""
+def _fold_into_consumer(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray) -> MatchResult:
+    """Fold BN into the pad-free Conv or Gemm that is its only reader, else fail with the reason."""
     y = bn.outputs[0]
     consumer = ir.sole_consumer(graph, y)
     if consumer is None or consumer.op not in ("Conv", "Gemm") or consumer.inputs[0] is not y:
-        return "output is not read by exactly one Conv/Gemm data input"
-    weight = _float_weight(consumer, 1)
+        return fail("output is not read by exactly one Conv/Gemm data input")
+    weight = ir.float_constant(consumer, 1)[0]
     if weight is None:
-        return f"{consumer.op} '{consumer.name}' weight is not a float constant"
+        return fail(f"{consumer.op} '{consumer.name}' weight is not a float constant")
     n = s.size
-    bias = _float_weight(consumer, 2)
+    bias = ir.float_constant(consumer, 2)[0]
     if len(consumer.inputs) > 2 and not ir.is_empty_input(consumer.inputs[2]) and bias is None:
-        return f"{consumer.op} '{consumer.name}' bias is not a float constant"
+        return fail(f"{consumer.op} '{consumer.name}' bias is not a float constant")
     w64 = weight.astype(np.float64)
     if consumer.op == "Conv":
         geometry = ir.conv_geometry(consumer)
         if geometry.has_padding:
-            return f"Conv '{consumer.name}' pads its input: the border would read 0 where BN gives t"
+            return fail(f"Conv '{consumer.name}' pads its input: the border would read 0 where BN gives t")
         out_channels, in_per_group = weight.shape[:2]
         group = geometry.group
         if in_per_group * group != n:
-            return f"Conv '{consumer.name}' reads {in_per_group * group} channels, BN has {n}"
+            return fail(f"Conv '{consumer.name}' reads {in_per_group * group} channels, BN has {n}")
         # channel[o, i]: the input channel that weight column i of output channel o reads.
         channel = (np.arange(out_channels)[:, None] // (out_channels // group)) * in_per_group + \
             np.arange(in_per_group)[None, :]
@@ -165,11 +160,11 @@ def _fold_into_consumer(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarr
         bias_index, bias_dtype = 2, weight.dtype
     else:
         if int(consumer.attrs.get("transA", 0)) != 0:
-            return f"Gemm '{consumer.name}' has transA=1: BN channels are not its K axis"
+            return fail(f"Gemm '{consumer.name}' has transA=1: BN channels are not its K axis")
         trans_b = int(consumer.attrs.get("transB", 0))
         op_b = w64.T if trans_b else w64  # K × N
         if op_b.shape[0] != n:
-            return f"Gemm '{consumer.name}' has K={op_b.shape[0]}, BN has {n} channels"
+            return fail(f"Gemm '{consumer.name}' has K={op_b.shape[0]}, BN has {n} channels")
         new_op_b = op_b * s[:, None]
         new_w = new_op_b.T if trans_b else new_op_b
         beta = float(consumer.attrs.get("beta", 1.0))
@@ -182,14 +177,14 @@ def _fold_into_consumer(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarr
     consumer.inputs[0] = bn.inputs[0]
     bn.outputs.clear()
     bn.inputs.clear()
-    return None
+    return success(f"folded into the following {consumer.op} '{consumer.name}'")
 
 
-def _to_mul_add(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray) -> str | None:
+def _to_mul_add(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray) -> MatchResult:
     x, y = bn.inputs[0], bn.outputs[0]
     rank = ir.tensor_rank(x) or ir.tensor_rank(y)
     if rank is None or rank < 2:
-        return "input rank is unknown, so the per-channel constants cannot be shaped"
+        return fail("input rank is unknown, so the per-channel constants cannot be shaped")
     dtype = x.dtype or y.dtype or ir.constant_value(bn.inputs[1]).dtype
     scaled = gs.Variable(ir.unique_name(graph, bn.name + "_scaled"), dtype=dtype, shape=x.shape)
     scale = ir.make_constant(bn.name + "_scale", _axis1(s, rank).astype(dtype), graph)
@@ -199,10 +194,9 @@ def _to_mul_add(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray) -> s
     graph.nodes.append(add)
     bn.outputs.clear()
     bn.inputs.clear()
-    return None
+    return success("rewritten as Mul+Add")
 
 
-@register
 @dataclass(frozen=True)
 class FoldBatchNorm(Pass):
     """Fold BatchNormalization into Conv / ConvTranspose / Gemm; a lone BN becomes Mul + Add."""
@@ -211,6 +205,12 @@ class FoldBatchNorm(Pass):
     summary = "fold inference BatchNormalization into the adjacent Conv/ConvTranspose/Gemm (else Mul+Add)"
     into_consumer: bool = True  # also fold a BN into the pad-free Conv/Gemm that follows it
     lone_to_mul_add: bool = True  # rewrite a BN with no foldable neighbour as Mul + Add
+
+    def requires(self, graph: gs.Graph) -> None:
+        # Folding moves the BN's output tensor onto its producer: with two writers of one tensor it would pick one.
+        broken = single_producers(graph)
+        if broken is not None:
+            raise self.precondition(f"the graph is not in single-assignment form: {broken}")
 
     def run(self, graph: gs.Graph) -> PassResult:
         result = PassResult()
@@ -221,25 +221,25 @@ class FoldBatchNorm(Pass):
                 result.skip(where, why)
                 continue
             s, t = affine
-            producer = ir.sole_producer(bn.inputs[0])
-            consumer = ir.sole_consumer(graph, bn.outputs[0])
-            reasons = []
-            why = _fold_into_producer(graph, bn, s, t)
-            if why is None:
-                result.did(f"{where} folded into {producer.op} '{producer.name}'")
-                continue
-            reasons.append(why)
+            strategies = [("producer", partial(_fold_into_producer, graph, bn, s, t))]
             if self.into_consumer:
-                why = _fold_into_consumer(graph, bn, s, t)
-                if why is None:
-                    result.did(f"{where} folded into the following {consumer.op} '{consumer.name}'")
-                    continue
-                reasons.append(why)
+                strategies.append(("consumer", partial(_fold_into_consumer, graph, bn, s, t)))
             if self.lone_to_mul_add:
-                why = _to_mul_add(graph, bn, s, t)
-                if why is None:
-                    result.did(f"{where} rewritten as Mul+Add ({'; '.join(reasons)})")
-                    continue
-                reasons.append(why)
-            result.skip(where, "; ".join(reasons))
+                strategies.append(("mul-add", partial(_to_mul_add, graph, bn, s, t)))
+            outcome = first_match(strategies)
+            if not outcome:
+                result.skip(where, outcome.reasons())
+            elif outcome.strategy == "mul-add":  # say why neither neighbour could take it
+                result.did(f"{where} {outcome.value} ({outcome.reasons()})")
+            else:
+                result.did(f"{where} {outcome.value}")
         return result
+
+    def ensures(self, graph: gs.Graph, result: PassResult) -> None:
+        broken = single_producers(graph)
+        if broken is not None:
+            raise self.postcondition(f"rewiring left the graph broken: {broken}")
+        # Every BN is either rewritten (and detached) or reported as skipped with its reason.
+        left = sum(1 for node in graph.nodes if node.op == "BatchNormalization" and node.outputs)
+        if left != len(result.skipped):
+            raise self.postcondition(f"{left} BatchNormalization node(s) remain, {len(result.skipped)} reported")

@@ -22,7 +22,8 @@ S would make the original output NaN, which the rewritten graph does not reprodu
 
 remove-skip-approx{tolerance=τ} (approximate, opt-in): also drops skip operands whose constant factors multiply to
 at most τ in absolute value (|t| ≤ τ), keeps and folds their (1 − t), measures the output deviation against the
-graph before the pass on onnxruntime (CPU, optimisations off, seeded inputs) and reports it in `stats`.
+graph before the pass with `cnnc.runtime.deviation` (onnxruntime, CPU, optimisations off, seeded uniform and normal
+inputs at batch 1, and 3 when the batch is dynamic) and reports it in `stats`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from cnnc.runtime.deviation import output_deviation, random_float_feeds
 
 from cnnc import ir
-from cnnc.pipeline.contract import Pass, PassResult, register
+from cnnc.pipeline.contract import Pass, PassResult
 
 _TRANSPARENT = ("Identity", "Neg")
 _CONSTANT_OPS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
@@ -241,7 +243,6 @@ def _apply(graph: gs.Graph, tolerance: float) -> PassResult:
     return result
 
 
-@register
 @dataclass(frozen=True)
 class RemoveSkip(Pass):
     """Remove residual joins whose skip weight is exactly 0, with the shortcut that fed only them."""
@@ -253,41 +254,6 @@ class RemoveSkip(Pass):
         return _apply(graph, 0.0)
 
 
-_FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
-
-
-def _measure_deviation(reference, candidate, seed: int = 0) -> dict:
-    """Max abs and relative (to max |y|) output deviation on seeded uniform and normal inputs, batch 1."""
-    import onnxruntime as ort
-
-    from cnnc.io import target
-
-    sessions = []
-    for graph in (reference, candidate):
-        model = gs.export_onnx(graph, do_type_check=False)
-        model.ir_version = min(model.ir_version, target.max_ir_version())
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
-        sessions.append(ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]))
-    rng = np.random.default_rng(seed)
-    worst_abs, worst_rel = 0.0, 0.0
-    for normal in (False, True):
-        feeds = {}
-        for arg in sessions[0].get_inputs():
-            shape = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
-            if arg.type not in _FLOAT_INPUTS:
-                raise TypeError(f"input {arg.name} is {arg.type}: no random float inputs for it")
-            values = rng.standard_normal(shape) if normal else rng.random(shape)
-            feeds[arg.name] = values.astype(_FLOAT_INPUTS[arg.type])
-        for a, b in zip(*(session.run(None, feeds) for session in sessions)):
-            error = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
-            worst_abs = max(worst_abs, error)
-            worst_rel = max(worst_rel, error / max(float(np.max(np.abs(a))), 1e-30) if a.size else 0.0)
-    return {"max_abs_deviation": worst_abs, "max_rel_deviation": worst_rel, "inputs": "batch 1, uniform and normal"}
-
-
-@register
 @dataclass(frozen=True)
 class RemoveSkipApprox(Pass):
     """Approximate: also remove joins whose skip weight |t| ≤ tolerance, and report the measured deviation."""
@@ -295,7 +261,6 @@ class RemoveSkipApprox(Pass):
     name = "remove-skip-approx"
     summary = "delete skip connections with |weight| <= tolerance (approximate; reports the output deviation)"
     exact = False
-    default = False
     tolerance: float = 0.01
 
     def run(self, graph: gs.Graph) -> PassResult:
@@ -305,7 +270,11 @@ class RemoveSkipApprox(Pass):
         result = _apply(graph, self.tolerance)
         if result.changed:
             try:
-                result.stats.update(_measure_deviation(reference, graph))
+                feeds = random_float_feeds(reference)
+                measured = output_deviation(reference, graph, feeds)
+                result.stats.update({"max_abs_deviation": measured["max_abs"],
+                                     "max_rel_deviation": measured["max_rel"],
+                                     "inputs": f"{len(feeds)} seeded uniform and normal batches"})
             except Exception as error:  # onnxruntime cannot run it (custom ops, symbolic spatial sizes, ...)
                 result.stats["deviation"] = f"not measured: {type(error).__name__}: {error}"
         return result

@@ -10,7 +10,7 @@ so the resolvent factors either way round: they may run in any order or as one o
   A Split on axis 1 then restores Y_1 … Y_n, unless the Y_i are read only by one Concat on axis 1 as a contiguous
   run, which then reads the fused output directly. Split takes its sizes as an input from opset 13 on, as an
   attribute before.
-- Order. A topological order whose peak of live activation bytes is least (cnnc.linear.hypergraph.min_peak_order: exact
+- Order. A topological order whose peak of live activation bytes is least (cnnc.linear.memory_order.min_peak_order: exact
   bottleneck search over the down-sets of the dependency order, greedy past a state limit); it replaces the input
   order only when its peak is strictly lower, so a second run changes nothing.
 
@@ -42,30 +42,21 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
-from cnnc.linear.hypergraph import Hypergraph, min_peak_order, onnxruntime_default_order
-from cnnc.pipeline.contract import Pass, PassResult, register
+from cnnc.linear.hypergraph import Hypergraph
+from cnnc.linear.memory_order import min_peak_order, onnxruntime_default_order
+from cnnc.pipeline.contract import Pass, PassResult
 
 # Activations onnxruntime folds into a preceding Conv (FusedConv) or Gemm; a fusion puts a Split between them.
 RUNTIME_FUSED_ACTIVATIONS = frozenset({"Relu", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "HardSigmoid"})
 GEOMETRY_FIELDS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
 
 
-def _float_constant(node: gs.Node, index: int) -> tuple[np.ndarray | None, str]:
-    """(value, "") of an optional constant float input, (None, "") when absent, (None, why) when not constant."""
-    if len(node.inputs) <= index or ir.is_empty_input(node.inputs[index]):
-        return None, ""
-    value = ir.constant_value(node.inputs[index])
-    if value is None or not np.issubdtype(value.dtype, np.floating):
-        return None, f"input {index} ('{node.inputs[index].name}') is not a float constant"
-    return value, ""
-
-
 def _fusion_key(node: gs.Node) -> tuple[tuple | None, str]:
     """What must be equal for two readers of one tensor to fuse, or (None, why this node cannot fuse)."""
-    weight, why = _float_constant(node, 1)
+    weight, why = ir.float_constant(node, 1)
     if weight is None:
         return None, why or "weight input is missing"
-    _, why = _float_constant(node, 2)
+    _, why = ir.float_constant(node, 2)
     if why:
         return None, why
     if node.op == "Conv":
@@ -159,7 +150,7 @@ def _traffic(members: list[gs.Node], sizes: dict, launch: int, split: bool, grap
 def _fused_weights(members: list[gs.Node]) -> tuple[dict, list[np.ndarray], list[int]]:
     """Attributes, constant inputs and per-member output channels of the fused op."""
     weights = [ir.constant_value(m.inputs[1]) for m in members]
-    biases = [_float_constant(m, 2)[0] for m in members]
+    biases = [ir.float_constant(m, 2)[0] for m in members]
     if members[0].op == "Conv":
         channels = [w.shape[0] for w in weights]
         inputs = [np.concatenate(weights, axis=0)]
@@ -250,7 +241,6 @@ def _figures(view: Hypergraph) -> dict:
             "peak_is_lower_bound": bool(view.unsized)}
 
 
-@register
 @dataclass(frozen=True)
 class Schedule(Pass):
     """Fuse same-level Convs/Gemms that read one tensor; emit the nodes in an order of least peak memory."""

@@ -1,4 +1,4 @@
-"""Latency measurement (DESIGN §7): one session per model and provider, models timed interleaved, robust statistics.
+"""Latency measurement (ARCHITECTURE.md, runtime): one session per model and provider, models timed interleaved.
 
 What a measurement is:
 - every model runs at `ORT_ENABLE_ALL`: onnxruntime already folds Conv+BN and fuses activations, so a saving
@@ -24,18 +24,15 @@ What a measurement is:
 - each timed call is preceded by one untimed call of the same model (`rewarm`): right after another model's long
   call a session's thread pool is asleep, and waking it costs ~0.1 ms, most of a small model's call.
 
-Statistics are over per-call latencies: min, median (p50), p90, p99 (numpy's linear interpolation), mean, sample
-standard deviation, and throughput = batch / mean latency. The clock is injectable (`timer=`) so that the
-statistics and the interleaving are tested on a deterministic clock; no test depends on real speed.
+This module prepares the sessions and runs the interleaved rounds; it builds on `cnnc.runtime.feeds` (input shapes
+and feeds), `cnnc.runtime.stats` (summaries, ratios and their bootstrap intervals), `cnnc.runtime.environment` (what
+the numbers were measured on) and `cnnc.runtime.peers` (onnxsim / OnnxSlim). The clock is injectable (`timer=`) so
+that the statistics and the interleaving are tested on a deterministic clock; no test depends on real speed.
 """
 
 from __future__ import annotations
 
-import ctypes
-import datetime
 import os
-import platform
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,11 +42,13 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from cnnc.runtime.environment import environment
+from cnnc.runtime.feeds import concrete_inputs, make_feeds, static_output_shapes
+from cnnc.runtime.peers import peer_models
+from cnnc.runtime.session import cuda_available, first_line, make_session, runnable_model
+from cnnc.runtime.stats import ratio_to_first, summarize
 
-from cnnc.io import target
 from cnnc.errors import UsageError
-from cnnc.runtime.inputs import graph_inputs, parse_input_shapes
-from cnnc.runtime.session import cuda_available, make_session
 
 Timer = Callable[[], float]
 SessionFactory = Callable[..., ort.InferenceSession]
@@ -58,54 +57,7 @@ DEFAULT_WARMUP = {"cpu": 10, "cuda": 50}  # CUDA: EXHAUSTIVE cuDNN search and cl
 DEFAULT_DURATION_S = 5.0
 MIN_ROUNDS = 5  # a duration never gives fewer rounds than this
 MAX_ROUNDS = 200_000  # a duration never gives more (microsecond models would fill memory)
-BOOTSTRAP_RESAMPLES = 1000
 MAX_SAMPLES_KEPT = 4000  # per model and comparison, in the report
-
-
-# ------------------------------------------------------------------------------------------------- statistics
-
-
-def summarize(samples_s: Sequence[float], batch: int) -> dict:
-    """Statistics of per-call latencies given in seconds; times in milliseconds, throughput in items per second."""
-    values = np.asarray(samples_s, dtype=np.float64)
-    if values.size == 0:
-        raise ValueError("no samples to summarize")
-    mean = float(values.mean())
-    p50, p90, p99 = (float(v) for v in np.percentile(values, [50, 90, 99]))
-    return {
-        "n": int(values.size),
-        "min_ms": float(values.min()) * 1e3,
-        "p50_ms": p50 * 1e3,
-        "p90_ms": p90 * 1e3,
-        "p99_ms": p99 * 1e3,
-        "mean_ms": mean * 1e3,
-        "std_ms": float(values.std(ddof=1)) * 1e3 if values.size > 1 else 0.0,
-        "max_ms": float(values.max()) * 1e3,
-        "throughput_per_s": batch / mean if mean > 0 else float("inf"),
-    }
-
-
-def ratio_to_first(first_s: Sequence[float], other_s: Sequence[float], seed: int = 0,
-                   resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
-    """How `other` compares with `first`, both timed in the same rounds (sample i of each comes from round i).
-
-    `ratio` = median(other) / median(first) (< 1: other is faster), `speedup` = its inverse, `paired_median` = the
-    median over rounds of other_i / first_i, and `ci95` a 95 % percentile-bootstrap interval of `ratio` that resamples
-    whole rounds (seeded: the same samples always give the same interval).
-    """
-    first = np.asarray(first_s, dtype=np.float64)
-    other = np.asarray(other_s, dtype=np.float64)
-    if first.shape != other.shape or first.size == 0:
-        raise ValueError("ratio_to_first needs two non-empty sample lists of one length (one per round)")
-    if np.any(first <= 0) or np.any(other <= 0):
-        raise ValueError("latencies must be positive (a clock that did not move?)")
-    ratio = float(np.median(other) / np.median(first))
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, first.size, size=(resamples, first.size))
-    boot = np.median(other[picks], axis=1) / np.median(first[picks], axis=1)
-    low, high = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
-    return {"ratio": ratio, "speedup": 1.0 / ratio, "paired_median": float(np.median(other / first)),
-            "ci95": [low, high]}
 
 
 def interleave(runners: Sequence[Callable[[], Any]], *, warmup: int, iters: int | None = None,
@@ -145,92 +97,6 @@ def interleave(runners: Sequence[Callable[[], Any]], *, warmup: int, iters: int 
             times.append(timer() - begin)
         rounds += 1
     return samples
-
-
-# ------------------------------------------------------------------------------------------------- inputs
-
-
-def concrete_inputs(model: onnx.ModelProto, batch: int | None, input_shapes=None) -> dict[str, tuple]:
-    """{input name: (shape, dtype)}. The leading dim is the batch: `batch` replaces it when it is symbolic (default
-    1); a fixed leading dim must equal `batch`. Other symbolic dims come from `input_shapes` (name -> dims, whose
-    leading entry is replaced by the batch where that dim is symbolic)."""
-    given = parse_input_shapes(input_shapes)
-    specs = graph_inputs(model)
-    unknown = set(given) - {spec.name for spec in specs}
-    if unknown:
-        raise UsageError(f"--input-shape names unknown input(s) {', '.join(sorted(unknown))}")
-    result = {}
-    for spec in specs:
-        declared = list(spec.dims)
-        if spec.name in given:
-            shape = list(given[spec.name])
-            if len(shape) != len(declared) or any(isinstance(d, int) and d > 0 and d != g
-                                                  for d, g in list(zip(declared, shape))[1:]):
-                raise UsageError(f"--input-shape {spec.name}:{tuple(shape)} does not fit its declared shape "
-                                 f"{tuple(declared)}")
-            declared = [d if isinstance(d, int) and d > 0 else g for d, g in zip(declared, shape)]
-            if shape and not (isinstance(spec.dims[0], int) and spec.dims[0] > 0):
-                declared[0] = "batch"
-        shape = []
-        for axis, dim in enumerate(declared):
-            if isinstance(dim, int) and dim > 0:
-                if axis == 0 and batch is not None and dim != batch:
-                    raise UsageError(f"input '{spec.name}' has a fixed batch of {dim}; it cannot run at batch {batch}")
-                shape.append(dim)
-            elif axis == 0:
-                shape.append(batch or 1)
-            else:
-                raise UsageError(f"input '{spec.name}' has symbolic dim {dim!r} at axis {axis}; "
-                                 f"give it with --input-shape {spec.name}:d0,d1,...")
-        result[spec.name] = (tuple(shape), spec.dtype)
-    return result
-
-
-def make_feeds(shapes: dict[str, tuple], seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded N(0, 1) floats (unit-scale data: no subnormal inputs), small non-negative integers, random booleans."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for name, (shape, dtype) in shapes.items():
-        if np.issubdtype(dtype, np.floating):
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[name] = rng.random(shape) < 0.5
-        else:
-            feeds[name] = rng.integers(0, 4, size=shape).astype(dtype)
-    return feeds
-
-
-def static_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> dict[str, tuple] | None:
-    """Output shapes by ONNX shape inference at these input shapes, or None when any output stays symbolic."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for value in copy.graph.input:
-        if value.name in shapes:
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, shapes[value.name][0]):
-                dim.Clear()
-                dim.dim_value = int(size)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False)
-    except Exception:  # models above 2 GB or ops unknown to onnx: the outputs are allocated by onnxruntime instead
-        return None
-    result = {}
-    for output in inferred.graph.output:
-        tensor_type = output.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-        if not tensor_type.HasField("shape") or any(d is None or d <= 0 for d in dims):
-            return None
-        result[output.name] = (tuple(dims), np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)))
-    return result
-
-
-def runnable_model(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
-    """A validated ModelProto stamped with an IR version the installed onnxruntime accepts (never in place)."""
-    if not isinstance(model, onnx.ModelProto):
-        from cnnc.io.frontend import load_onnx
-
-        model = load_onnx(model)
-    return target.runnable(model)
 
 
 # ------------------------------------------------------------------------------------------------- sessions
@@ -274,11 +140,6 @@ def _bind(session: ort.InferenceSession, feeds: dict, outputs: dict | None, devi
     return binding, buffers
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
-
 def prepare(model: onnx.ModelProto, label: str, *, provider: str, batch: int | None, input_shapes=None,
             threads: int | None = None, cuda_graph: bool = True, cudnn_conv_algo_search: str = "EXHAUSTIVE",
             denormal_as_zero: bool = True, spinning: bool = False, seed: int = 0, timer: Timer = time.perf_counter,
@@ -314,7 +175,7 @@ def prepare(model: onnx.ModelProto, label: str, *, provider: str, batch: int | N
         except Exception as error:  # onnxruntime refuses a CUDA graph when some node is not on the CUDA provider
             if not graph_mode:
                 raise
-            info["cuda_graph_note"] = f"session refused the CUDA graph: {_first_line(error)}"
+            info["cuda_graph_note"] = f"session refused the CUDA graph: {first_line(error)}"
             continue
         created = timer() - started
         actual = session.get_providers()
@@ -341,7 +202,7 @@ def prepare(model: onnx.ModelProto, label: str, *, provider: str, batch: int | N
             if not graph_mode:
                 raise
             failure = error
-            info["cuda_graph_note"] = f"CUDA graph capture failed: {_first_line(error)}"
+            info["cuda_graph_note"] = f"CUDA graph capture failed: {first_line(error)}"
             continue
         info.update({"provider": actual[0], "providers": list(actual), "device": device,
                      "cuda_graph": bool(graph_mode and device == "cuda"),
@@ -350,144 +211,6 @@ def prepare(model: onnx.ModelProto, label: str, *, provider: str, batch: int | N
             info["cuda_graph_note"] = "enabled: captured while preparing, replayed on every timed call"
         return PreparedModel(label, run, info, [session, binding, buffers])
     raise RuntimeError(f"no session could be prepared for {label}: {failure}")  # pragma: no cover - loop raises
-
-
-# ------------------------------------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load_library(names: Sequence[str]):
-    # dlopen by soname returns the copy onnxruntime already loaded, so the versions are those that ran.
-    for name in names:
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
-def _version_from_int(value: int, cudnn: bool = False) -> str:
-    if cudnn:  # cuDNN 9 encodes major*10000 + minor*100 + patch, cuDNN 8 major*1000 + minor*100 + patch
-        major, rest = (value // 10000, value % 10000) if value >= 90000 else (value // 1000, value % 1000)
-        return f"{major}.{rest // 100}.{rest % 100}"
-    return f"{value // 1000}.{(value % 1000) // 10}"  # CUDA: major*1000 + minor*10
-
-
-def cuda_environment() -> dict:
-    """GPU name, driver and runtime CUDA versions and cuDNN version, each None where it cannot be read."""
-    found: dict = {"gpu": None, "cuda_driver": None, "cuda_runtime": None, "cudnn": None}
-    driver = _load_library(["libcuda.so.1", "libcuda.so"])
-    if driver is not None:
-        device, version, name = ctypes.c_int(), ctypes.c_int(), ctypes.create_string_buffer(256)
-        if (driver.cuInit(0) == 0 and driver.cuDeviceGet(ctypes.byref(device), 0) == 0
-                and driver.cuDeviceGetName(name, 256, device) == 0):
-            found["gpu"] = name.value.decode(errors="replace")
-        if driver.cuDriverGetVersion(ctypes.byref(version)) == 0:
-            found["cuda_driver"] = _version_from_int(version.value)
-    runtime = _load_library(["libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"])
-    if runtime is not None:
-        version = ctypes.c_int()
-        if runtime.cudaRuntimeGetVersion(ctypes.byref(version)) == 0:
-            found["cuda_runtime"] = _version_from_int(version.value)
-    cudnn = _load_library(["libcudnn.so.9", "libcudnn.so.8", "libcudnn.so"])
-    if cudnn is not None:
-        cudnn.cudnnGetVersion.restype = ctypes.c_size_t
-        found["cudnn"] = _version_from_int(int(cudnn.cudnnGetVersion()), cudnn=True)
-    return found
-
-
-def environment(device_kind: str) -> dict:
-    """Where the numbers come from. `device_kind` is "cpu" or "cuda" (then the GPU and CUDA versions are read)."""
-    try:
-        from onnxruntime.capi import build_and_package_info as ort_build
-
-        ort_package, ort_cuda = ort_build.package_name, getattr(ort_build, "cuda_version", None)
-    except ImportError:  # pragma: no cover - every onnxruntime wheel has it
-        ort_package, ort_cuda = "onnxruntime", None
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        affinity = os.cpu_count()
-    env = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()],
-        "onnxruntime": ort.__version__,
-        "onnxruntime_package": ort_package,
-        "onnxruntime_built_for_cuda": ort_cuda,
-        "onnx": onnx.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    try:
-        from importlib.metadata import version
-
-        env["cnnc"] = version("cnnc")
-    except Exception:  # pragma: no cover - running from a checkout that was never installed
-        env["cnnc"] = None
-    if device_kind == "cuda":
-        env.update(cuda_environment())
-    env["device"] = (env.get("gpu") or "CUDA device") if device_kind == "cuda" else env["cpu"]
-    return env
-
-
-def device_slug(report: dict) -> str:
-    """`cpu-amd-epyc-2t` or `cuda-nvidia-h100-80gb-hbm3`: names result files so that devices never mix."""
-    env, settings = report["environment"], report["settings"]
-    slug = re.sub(r"[^a-z0-9]+", "-", str(env.get("device", "unknown")).lower()).strip("-")
-    if "cuda" in settings.get("devices_used", [settings["device_kind"]]):
-        return f"cuda-{slug}"
-    threads = settings.get("threads") or env.get("cpus_usable")
-    return f"cpu-{slug}-{threads}t"
-
-
-# ------------------------------------------------------------------------------------------------- peers
-
-
-def peer_models(model: onnx.ModelProto) -> tuple[list[tuple[str, onnx.ModelProto]], list[str]]:
-    """`model` simplified by onnxsim and by OnnxSlim when they are installed (they are not dependencies of cnnc).
-    Returns (label, model) pairs and notes on what was skipped or failed."""
-    peers, notes = [], []
-
-    def copy_of(source):
-        duplicate = onnx.ModelProto()
-        duplicate.CopyFrom(source)
-        return duplicate
-
-    try:
-        import onnxsim
-    except ImportError:
-        notes.append("peer onnxsim skipped: not installed (pip install onnxsim)")
-    else:
-        try:
-            simplified, check_ok = onnxsim.simplify(copy_of(model))
-            peers.append(("onnxsim", runnable_model(simplified)))
-            if not check_ok:
-                notes.append("onnxsim's own output check failed; its model is timed anyway")
-        except Exception as error:  # a third-party tool: report whatever it raises, do not stop the bench
-            notes.append(f"peer onnxsim failed: {type(error).__name__}: {_first_line(error)}")
-    try:
-        import onnxslim
-    except ImportError:
-        notes.append("peer onnxslim skipped: not installed (pip install onnxslim)")
-    else:
-        try:
-            peers.append(("onnxslim", runnable_model(onnxslim.slim(copy_of(model)))))
-        except Exception as error:  # a third-party tool: report whatever it raises, do not stop the bench
-            notes.append(f"peer onnxslim failed: {type(error).__name__}: {_first_line(error)}")
-    return peers, notes
 
 
 # ------------------------------------------------------------------------------------------------- benchmark

@@ -1,18 +1,18 @@
-"""Writers for `cnnc.runtime.bench` reports: JSON, a text table, a Markdown page, and a PNG plot.
+"""Writers for `cnnc.runtime.bench` reports: table rows, JSON, a Markdown page, and a PNG plot.
 
 Every writer takes the report dict that `bench_models` returns (or that a JSON file written here holds), so a plot or
 a table can be remade later from the JSON alone. Times are shown in the unit that keeps three significant digits
 readable (µs, ms or s); the ratio column is p50(model) / p50(first model) of the same comparison, with the bootstrap
-95 % interval, and `speedup` its inverse. matplotlib is imported only when a plot is asked for.
+95 % interval, and `speedup` its inverse; the command line prints the rows with `cnnc.cli.table`. matplotlib is
+imported only when a plot is asked for. Files are written atomically (`cnnc.io.jsonio`).
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 from cnnc.errors import UsageError
+from cnnc.io import jsonio
 
 TABLE_HEADERS = ("batch", "model", "provider", "p50", "p90", "p99", "mean ± std", "min", "items/s", "ratio",
                  "95% CI", "speedup", "session", "first run")
@@ -56,14 +56,6 @@ def table_rows(report: dict) -> list[tuple[str, ...]]:
                 format_ms(model.get("session_create_ms")), format_ms(model.get("first_run_ms")),
             ))
     return rows
-
-
-def text_table(rows, headers=TABLE_HEADERS) -> str:
-    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
 
 
 def markdown_table(rows, headers=TABLE_HEADERS) -> str:
@@ -111,21 +103,13 @@ def environment_lines(report: dict) -> list[str]:
     return lines
 
 
-def _compact_number_lists(text: str) -> str:
-    # json.dumps(indent=...) puts every sample on its own line; keep lists of plain numbers on one line.
-    return re.sub(r"\[\s*(-?[0-9][0-9.eE+-]*(?:,\s*-?[0-9][0-9.eE+-]*)*)\s*\]",
-                  lambda m: "[" + ", ".join(part.strip() for part in m.group(1).split(",")) + "]", text)
-
-
 def write_json(report: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_compact_number_lists(json.dumps(report, indent=2, default=str)) + "\n")
-    return path
+    """The report as JSON (latency samples one list a line), written atomically; missing folders are made."""
+    return jsonio.write_json(path, report, compact_numbers=True, make_parents=True)
 
 
 def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+    return jsonio.read_json(path)
 
 
 def markdown(report: dict, title: str = "cnnc bench") -> str:
@@ -141,18 +125,16 @@ def markdown(report: dict, title: str = "cnnc bench") -> str:
 
 
 def write_markdown(report: dict, path: str | Path, title: str = "cnnc bench") -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(markdown(report, title))
-    return path
+    return jsonio.write_text(path, markdown(report, title), make_parents=True)
 
 
 def write_plot(report: dict, path: str | Path, title: str = "cnnc bench") -> Path:
     """Two panels: the latency distribution of every model (box: quartiles, whiskers: p5-p95, log scale) grouped
     by comparison, and each model's speedup over the first model of its comparison with the 95 % interval."""
-    try:
+    try:  # matplotlib is optional (the `plot` extra): imported only when a plot is drawn
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'cnnc[plot]' (or pip install matplotlib)") from None
     comparisons = report["comparisons"]
@@ -199,8 +181,6 @@ def write_plot(report: dict, path: str | Path, title: str = "cnnc bench") -> Pat
     ratio_axis.set_xticks(range(len(comparisons)))
     ratio_axis.set_xticklabels([c["title"] for c in comparisons], rotation=30 if len(comparisons) > 4 else 0,
                                ha="right" if len(comparisons) > 4 else "center", fontsize=8)
-    from matplotlib.patches import Patch
-
     boxes_axis.legend(handles=[Patch(color=colour[label], label=label) for label in labels], fontsize=8,
                       loc="best")
     env = report["environment"]

@@ -1,9 +1,9 @@
-"""Proving that a compiled model computes the same function as the original (DESIGN §6).
+"""Proving that a compiled model computes the same function as the original (ARCHITECTURE.md, runtime).
 
 The reference is the original on onnxruntime's CPU provider with graph optimisations disabled, so that ORT's own
 fusions neither hide nor cause a difference; the candidate runs the same way. Outputs are matched by name and order.
 An output passes when max|candidate − reference| ≤ atol + rtol·max|reference| on every checked batch: the
-tolerance is relative to the output's scale (DESIGN §6), not to each element. An elementwise rule (numpy's allclose)
+tolerance is relative to the output's scale, not to each element. An elementwise rule (numpy's allclose)
 flags float32 rounding on near-zero elements of deep networks: two float32 evaluations of a ResNet-50 differ by
 about 1e-4 of max|y| on elements that are themselves near 0, whichever of them is closer to the exact function.
 The report gives per output the max/mean absolute error, the max error relative to max|reference|, and the

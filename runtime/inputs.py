@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from cnnc.errors import UsageError
+from cnnc.ir.shapes import concrete_shape, is_fixed
 
 SECOND_BATCH = 3  # an odd batch size: catches rewrites that hard-code batch 1 or an even batch
 
@@ -80,29 +81,26 @@ def _concrete_shapes(specs: list[InputSpec], given: dict[str, tuple[int, ...]], 
     for spec in specs:
         if spec.name in given:
             shape = given[spec.name]
-            if len(shape) != len(spec.dims) or any(isinstance(d, int) and d > 0 and d != g
+            if len(shape) != len(spec.dims) or any(is_fixed(d) and d != g
                                                    for d, g in zip(spec.dims, shape)):
                 raise UsageError(f"--input-shape {spec.name}:{shape} does not fit its declared shape {spec.dims}")
             shapes[spec.name] = shape
             continue
-        shape = []
-        for axis, dim in enumerate(spec.dims):
-            if isinstance(dim, int) and dim > 0:
-                shape.append(dim)
-            elif axis == 0:
-                shape.append(batch)
-            else:
-                raise UsageError(f"input '{spec.name}' has symbolic dim {dim!r} at axis {axis}; "
-                                 f"give it with --input-shape {spec.name}:d0,d1,...")
-        shapes[spec.name] = tuple(shape)
+        shapes[spec.name] = concrete_shape(spec.name, spec.dims, batch, shape_hint(spec.name))
     return shapes
 
 
+def shape_hint(name: str) -> str:
+    """How a user gives the symbolic dims of input `name` on the command line."""
+    return f"give it with --input-shape {name}:d0,d1,..."
+
+
 def has_dynamic_batch(specs: list[InputSpec]) -> bool:
-    return any(spec.dims and not (isinstance(spec.dims[0], int) and spec.dims[0] > 0) for spec in specs)
+    return any(spec.dims and not is_fixed(spec.dims[0]) for spec in specs)
 
 
-def _random(rng: np.random.Generator, shape: tuple, dtype: np.dtype, normal: bool) -> np.ndarray:
+def random_array(rng: np.random.Generator, shape: tuple, dtype: np.dtype, normal: bool) -> np.ndarray:
+    """Floats N(0, 1) (`normal`) or uniform [0, 1), booleans at random, integers in 0..3 (valid as small indices)."""
     if np.issubdtype(dtype, np.floating):
         values = rng.standard_normal(shape) if normal else rng.random(shape)
         return values.astype(dtype)
@@ -132,5 +130,5 @@ def make_input_batches(model: onnx.ModelProto, n: int = 2, seed: int = 0, input_
         shapes = _concrete_shapes(specs, given, batch if batch is not None else 1)
         for index in range(max(n, 1)):
             normal = index % 2 == 1
-            feeds.append({spec.name: _random(rng, shapes[spec.name], spec.dtype, normal) for spec in specs})
+            feeds.append({spec.name: random_array(rng, shapes[spec.name], spec.dtype, normal) for spec in specs})
     return feeds

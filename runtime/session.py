@@ -15,8 +15,9 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from cnnc.io import backend
 from cnnc.errors import ModelError, UsageError
+from cnnc.io import backend, target
+from cnnc.io.onnx_file import load_onnx
 from cnnc.ir.weightless import serialized_size
 
 OPTIMIZATION_LEVELS = {
@@ -102,3 +103,14 @@ def make_session(model: onnx.ModelProto | str | Path, provider: str = "cpu", opt
             ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented,
             ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as error:
         raise ModelError(f"onnxruntime cannot load the model: {str(error).strip().splitlines()[0]}") from None
+
+
+def runnable_model(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+    """A validated ModelProto stamped with an IR version the installed onnxruntime accepts (never in place)."""
+    return target.runnable(model if isinstance(model, onnx.ModelProto) else load_onnx(model))
+
+
+def first_line(error: Exception) -> str:
+    """An exception's first line (at most 300 characters), for reports; onnxruntime's messages run over many."""
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__

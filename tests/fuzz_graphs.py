@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx_graphsurgeon as gs
+from helpers import run_passes
 from hypothesis import strategies as st
 
 OPSET = 17
@@ -592,12 +593,6 @@ def _float64_reference(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray] 
 
 def check_pass(case: FuzzCase, spec: str, reference: list[np.ndarray] | None = None) -> Outcome:
     """Run pipeline `spec` on the case strictly and compare with the original on onnxruntime (see module doc)."""
-    import cnnc.passes  # noqa: F401  (registers every pass)
-
-    from cnnc.io import backend
-    from cnnc.pipeline.contract import parse_pipeline
-    from cnnc.pipeline.manager import run_pipeline
-
     if reference is None:
         reference = run_on_onnxruntime(case.model, case.feeds)
     started = time.perf_counter()
@@ -607,10 +602,8 @@ def check_pass(case: FuzzCase, spec: str, reference: list[np.ndarray] | None = N
         if folder is not None:  # the case's input as a .npy, for passes that take sample inputs
             np.save(os.path.join(folder, "feeds.npy"), case.feeds["x"])
             spec = spec.replace("{feeds}", os.path.join(folder, "feeds.npy"))
-        graph, report = run_pipeline(gs.import_onnx(case.model), parse_pipeline(spec), strict=True)
-        outcome.changed = report.changed
-        compiled = backend.to_model(graph, template=case.model)
-        backend.check(compiled)
+        run = run_passes(case.model, spec)
+        outcome.changed, compiled = run.changed, run.model
         got = run_on_onnxruntime(compiled, case.feeds)
     except Exception as error:  # noqa: BLE001  any exception is a crash: an unsupported graph must be skipped with a reason
         outcome.status = "crash"
@@ -673,12 +666,13 @@ EXTRA_VARIANTS = ("destride{mode=network}", "collapse{conv=force,gemm=force}")
 def fuzzed_specs() -> tuple[list[str], dict[str, str]]:
     """The pipeline specs to fuzz (every registered pass, the extra variants, the default pipeline last), and the
     approximate passes left out with the reason."""
-    import cnnc.passes  # noqa: F401  (registers every pass)
-
-    from cnnc.pipeline.contract import default_pass_names, registered_passes
+    from cnnc.passes import DEFAULT_PIPELINE, all_pass_classes
 
     specs, left_out = [], {}
-    for name, cls in sorted(registered_passes().items()):
+    passes = all_pass_classes()
+    for name, cls in sorted(passes.items()):
+        if cls.kind == "housekeeping":
+            continue  # the manager runs it around every pass of every spec below
         if cls.exact:
             specs.append(name)
         elif name in APPROXIMATE_EXACT_SETTINGS:
@@ -686,8 +680,8 @@ def fuzzed_specs() -> tuple[list[str], dict[str, str]]:
         else:
             left_out[name] = (f"approximate pass {name} has no setting known to be exact on random graphs: add one "
                               "to APPROXIMATE_EXACT_SETTINGS in tests/fuzz_graphs.py")
-    specs += [spec for spec in EXTRA_VARIANTS if spec.split("{")[0] in registered_passes()]
-    specs.append(",".join(default_pass_names()))
+    specs += [spec for spec in EXTRA_VARIANTS if spec.split("{")[0] in passes]
+    specs.append(",".join(DEFAULT_PIPELINE))
     return specs, left_out
 
 

@@ -16,17 +16,11 @@ from click.testing import CliRunner
 from helpers import make_model
 from torch import nn
 
-from cnnc.analysis.perturbation import (
-    find_residual_blocks,
-    format_report,
-    load_samples,
-    measure_perturbations,
-    plot_report,
-    sample_inputs,
-    stopping_depth,
-)
+from cnnc.analysis.perturbation import format_report, measure_perturbations, plot_report, stopping_depth
+from cnnc.analysis.residual_blocks import find_residual_blocks
+from cnnc.analysis.samples import load_samples, sample_inputs
 from cnnc.cli import cli
-from cnnc.cli.analysis import load_graph
+from cnnc.cli.loading import load_graph
 from cnnc.errors import UsageError
 from cnnc.io.frontend import from_torch
 

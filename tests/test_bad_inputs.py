@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnxruntime
 import pytest
 from click.testing import CliRunner
 
 from cnnc.io import target
 from cnnc.cli import cli
+from cnnc.errors import ModelError
 from cnnc.io.frontend import load_onnx
 from helpers import make_model, run_model
 
@@ -155,6 +157,32 @@ def test_opset_newer_than_onnxruntime_supports(tmp_path):
     path = tmp_path / "future_opset.onnx"
     onnx.save(_matmul_model(ir_version=target.max_ir_version(), opset=target.max_opset() + 1), path)
     _assert_refused(tmp_path, path, reason="opset")
+
+
+def test_loading_a_model_opens_no_onnxruntime_session(tmp_path, monkeypatch):
+    """Reading and validating a file runs nothing: the versions onnxruntime accepts come from target's table."""
+    path, future = tmp_path / "m.onnx", tmp_path / "future.onnx"
+    onnx.save(_conv_model(), path)
+    onnx.save(_matmul_model(opset=target.max_opset_without_probe() + 1), future)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading a model created an onnxruntime.InferenceSession")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    target._limits.cache_clear()
+    try:
+        assert load_onnx(path).graph.node[0].op_type == "Conv"
+        with pytest.raises(ModelError, match="opset"):
+            load_onnx(future)
+    finally:
+        target._limits.cache_clear()
+
+
+def test_the_version_table_matches_what_onnxruntime_accepts():
+    """The table row of the installed onnxruntime (if any) is what the probe measures: a stale row fails here."""
+    if target._known_limits() is None:
+        pytest.skip(f"onnxruntime {onnxruntime.__version__} is not in target.KNOWN_LIMITS: the probe is used")
+    assert target._known_limits() == target._probe_limits()
 
 
 # --- external data -------------------------------------------------------------------------------------------------

@@ -18,9 +18,14 @@ import pytest
 from click.testing import CliRunner
 
 from cnnc.cli import cli
+from cnnc.cli.table import table as text_table
 from cnnc.errors import UsageError
 from cnnc.runtime import bench, bench_report
+from cnnc.runtime.environment import device_slug
+from cnnc.runtime.feeds import concrete_inputs, make_feeds, static_output_shapes
+from cnnc.runtime.peers import peer_models
 from cnnc.runtime.session import cuda_available, make_session
+from cnnc.runtime.stats import ratio_to_first, summarize
 from helpers import make_model, run_model
 
 NO_GPU = "no CUDA device usable by onnxruntime on this machine (onnxruntime falls back to its CPU provider)"
@@ -71,7 +76,7 @@ def _dynamic_model() -> onnx.ModelProto:
 
 def test_summarize_known_samples():
     samples = [k * 1e-3 for k in range(1, 11)]  # 1..10 ms
-    stats = bench.summarize(samples, batch=4)
+    stats = summarize(samples, batch=4)
     assert stats["n"] == 10
     assert stats["min_ms"] == pytest.approx(1.0)
     assert stats["max_ms"] == pytest.approx(10.0)
@@ -84,29 +89,29 @@ def test_summarize_known_samples():
 
 
 def test_summarize_single_sample_and_empty():
-    stats = bench.summarize([2e-3], batch=1)
+    stats = summarize([2e-3], batch=1)
     assert stats["std_ms"] == 0.0 and stats["p99_ms"] == pytest.approx(2.0)
     with pytest.raises(ValueError):
-        bench.summarize([], batch=1)
+        summarize([], batch=1)
 
 
 def test_ratio_to_first_exact_and_seeded():
     rng = np.random.default_rng(0)
     first = (1 + rng.random(50)) * 1e-3
     half = first / 2
-    ratio = bench.ratio_to_first(first, half)
+    ratio = ratio_to_first(first, half)
     assert ratio["ratio"] == pytest.approx(0.5)
     assert ratio["speedup"] == pytest.approx(2.0)
     assert ratio["paired_median"] == pytest.approx(0.5)
     assert ratio["ci95"] == pytest.approx([0.5, 0.5])  # every resample keeps the pairing: the ratio is exact
     noisy = first * (0.8 + 0.4 * rng.random(50))
-    a, b = bench.ratio_to_first(first, noisy), bench.ratio_to_first(first, noisy)
+    a, b = ratio_to_first(first, noisy), ratio_to_first(first, noisy)
     assert a == b  # seeded bootstrap: the same samples give the same interval
     assert a["ci95"][0] <= a["ratio"] <= a["ci95"][1]
     with pytest.raises(ValueError):
-        bench.ratio_to_first(first, first[:-1])
+        ratio_to_first(first, first[:-1])
     with pytest.raises(ValueError, match="positive"):
-        bench.ratio_to_first(first, np.zeros_like(first))
+        ratio_to_first(first, np.zeros_like(first))
 
 
 # ------------------------------------------------------------------------------------------- interleaving
@@ -152,29 +157,29 @@ def test_interleave_rejects_bad_limits(kwargs):
 
 def test_concrete_inputs_batch_and_symbolic_dims():
     model = _conv_model()
-    assert bench.concrete_inputs(model, 5)["x"][0] == (5, 3, 8, 6)
-    assert bench.concrete_inputs(model, None)["x"][0] == (1, 3, 8, 6)
+    assert concrete_inputs(model, 5)["x"][0] == (5, 3, 8, 6)
+    assert concrete_inputs(model, None)["x"][0] == (1, 3, 8, 6)
     fixed = _conv_model(batch=2)
-    assert bench.concrete_inputs(fixed, None)["x"][0] == (2, 3, 8, 6)
+    assert concrete_inputs(fixed, None)["x"][0] == (2, 3, 8, 6)
     with pytest.raises(UsageError, match="fixed batch of 2"):
-        bench.concrete_inputs(fixed, 4)
+        concrete_inputs(fixed, 4)
     spatial = make_model([oh.make_node("Relu", ["x"], ["y"])], [("x", ["N", 3, "H", "W"])],
                          [("y", ["N", 3, "H", "W"])])
     with pytest.raises(UsageError, match="--input-shape x"):
-        bench.concrete_inputs(spatial, 2)
+        concrete_inputs(spatial, 2)
     # The batch replaces the leading dim of a given shape; the other dims come from it.
-    assert bench.concrete_inputs(spatial, 2, ["x:1,3,5,7"])["x"][0] == (2, 3, 5, 7)
+    assert concrete_inputs(spatial, 2, ["x:1,3,5,7"])["x"][0] == (2, 3, 5, 7)
     with pytest.raises(UsageError, match="does not fit"):
-        bench.concrete_inputs(spatial, 2, ["x:1,4,5,7"])
+        concrete_inputs(spatial, 2, ["x:1,4,5,7"])
     with pytest.raises(UsageError, match="unknown input"):
-        bench.concrete_inputs(spatial, 2, ["z:1,3,5,7"])
+        concrete_inputs(spatial, 2, ["z:1,3,5,7"])
 
 
 def test_static_output_shapes():
-    shapes = bench.concrete_inputs(_conv_model(), 3)
-    assert bench.static_output_shapes(_conv_model(), shapes) == {"y": ((3, 4, 8, 6), np.dtype(np.float32))}
+    shapes = concrete_inputs(_conv_model(), 3)
+    assert static_output_shapes(_conv_model(), shapes) == {"y": ((3, 4, 8, 6), np.dtype(np.float32))}
     dynamic = _dynamic_model()
-    assert bench.static_output_shapes(dynamic, bench.concrete_inputs(dynamic, 1)) is None
+    assert static_output_shapes(dynamic, concrete_inputs(dynamic, 1)) is None
 
 
 # ------------------------------------------------------------------------------------------- sessions on the CPU
@@ -210,7 +215,7 @@ def test_prepare_cpu_binds_io_and_computes_the_model():
     # The pre-bound output buffer holds what the model computes on the bound input.
     _session, _binding, buffers = prepared.keep_alive
     prepared.run()
-    feeds = bench.make_feeds(bench.concrete_inputs(_conv_model(), 2))
+    feeds = make_feeds(concrete_inputs(_conv_model(), 2))
     expected = run_model(_conv_model(), feeds)[0]
     np.testing.assert_allclose(buffers[-1].numpy(), expected, rtol=1e-5, atol=1e-6)
 
@@ -308,7 +313,7 @@ def test_bench_models_report(tmp_path):
     env, settings = report["environment"], report["settings"]
     assert {"device", "cpu", "onnxruntime", "loadavg_1_5_15", "python"} <= set(env)
     assert settings["optimization"] == "ORT_ENABLE_ALL" and settings["denormal_as_zero"]
-    assert bench.device_slug(report).startswith("cpu-") and bench.device_slug(report).endswith("t")
+    assert device_slug(report).startswith("cpu-") and device_slug(report).endswith("t")
     json.dumps(report)  # JSON-able as it is
 
 
@@ -326,7 +331,7 @@ def test_labels_and_errors():
 def test_peers_absent_and_present(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxsim", None)  # `import onnxsim` raises ImportError
     monkeypatch.setitem(sys.modules, "onnxslim", None)
-    peers, notes = bench.peer_models(_conv_model())
+    peers, notes = peer_models(_conv_model())
     assert peers == [] and len(notes) == 2 and all("not installed" in n for n in notes)
 
     class FakeOnnxsim:
@@ -362,7 +367,7 @@ def test_writers_json_markdown_text(tmp_path):
     assert "| 2 | base | cpu | 1 ms | 1 ms | 1 ms |" in text
     assert "| 2 | other | cpu |" in text and "1.000 | 1.000-1.000 | 1.00x" in text
     assert "- a note" in text and "ORT_ENABLE_ALL" in text
-    table = bench_report.text_table(bench_report.table_rows(report))
+    table = text_table(bench_report.table_rows(report), bench_report.TABLE_HEADERS)
     assert table.splitlines()[0].split()[:4] == ["batch", "model", "provider", "p50"]
     assert len(table.splitlines()) == 4
 
@@ -456,7 +461,7 @@ def test_cuda_bench_uses_device_buffers_and_a_cuda_graph():
     assert all(buffer.device_name().lower() == "cuda" for buffer in buffers)
     for _ in range(3):  # replays of the captured graph
         prepared.run()
-    expected = run_model(_conv_model(), bench.make_feeds(bench.concrete_inputs(_conv_model(), 2)))[0]
+    expected = run_model(_conv_model(), make_feeds(concrete_inputs(_conv_model(), 2)))[0]
     np.testing.assert_allclose(buffers[-1].numpy(), expected, rtol=1e-3, atol=1e-4)
 
 
@@ -466,7 +471,7 @@ def test_cuda_report_names_the_gpu_and_versions():
     report = bench.bench_models([_conv_model(0), _conv_model(1)], provider="auto", batch=[1, 4], warmup=5, iters=10)
     assert report["settings"]["devices_used"] == ["cuda"]
     assert report["environment"]["gpu"] and report["environment"]["cudnn"]
-    assert bench.device_slug(report).startswith("cuda-")
+    assert device_slug(report).startswith("cuda-")
     assert all(m["ratio_to_first"] is not None for c in report["comparisons"] for m in c["models"])
 
 

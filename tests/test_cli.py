@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,10 @@ from torch import nn
 import cnnc
 from cnnc import ir
 from cnnc.cli import cli
-from cnnc.pipeline.contract import _REGISTRY, Pass, PassResult, default_pass_names, register, registered_passes
+from cnnc.passes import DEFAULT_PIPELINE, PASSES, all_pass_classes
+from cnnc.pipeline.contract import Pass, PassResult
+from cnnc.zoo import draw_batchnorm_statistics
+from cnnc.zoo.blocks import ResidualBlock
 from helpers import bn_params, make_model, op_counts, run_model
 
 RTOL, ATOL = 1e-4, 1e-5  # the issue's acceptance tolerances (also the CLI defaults, passed explicitly below)
@@ -71,8 +75,8 @@ def test_compile_with_the_default_passes(conv_bn_path, tmp_path):
     out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
     result = _ok("compile", conv_bn_path, "-o", out, "--json", report_path)
     report = json.loads(report_path.read_text())
-    assert [record["pass"] for record in report["passes"]] == default_pass_names()
-    assert "fold-bn" in default_pass_names()
+    assert [record["pass"] for record in report["passes"]] == list(DEFAULT_PIPELINE)
+    assert "fold-bn" in DEFAULT_PIPELINE
     assert report["equivalence"]["passed"] is True
     assert "BatchNormalization" not in op_counts(onnx.load(out))
     assert f"wrote {out}" in result.stdout and "check: equivalent" in result.stdout
@@ -221,7 +225,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_passes_lists_every_registered_pass():
     lines = _ok("passes").stdout.splitlines()
-    registry = registered_passes()
+    registry = all_pass_classes()
     assert len(lines) == len(registry)
     for line in lines:
         name, rest = line.split(maxsplit=1)
@@ -288,7 +292,6 @@ class ScaleFirstConvWeight(Pass):
 
     name: ClassVar[str] = "test-cli-broken-scale"
     summary: ClassVar[str] = "deliberately broken pass for the CLI tests"
-    default: ClassVar[bool] = False
 
     def run(self, graph: gs.Graph) -> PassResult:
         result = PassResult()
@@ -300,10 +303,9 @@ class ScaleFirstConvWeight(Pass):
 
 
 @pytest.fixture
-def broken_pass():
-    register(ScaleFirstConvWeight)
-    yield ScaleFirstConvWeight.name
-    _REGISTRY.pop(ScaleFirstConvWeight.name)
+def broken_pass(monkeypatch):
+    monkeypatch.setitem(PASSES, ScaleFirstConvWeight.name, lambda: ScaleFirstConvWeight)
+    return ScaleFirstConvWeight.name
 
 
 def test_compile_that_fails_the_check_exits_1_and_writes_nothing(conv_bn_path, tmp_path, broken_pass):
@@ -331,28 +333,7 @@ def _listing(folder: Path) -> list[str]:
 # --- the issue's fold-bn acceptance scenarios ----------------------------------------------------------------------
 
 def _realistic_bn(module: nn.Module, seed: int) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            n = layer.num_features
-            with torch.no_grad():
-                layer.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
-                layer.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-                layer.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                layer.bias.copy_(0.2 * torch.randn(n, generator=generator))
-    return module.eval()
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+    return draw_batchnorm_statistics(module, seed, spread=0.2).eval()
 
 
 class SmallResNet(nn.Module):
@@ -361,7 +342,7 @@ class SmallResNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.blocks = nn.Sequential(BasicBlock(8, 8, 1), BasicBlock(8, 16, 2))
+        self.blocks = nn.Sequential(ResidualBlock(8, 8, 1), ResidualBlock(8, 16, 2))
         self.fc = nn.Linear(16, 5)
 
     def forward(self, x):
@@ -449,3 +430,63 @@ def test_fold_bn_through_the_python_api_on_a_torch_module(name):
         expected = module(example).numpy()
     np.testing.assert_allclose(run_model(result.model, {"input": example.numpy()})[0], expected,
                                rtol=RTOL, atol=ATOL)
+
+
+# --- optional outputs: plots last, and a missing matplotlib never throws the other files away ----------------------
+
+def _residual_model(rng) -> onnx.ModelProto:
+    """x + Relu(Conv(x)): one residual block (for analyze), a ReLU unit with a bias (for explain)."""
+    inits = [("W", (0.1 * rng.standard_normal((4, 4, 3, 3))).astype(np.float32)),
+             ("B", rng.standard_normal(4).astype(np.float32))]
+    nodes = [oh.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             oh.make_node("Relu", ["c"], ["r"], name="relu"),
+             oh.make_node("Add", ["x", "r"], ["y"], name="add")]
+    return make_model(nodes, [("x", [1, 4, 5, 5])], [("y", None)], inits)
+
+
+# command line (after the model path), the other files it writes, the plot option and file
+_PLOTTING = {
+    "bench": (["bench", "{m}", "{m}", "--provider", "cpu", "--warmup", "0", "--iters", "2", "--json", "{d}/r.json",
+               "--md", "{d}/r.md", "--plot", "{d}/r.png"], ["r.json", "r.md"], "--plot"),
+    "analyze": (["analyze", "{m}", "--random", "2", "--json", "{d}/r.json", "--plot", "{d}/r.png"], ["r.json"],
+                "--plot"),
+    "explain": (["explain", "{m}", "--unit", "y:0,1,1", "--json", "{d}/r.json", "--png", "{d}/r.png"], ["r.json"],
+                "--png"),
+    "inspect": (["inspect", "{m}", "--schedule", "--plot", "{d}/r.png"], [], "--plot"),
+}
+
+
+def _plotting_command(command: str, tmp_path: Path, rng) -> list[str]:
+    model = tmp_path / "residual.onnx"
+    onnx.save(_residual_model(rng), model)
+    return [arg.format(m=model, d=tmp_path) for arg in _PLOTTING[command][0]]
+
+
+@pytest.mark.parametrize("command", list(_PLOTTING))
+def test_without_matplotlib_everything_else_is_written_then_one_error(command, tmp_path, rng, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    result = _invoke(*_plotting_command(command, tmp_path, rng))
+    _, others, option = _PLOTTING[command]
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {option} needs matplotlib: pip install 'cnnc[plot]'"), line
+    assert "Traceback" not in result.stderr and not (tmp_path / "r.png").exists()
+    for name in others:
+        assert (tmp_path / name).stat().st_size > 0 and str(tmp_path / name) in line
+    if "r.json" in others:
+        json.loads((tmp_path / "r.json").read_text())
+    assert result.stdout.strip()  # the table / report was printed before the error
+
+
+@pytest.mark.parametrize("command", list(_PLOTTING))
+def test_with_matplotlib_every_plot_is_a_valid_png(command, tmp_path, rng):
+    matplotlib_image = pytest.importorskip("matplotlib.image", reason="matplotlib is the optional 'plot' extra")
+    result = _invoke(*_plotting_command(command, tmp_path, rng))
+    assert result.exit_code == 0 and "error" not in result.stderr, (result.stdout, result.stderr)
+    png = tmp_path / "r.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib_image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0.01  # not a blank canvas
+    for name in _PLOTTING[command][1]:
+        assert (tmp_path / name).stat().st_size > 0

@@ -12,23 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from cnnc.io import backend
 from cnnc.io.frontend import from_torch
-from cnnc.pipeline.contract import parse_pipeline
-from cnnc.passes.collapse import Collapse
-from cnnc.pipeline.manager import run_pipeline
-from helpers import assert_same_outputs, make_model, op_counts, run_model
+from cnnc.zoo import draw_batchnorm_statistics
+from cnnc.zoo.blocks import RepVGGBlock
+from helpers import (assert_same_outputs, assert_unchanged, bn_params, initializer, make_model, normal, op_counts,
+                     run_model, run_passes, text_model)
 
-import cnnc.passes  # noqa: F401
 
 SHAPE_OPS = {"Flatten", "Reshape", "Concat", "Split", "Identity"}
-
-
-def _compile(model, passes):
-    graph, report = run_pipeline(gs.import_onnx(model), parse_pipeline(passes), strict=True)
-    compiled = backend.to_model(graph, template=model)
-    backend.check(compiled)
-    return compiled, report.records[-1].result
 
 
 def _export(module, shape):
@@ -37,15 +28,7 @@ def _export(module, shape):
 
 
 def _realistic(module):
-    generator = torch.Generator().manual_seed(3)
-    for layer in module.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            n = layer.num_features
-            layer.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
-            layer.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-            layer.weight.data.copy_(0.5 + torch.rand(n, generator=generator))
-            layer.bias.data.copy_(0.1 * torch.randn(n, generator=generator))
-    return module
+    return draw_batchnorm_statistics(module, 3)
 
 
 def _feeds(model, batch, seed=0):
@@ -58,7 +41,7 @@ def test_linear_resnet34_collapses_to_one_gemm():
 
     module, example = build_example("linear-resnet34")
     model = from_torch(module, example)
-    compiled, result = _compile(model, "collapse")
+    compiled, result = run_passes(model, "collapse")
     counts = op_counts(compiled)
     assert counts.pop("Gemm") == 1 and set(counts) <= SHAPE_OPS, counts
     for batch in (1, 64):
@@ -97,30 +80,18 @@ class _MixedLinear(nn.Module):
 
 def test_mixed_linear_network_collapses_to_one_gemm():
     model = _export(_MixedLinear(), (1, 2, 10, 12))
-    compiled, result = _compile(model, "collapse")
+    compiled, result = run_passes(model, "collapse")
     counts = op_counts(compiled)
     assert counts.pop("Gemm") == 1 and set(counts) <= SHAPE_OPS, counts
     for batch in (1, 3):
         assert_same_outputs(model, compiled, _feeds(model, batch), rtol=1e-5, atol=1e-5)
 
 
-class _RepVGGBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.k3 = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
-        self.k1 = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, 0, bias=False), nn.BatchNorm2d(cout))
-        self.identity = nn.BatchNorm2d(cout) if stride == 1 and cin == cout else None
-
-    def forward(self, x):
-        y = self.k3(x) + self.k1(x)
-        return torch.relu(y + self.identity(x) if self.identity is not None else y)
-
-
 def test_repvgg_blocks_merge_to_one_conv_each():
-    blocks = [_RepVGGBlock(3, 8, 2), _RepVGGBlock(8, 8, 1), _RepVGGBlock(8, 16, 2), _RepVGGBlock(16, 16, 1)]
+    blocks = [RepVGGBlock(3, 8, 2), RepVGGBlock(8, 8, 1), RepVGGBlock(8, 16, 2), RepVGGBlock(16, 16, 1)]
     module = _realistic(nn.Sequential(*blocks))
     model = _export(module, (1, 3, 17, 22))
-    compiled, result = _compile(model, "fold-bn,collapse")
+    compiled, result = run_passes(model, "fold-bn, collapse")
     assert op_counts(compiled) == {"Conv": 4, "Relu": 4}
     assert len(result.applied) == 4
     for batch in (1, 2):
@@ -145,7 +116,7 @@ def _chain(rng, inner_pads):
 
 def test_chain_where_only_the_first_conv_pads_becomes_one_conv(rng):
     model = _chain(rng, [0, 0, 0, 0])
-    compiled, result = _compile(model, "collapse{gemm=off}")
+    compiled, result = run_passes(model, "collapse{gemm=off}")
     assert op_counts(compiled) == {"Conv": 1, "Relu": 1}
     conv = next(n for n in compiled.graph.node if n.op_type == "Conv")
     assert [a.ints for a in conv.attribute if a.name == "kernel_shape"][0] == [5, 5]
@@ -159,7 +130,7 @@ def test_chain_where_only_the_first_conv_pads_becomes_one_conv(rng):
 
 def test_chain_with_inner_zero_padding_is_not_one_conv(rng):
     model = _chain(rng, [1, 1, 1, 1])
-    compiled, result = _compile(model, "collapse{gemm=off}")
+    compiled, result = run_passes(model, "collapse{gemm=off}")
     assert op_counts(compiled) == {"Conv": 2, "Relu": 1}
     assert not result.changed
     assert "at the borders" in result.skipped[0][1]
@@ -181,7 +152,7 @@ def test_mixed_relu_network_changes_only_linear_machines():
 
     module = Net()
     model = _export(module, (1, 3, 12, 9))
-    compiled, result = _compile(model, "collapse")
+    compiled, result = run_passes(model, "collapse")
     assert op_counts(compiled) == {"Conv": 3, "Relu": 2, "Sigmoid": 1}
     assert [o.name for o in compiled.graph.output] == [o.name for o in model.graph.output]
     assert_same_outputs(model, compiled, _feeds(model, 2), rtol=1e-5, atol=1e-5)
@@ -193,7 +164,7 @@ def test_narrow_cut_factors_the_dense_map_into_two_thin_gemms():
     module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2), nn.AdaptiveAvgPool2d(1),
                            nn.Flatten(), nn.Linear(8, 100))
     model = _export(module, (1, 3, 32, 32))
-    compiled, result = _compile(model, "collapse")
+    compiled, result = run_passes(model, "collapse")
     counts = op_counts(compiled)
     assert counts.pop("Gemm") == 2 and set(counts) <= SHAPE_OPS, counts
     assert "factored at" in result.applied[0] and "rank 8" in result.applied[0]
@@ -211,7 +182,7 @@ def test_a_machine_the_evaluator_cannot_batch_is_kept_and_the_others_still_colla
              oh.make_node("Conv", ["z", "w2"], ["c"]), oh.make_node("Mul", ["c", "k"], ["y2"])]
     model = make_model(nodes, [("x", [1, 2, 2]), ("z", ["N", 2, 3, 3])], [("y1", [1, 4]), ("y2", None)],
                        [("shape", np.array([1, -1], np.int64)), ("w1", w1), ("w2", w2), ("k", np.float32(3.0))])
-    compiled, result = _compile(model, "collapse{gemm=force}")
+    compiled, result = run_passes(model, "collapse{gemm=force}")
     assert any("evaluation failed" in why for _, why in result.skipped)
     assert len(result.applied) == 1 and "Conv" in result.applied[0]
     assert op_counts(compiled)["Mul"] == 1  # the Reshape/Gemm/Mul machine is untouched
@@ -226,7 +197,7 @@ def test_a_machine_with_two_outputs_becomes_one_gemm_and_a_split_at_any_opset(rn
     model = make_model(nodes, [("x", ["N", 6])], [("y1", ["N", 3]), ("y2", ["N", 4])],
                        [("a", rng.standard_normal((6, 4)).astype(np.float32)),
                         ("b", rng.standard_normal((4, 3)).astype(np.float32))], opset=opset)
-    compiled, result = _compile(model, "collapse{gemm=force}")
+    compiled, result = run_passes(model, "collapse{gemm=force}")
     assert op_counts(compiled) == {"Gemm": 1, "Split": 1, "Relu": 1}
     split = next(n for n in compiled.graph.node if n.op_type == "Split")
     assert list(split.output) == ["y1", "h"] or list(split.output) == ["h", "y1"]  # written directly, no copies
@@ -237,14 +208,14 @@ def test_negative_machine_with_non_constant_weight_is_left_alone(rng):
     nodes = [oh.make_node("Conv", ["x", "w"], ["h"]), oh.make_node("Mul", ["h", "k"], ["y"])]
     model = make_model(nodes, [("x", ["N", 2, 5, 5]), ("w", [3, 2, 1, 1])], [("y", None)],
                        [("k", np.float32(2.0))])
-    compiled, result = _compile(model, "collapse")
+    compiled, result = run_passes(model, "collapse")
     assert not result.changed and op_counts(compiled) == {"Conv": 1, "Mul": 1}
 
 
 def test_negative_bilinear_mul_is_not_linear(rng):
     nodes = [oh.make_node("Add", ["x", "c"], ["a"]), oh.make_node("Mul", ["a", "x"], ["y"])]
     model = make_model(nodes, [("x", ["N", 4])], [("y", None)], [("c", np.ones(4, np.float32))])
-    compiled, result = _compile(model, "collapse")
+    compiled, result = run_passes(model, "collapse")
     assert not result.changed and op_counts(compiled) == {"Add": 1, "Mul": 1}
 
 
@@ -253,10 +224,10 @@ def test_negative_cost_model_keeps_a_machine_whose_dense_map_is_larger(rng):
     c1, i1 = _conv("c1", "x", "h", rng.standard_normal((8, 3, 3, 3)).astype(np.float32), pads=[1, 1, 1, 1])
     c2, i2 = _conv("c2", "h", "y", rng.standard_normal((8, 8, 3, 3)).astype(np.float32), pads=[1, 1, 1, 1])
     model = make_model([c1, c2], [("x", ["N", 3, 16, 16])], [("y", None)], i1 + i2)
-    compiled, result = _compile(model, "collapse")
+    compiled, result = run_passes(model, "collapse")
     assert not result.changed and op_counts(compiled) == {"Conv": 2}
     assert "MACs per sample" in result.skipped[0][1]
-    forced, result = _compile(model, "collapse{gemm=force}")
+    forced, result = run_passes(model, "collapse{gemm=force}")
     assert result.changed and op_counts(forced).get("Gemm") == 1
     assert_same_outputs(model, forced, {"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)},
                         rtol=1e-4, atol=1e-4)
@@ -264,15 +235,15 @@ def test_negative_cost_model_keeps_a_machine_whose_dense_map_is_larger(rng):
 
 def test_strategies_can_be_forbidden(rng):
     model = _chain(rng, [0, 0, 0, 0])
-    compiled, result = _compile(model, "collapse{conv=off,gemm=off}")
+    compiled, result = run_passes(model, "collapse{conv=off,gemm=off}")
     assert not result.changed and op_counts(compiled) == {"Conv": 2, "Relu": 1}
     assert "disabled" in result.skipped[0][1]
 
 
 def test_idempotent():
     model = _export(_MixedLinear(), (1, 2, 10, 12))
-    compiled, _ = _compile(model, "collapse")
-    again, result = _compile(compiled, "collapse")
+    compiled, _ = run_passes(model, "collapse")
+    again, result = run_passes(compiled, "collapse")
     assert not result.changed and op_counts(again) == op_counts(compiled)
 
 
@@ -328,7 +299,7 @@ def _float64_reference(model, feeds):
 @given(_linear_graphs())
 def test_random_linear_graphs_collapse_to_one_gemm(case):
     model, batch, rng = case
-    compiled, result = _compile(model, "collapse{gemm=force}")
+    compiled, result = run_passes(model, "collapse{gemm=force}")
     counts = op_counts(compiled)
     assert counts.pop("Gemm") == 1 and set(counts) <= SHAPE_OPS, counts
     onnx.checker.check_model(compiled, full_check=True)
@@ -340,3 +311,50 @@ def test_random_linear_graphs_collapse_to_one_gemm(case):
     scale = max(1.0, float(np.abs(exact).max()))
     assert np.abs(got - exact).max() <= 1e-5 * scale
     assert np.abs(got - exact).max() <= 2 * np.abs(original - exact).max() + 1e-6 * scale
+
+
+# --- models written as ONNX text (onnx.parser syntax, as onnxscript's rewriter tests) -------------------------------
+
+# RepVGG's training-time block: a 3×3 and a 1×1 branch summed; one 3×3 conv computes it.
+REPVGG = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    repvgg (float[N, 4, 7, 9] x) => (float[N, 6, 7, 9] y) <float[6, 4, 3, 3] W3, float[6] B3, float[6, 4, 1, 1] W1> {
+        [c3] a = Conv <pads = [1, 1, 1, 1]> (x, W3, B3)
+        [c1] b = Conv (x, W1)
+        [sum] y = Add (a, b)
+    }"""
+
+
+def test_text_parallel_branches_become_one_conv(rng):
+    model = text_model(REPVGG, W3=normal(rng, 6, 4, 3, 3), B3=normal(rng, 6), W1=normal(rng, 6, 4, 1, 1))
+    compiled, result = run_passes(model, "collapse")
+    assert result.changed and op_counts(compiled) == {"Conv": 1}
+    conv = compiled.graph.node[0]
+    assert conv.input[0] == "x" and list(conv.output) == ["y"]
+    assert initializer(compiled, conv.input[1]).shape == (6, 4, 3, 3)
+    assert "-> one Conv 3×3/1 group 1" in result.applied[0]
+    assert_same_outputs(model, compiled, {"x": normal(rng, 2, 4, 7, 9)}, atol=1e-5)
+
+
+def test_text_results_by_spec_after_fold_bn_then_collapse(rng):
+    gamma, beta, mean, var = (value for _, value in bn_params(rng, 6, "bn"))
+    model = text_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        conv_bn_conv (float[N, 4, 7, 9] x) => (float[N, 3, 7, 9] y)
+        <float[6, 4, 3, 3] W, float[6] gamma, float[6] beta, float[6] mean, float[6] var, float[3, 6, 1, 1] V> {
+            [conv] c = Conv <pads = [1, 1, 1, 1]> (x, W)
+            [bn] b = BatchNormalization (c, gamma, beta, mean, var)
+            [head] y = Conv (b, V)
+        }""", W=normal(rng, 6, 4, 3, 3), gamma=gamma, beta=beta, mean=mean, var=var, V=normal(rng, 3, 6, 1, 1))
+    run = run_passes(model, "fold-bn", "collapse{gemm=off}")
+    assert run.specs == ("fold-bn", "collapse{gemm=off}")
+    assert run["fold-bn"].applied and run["collapse{ gemm=off }"] is run.result
+    assert op_counts(run.model) == {"Conv": 1} and list(run.model.graph.node[0].output) == ["y"]
+    assert_same_outputs(model, run.model, {"x": normal(rng, 2, 4, 7, 9)}, atol=1e-5)
+
+
+def test_text_negative_collapse_with_both_forms_off_keeps_the_machine(rng):
+    model = text_model(REPVGG, W3=normal(rng, 6, 4, 3, 3), B3=normal(rng, 6), W1=normal(rng, 6, 4, 1, 1))
+    run = run_passes(model, "collapse{conv=off,gemm=off}")
+    assert_unchanged(model, run)
+    assert run.result.skipped == [("machine of 3 ops (1×Add, 2×Conv) from ['x'] to ['y']", "conv: disabled; gemm: disabled")]

@@ -10,23 +10,14 @@ import onnx_graphsurgeon as gs
 import pytest
 from cnnc.passes.destride import Destride, plan_axis, polyphase_weight
 from cnnc.linear.polyphase import CHANNEL_MAJOR, PHASE_MAJOR, Builder
-from helpers import assert_same_outputs, make_model, op_counts, run_model
+from helpers import (assert_same_outputs, assert_unchanged, initializer, make_model, normal, op_counts, run_model,
+                     run_passes, text_model)
 from hypothesis import given
 from hypothesis import strategies as st
 
 import cnnc
-from cnnc.io import backend
-from cnnc.pipeline.manager import run_pipeline
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-
-
-def _destride(model, **options):
-    """Run destride alone; returns (compiled model, pass result). The emitted model passes the full checker."""
-    graph, report = run_pipeline(gs.import_onnx(model), [Destride(**options)], strict=True)
-    compiled = backend.to_model(graph, template=model)
-    backend.check(compiled)
-    return compiled, report.records[0].result
 
 
 def _weights(rng, *shape):
@@ -61,10 +52,6 @@ def _feeds(rng, model, batch=3):
 def _strided_convs(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "AveragePool")
             and any(a.name == "strides" and any(s > 1 for s in a.ints) for a in n.attribute)]
-
-
-def _initializer(model, name):
-    return next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
 
 
 def _layout_model(builder_call, shape):
@@ -126,13 +113,13 @@ def test_polyphase_weight_is_an_exact_permutation_of_the_kernel(rng):
 
 def test_3x3_stride_2_becomes_space_to_depth_and_2x2_conv(rng):
     model = _conv_model(rng, pads=(1, 1, 1, 1), size=(8, 10))
-    compiled, result = _destride(model)
+    compiled, result = run_passes(model, "destride")
     assert op_counts(compiled) == {"SpaceToDepth": 1, "Conv": 1}  # even sizes: the conv's own pads suffice
     s2d, conv = compiled.graph.node
     assert s2d.input[0] == "x" and conv.input[0] == s2d.output[0] and conv.output[0] == "y"
     attrs = {a.name: list(a.ints) for a in conv.attribute if a.ints}
     assert attrs["kernel_shape"] == [2, 2] and attrs["strides"] == [1, 1] and attrs["pads"] == [1, 1, 0, 0]
-    assert _initializer(compiled, conv.input[1]).shape == (4, 12, 2, 2)
+    assert initializer(compiled, conv.input[1]).shape == (4, 12, 2, 2)
     stats = result.stats["convs"][0]
     assert stats["macs_after"] * 9 == stats["macs_before"] * 16  # (s·⌈k/s⌉/k)² = 16/9
     assert stats["params_before"] == 4 * 3 * 9 + 4 and stats["params_after"] == 4 * 12 * 4 + 4
@@ -142,10 +129,10 @@ def test_3x3_stride_2_becomes_space_to_depth_and_2x2_conv(rng):
 
 def test_1x1_stride_2_reads_one_phase_with_a_strided_slice(rng):
     model = _conv_model(rng, kernel=(1, 1), size=(7, 9))  # odd sizes: the last row and column are read too
-    compiled, result = _destride(model)
+    compiled, result = run_passes(model, "destride")
     assert op_counts(compiled) == {"Slice": 1, "Conv": 1}
     conv = next(n for n in compiled.graph.node if n.op_type == "Conv")
-    assert _initializer(compiled, conv.input[1]).shape == (4, 3, 1, 1)  # 3 of 4 phases dropped
+    assert initializer(compiled, conv.input[1]).shape == (4, 3, 1, 1)  # 3 of 4 phases dropped
     assert result.stats["mac_ratio"] == 1.0
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
 
@@ -155,24 +142,24 @@ def test_1x1_stride_2_reads_one_phase_with_a_strided_slice(rng):
 def test_square_kernels_and_strides(rng, kernel, stride):
     model = _conv_model(rng, kernel=(kernel, kernel), strides=(stride, stride), pads=(kernel // 2,) * 4,
                         size=(kernel + 8, kernel + 11))
-    compiled, result = _destride(model)
+    compiled, result = run_passes(model, "destride")
     assert result.changed and not _strided_convs(compiled) and not result.skipped
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
 
 
 def test_kernel_smaller_than_stride_gathers_the_used_phases(rng):
     model = _conv_model(rng, kernel=(2, 2), strides=(3, 3), size=(9, 12))
-    compiled, _ = _destride(model)
+    compiled, _ = run_passes(model, "destride")
     assert op_counts(compiled) == {"SpaceToDepth": 1, "Gather": 1, "Conv": 1}
     conv = next(n for n in compiled.graph.node if n.op_type == "Conv")
-    assert _initializer(compiled, conv.input[1]).shape == (4, 3 * 4, 1, 1)  # 4 of 9 phases
+    assert initializer(compiled, conv.input[1]).shape == (4, 3 * 4, 1, 1)  # 4 of 9 phases
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
 
 
 def test_non_square_kernel_strides_and_asymmetric_pads(rng):
     for strides in ((2, 3), (2, 1), (1, 3)):
         model = _conv_model(rng, kernel=(3, 5), strides=strides, pads=(0, 2, 1, 1), size=(11, 13))
-        compiled, result = _destride(model)
+        compiled, result = run_passes(model, "destride")
         assert result.changed and not result.skipped
         assert "SpaceToDepth" not in op_counts(compiled) and not _strided_convs(compiled)
         assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
@@ -181,7 +168,7 @@ def test_non_square_kernel_strides_and_asymmetric_pads(rng):
 @pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID", "NOTSET"])
 def test_every_auto_pad_mode(rng, auto_pad):
     model = _conv_model(rng, kernel=(4, 3), strides=(3, 2), size=(10, 11), auto_pad=auto_pad)
-    compiled, result = _destride(model)
+    compiled, result = run_passes(model, "destride")
     assert result.changed and not _strided_convs(compiled)
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
 
@@ -189,7 +176,7 @@ def test_every_auto_pad_mode(rng, auto_pad):
 @pytest.mark.parametrize("group,cin,cout", [(2, 4, 6), (4, 4, 4), (3, 3, 6)])
 def test_grouped_and_depthwise_use_channel_major_order(rng, group, cin, cout):
     model = _conv_model(rng, cin=cin, cout=cout, group=group, pads=(1, 0, 1, 2), size=(9, 8))
-    compiled, _ = _destride(model)
+    compiled, _ = run_passes(model, "destride")
     assert op_counts(compiled).get("Transpose") == 1 and "SpaceToDepth" not in op_counts(compiled)
     assert not _strided_convs(compiled)
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
@@ -198,25 +185,25 @@ def test_grouped_and_depthwise_use_channel_major_order(rng, group, cin, cout):
 def test_1d_and_3d_convs(rng):
     for kernel, strides, size in (((5,), (2,), (17,)), ((3, 2, 3), (2, 2, 3), (7, 6, 8))):
         model = _conv_model(rng, kernel=kernel, strides=strides, pads=(1,) * (2 * len(kernel)), size=size)
-        compiled, _ = _destride(model)
+        compiled, _ = run_passes(model, "destride")
         assert not _strided_convs(compiled)
         assert_same_outputs(model, compiled, _feeds(rng, model, batch=2), **TOL)
 
 
 def test_dynamic_and_fixed_batch(rng):
     model = _conv_model(rng, kernel=(3, 3), pads=(1, 1, 1, 1), size=(9, 7))
-    compiled, _ = _destride(model)
+    compiled, _ = run_passes(model, "destride")
     for batch in (1, 3):
         assert_same_outputs(model, compiled, _feeds(rng, model, batch=batch), **TOL)
     fixed = _conv_model(rng, kernel=(5, 5), strides=(3, 2), batch=3, size=(12, 9), group=3, cin=3, cout=3)
-    compiled, _ = _destride(fixed)
+    compiled, _ = run_passes(fixed, "destride")
     assert_same_outputs(fixed, compiled, _feeds(rng, fixed), **TOL)
 
 
 def test_same_upper_with_kernel_smaller_than_stride(rng):
     # 1×1 stride 2 SAME_UPPER on an even size (TensorFlow exports): the total pad is −1, a crop at the end only.
     model = _conv_model(rng, kernel=(1, 1), size=(8, 6), auto_pad="SAME_UPPER")
-    compiled, result = _destride(model)
+    compiled, result = run_passes(model, "destride")
     assert result.changed and op_counts(compiled) == {"Slice": 1, "Conv": 1}
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
     # k = 1, s = 4, n = 4: total −3, onnxruntime starts the window at row 1. Undefined by the spec: left alone.
@@ -226,7 +213,7 @@ def test_same_upper_with_kernel_smaller_than_stride(rng):
 
 def test_conv_without_bias(rng):
     model = _conv_model(rng, bias=False, pads=(2, 1, 0, 1))
-    compiled, _ = _destride(model)
+    compiled, _ = run_passes(model, "destride")
     assert len(next(n for n in compiled.graph.node if n.op_type == "Conv").input) == 2
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
 
@@ -238,7 +225,7 @@ def test_conv_without_bias(rng):
 ])
 def test_strided_average_pool_becomes_a_depthwise_conv(rng, kernel, strides, pads, attrs):
     model = _conv_model(rng, op="AveragePool", kernel=kernel, strides=strides, pads=pads, size=(9, 10), **attrs)
-    compiled, result = _destride(model)
+    compiled, result = run_passes(model, "destride")
     assert "AveragePool" not in op_counts(compiled) and not _strided_convs(compiled)
     assert result.stats["convs"][0]["op"] == "AveragePool"
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
@@ -253,7 +240,7 @@ def test_strided_average_pool_becomes_a_depthwise_conv(rng, kernel, strides, pad
 def test_strided_conv_transpose_becomes_conv_and_depth_to_space(rng, kernel, strides, pads, output_padding, group):
     model = _conv_model(rng, op="ConvTranspose", cin=4, cout=6, kernel=kernel, strides=strides, pads=pads,
                         group=group, size=(5, 6), output_padding=list(output_padding))
-    compiled, result = _destride(model)
+    compiled, result = run_passes(model, "destride")
     counts = op_counts(compiled)
     assert result.stats["convs"][0]["factor_out"] == list(strides)
     assert "ConvTranspose" not in counts and counts["Conv"] == 1 and not _strided_convs(compiled)
@@ -265,7 +252,7 @@ def test_strided_conv_transpose_becomes_conv_and_depth_to_space(rng, kernel, str
 
 
 def _assert_left_alone(model, reason, **options):
-    compiled, result = _destride(model, **options)
+    compiled, result = run_passes(model, Destride(**options))
     assert not result.changed and op_counts(compiled) == op_counts(model)
     assert any(reason in why for _, why in result.skipped), result.skipped
 
@@ -310,20 +297,20 @@ def test_grouped_false_leaves_grouped_convs_alone(rng):
     _assert_left_alone(_conv_model(rng, cin=4, cout=4, group=4), "grouped=false", grouped=False)
     _assert_left_alone(_conv_model(rng, op="AveragePool"), "grouped=false", grouped=False)
     _assert_left_alone(_conv_model(rng, op="ConvTranspose", cin=4, cout=4, group=2), "grouped=false", grouped=False)
-    compiled, result = _destride(_conv_model(rng), grouped=False)
+    compiled, result = run_passes(_conv_model(rng), Destride(grouped=False))
     assert result.changed and not _strided_convs(compiled)
 
 
 def test_stride_1_conv_is_not_touched(rng):
-    compiled, result = _destride(_conv_model(rng, strides=(1, 1), pads=(1, 1, 1, 1)))
+    compiled, result = run_passes(_conv_model(rng, strides=(1, 1), pads=(1, 1, 1, 1)), "destride")
     assert not result.changed and op_counts(compiled) == {"Conv": 1} and not result.skipped
 
 
 @pytest.mark.parametrize("mode", ["conv", "network"])
 def test_idempotent(rng, mode):
     model = _conv_model(rng, pads=(1, 1, 1, 1), size=(12, 8))
-    compiled, _ = _destride(model, mode=mode)
-    again, result = _destride(compiled, mode=mode)
+    compiled, _ = run_passes(model, Destride(mode=mode))
+    again, result = run_passes(compiled, Destride(mode=mode))
     assert not result.changed and op_counts(again) == op_counts(compiled)
 
 
@@ -351,13 +338,13 @@ def _conv_shapes(model):
     """(output shape without batch, weight shape) of every Conv, via ONNX shape inference."""
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim][1:] for v in inferred.graph.value_info}
-    return [(shapes[n.output[0]], list(_initializer(model, n.input[1]).shape))
+    return [(shapes[n.output[0]], list(initializer(model, n.input[1]).shape))
             for n in model.graph.node if n.op_type == "Conv"]
 
 
 def test_lenet_per_conv_has_no_strided_conv_and_is_equivalent(rng):
     model = _lenet(rng)
-    compiled, result = _destride(model)
+    compiled, result = run_passes(model, "destride")
     assert not _strided_convs(compiled) and op_counts(compiled)["SpaceToDepth"] == 2
     assert result.stats["mac_ratio"] == 1.0  # 2×2 stride 2: s·⌈k/s⌉/k = 1
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
@@ -365,7 +352,7 @@ def test_lenet_per_conv_has_no_strided_conv_and_is_equivalent(rng):
 
 def test_lenet_network_mode_reproduces_table_2(rng):
     model = _lenet(rng)
-    compiled, result = _destride(model, mode="network")
+    compiled, result = run_passes(model, "destride{mode=network}")
     assert [n.op_type for n in compiled.graph.node][:1] == ["SpaceToDepth"]
     s2d = compiled.graph.node[0]
     assert s2d.input[0] == "x" and next(a.i for a in s2d.attribute if a.name == "blocksize") == 4  # 1×28×28 -> 16×7×7
@@ -402,7 +389,7 @@ def _all_conv_net(rng, size=(16, 16), group=1):
 @pytest.mark.parametrize("group", [1, 2])
 def test_network_mode_on_a_residual_all_conv_net(rng, group):
     model = _all_conv_net(rng, group=group)
-    compiled, result = _destride(model, mode="network")
+    compiled, result = run_passes(model, "destride{mode=network}")
     counts = op_counts(compiled)
     assert not _strided_convs(compiled)
     assert [o.name for o in compiled.graph.output] == ["y", "a0"]
@@ -426,7 +413,7 @@ def test_network_mode_with_readers_that_ask_for_different_factors(rng):
              oh.make_node("Conv", ["r", "W1"], ["y1"], strides=[2, 2], pads=[1, 1, 1, 1], name="strided"),
              oh.make_node("Conv", ["r", "W2"], ["y2"], name="pointwise")]
     model = make_model(nodes, [("x", ["N", 2, 10, 6])], [("y1", None), ("y2", None), ("r", None)], inits)
-    compiled, result = _destride(model, mode="network")
+    compiled, result = run_passes(model, "destride{mode=network}")
     assert op_counts(compiled)["SpaceToDepth"] == 1 and op_counts(compiled)["DepthToSpace"] == 1
     assert {c["node"]: c["factor_out"] for c in result.stats["convs"]} == {"first": [2, 2], "strided": [1, 1]}
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
@@ -434,7 +421,7 @@ def test_network_mode_with_readers_that_ask_for_different_factors(rng):
 
 def test_network_mode_stops_at_sizes_the_factor_does_not_divide(rng):
     model = _all_conv_net(rng, size=(18, 14))  # stem output 9×7: the main path cannot stay polyphase
-    compiled, result = _destride(model, mode="network")
+    compiled, result = run_passes(model, "destride{mode=network}")
     assert not _strided_convs(compiled) and "DepthToSpace" not in op_counts(compiled)
     assert all(c["factor_out"] == [1, 1] for c in result.stats["convs"])  # per-conv rewrites, padded onto the grid
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
@@ -460,7 +447,7 @@ def _mixed_net(rng):
 @pytest.mark.parametrize("mode", ["conv", "network"])
 def test_mixed_network_is_equivalent_and_reports_what_it_left(rng, mode):
     model = _mixed_net(rng)
-    compiled, result = _destride(model, mode=mode)
+    compiled, result = run_passes(model, Destride(mode=mode))
     reasons = dict(result.skipped)
     assert set(_strided_convs(compiled)) == {"dilated", "pool"}
     assert "dilation > 1" in reasons["Conv 'dilated'"] and "ceil_mode" in reasons["AveragePool 'pool'"]
@@ -470,13 +457,13 @@ def test_mixed_network_is_equivalent_and_reports_what_it_left(rng, mode):
 
 def test_network_mode_without_strides_changes_nothing(rng):
     model = _conv_model(rng, strides=(1, 1), pads=(1, 1, 1, 1))
-    compiled, result = _destride(model, mode="network")
+    compiled, result = run_passes(model, "destride{mode=network}")
     assert not result.changed and op_counts(compiled) == {"Conv": 1}
 
 
 def test_pipeline_spec_and_api(rng):
     result = cnnc.compile(_lenet(rng), passes="destride{mode=network}", rtol=1e-5, atol=1e-5)
-    assert result.report["equivalence"]["passed"] and "destride" not in cnnc.pipeline.contract.default_pass_names()
+    assert result.report["equivalence"]["passed"] and "destride" not in cnnc.passes.DEFAULT_PIPELINE
     record = result.report["passes"][0]
     assert record["pass"] == "destride{mode=network}" and record["stats"]["macs_after"] > record["stats"]["macs_before"]
 
@@ -503,7 +490,7 @@ def test_random_single_convs(data):
         cin = cout
     model = _conv_model(rng, cin=cin, cout=cout, kernel=kernel, strides=strides, pads=pads, group=group, size=size,
                         op=op, bias=data.draw(st.booleans()), **attrs)
-    compiled, result = _destride(model)
+    compiled, result = run_passes(model, "destride")
     if auto_pad.startswith("SAME"):  # a kernel smaller than the stride can make onnxruntime's SAME pads negative
         totals = [(-(-n // s) - 1) * s + k - n for n, k, s in zip(size, kernel, strides)]
         heads = [int((t + 1) / 2) if auto_pad == "SAME_LOWER" else int(t / 2) for t in totals]
@@ -512,7 +499,7 @@ def test_random_single_convs(data):
             return
     assert result.changed and not _strided_convs(compiled), result.skipped
     assert_same_outputs(model, compiled, _feeds(rng, model, batch=data.draw(st.integers(1, 3))), **TOL)
-    _, again = _destride(compiled)
+    _, again = run_passes(compiled, "destride")
     assert not again.changed
 
 
@@ -542,7 +529,7 @@ def test_random_conv_chains_in_network_mode(data):
     if not nodes:
         return
     model = make_model(nodes, [("x", ["N", channels[0], *input_size])], [(previous, None)], inits)
-    compiled, _ = _destride(model, mode="network")
+    compiled, _ = run_passes(model, "destride{mode=network}")
     assert not _strided_convs(compiled)
     assert_same_outputs(model, compiled, _feeds(rng, model, batch=2), **TOL)
 
@@ -552,18 +539,15 @@ def test_destride_and_collapse_in_either_order_stay_exact(rng, order):
     """destride's Pad/Slice/SpaceToDepth/Conv are all linear, so collapse may take them into its machines (as a
     Gemm: SpaceToDepth has no single-conv form). Collapse first merges a conv chain into one strided conv, which
     destride then rewrites; both orders are exact, they differ in what is left."""
-    from cnnc.pipeline.contract import parse_pipeline
-
     inits = [("W1", _weights(rng, 8, 3, 3, 3)), ("B1", _weights(rng, 8)), ("W2", _weights(rng, 8, 8, 3, 3)),
              ("W3", _weights(rng, 4, 8, 1, 1))]
     nodes = [oh.make_node("Conv", ["x", "W1", "B1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
              oh.make_node("Relu", ["c1"], ["r1"]), oh.make_node("Conv", ["r1", "W2"], ["c2"], pads=[1, 1, 1, 1]),
              oh.make_node("Conv", ["c2", "W3"], ["y"], strides=[2, 2])]
     model = make_model(nodes, [("x", ["N", 3, 16, 16])], [("y", None)], inits)
-    graph, report = run_pipeline(gs.import_onnx(model), parse_pipeline(order), strict=True)
-    compiled = backend.to_model(graph, template=model)
-    backend.check(compiled)
-    assert all(record.result.changed for record in report.records)
+    run = run_passes(model, order)
+    assert all(result.changed for result in run.results)
+    compiled = run.model
     assert_same_outputs(model, compiled, _feeds(rng, model), **TOL)
 
 
@@ -582,6 +566,38 @@ def test_random_conv_transposes(data):
         return  # an empty output: not a valid model
     model = _conv_model(rng, op="ConvTranspose", cin=cin, cout=cout, kernel=kernel, strides=strides, pads=pads,
                         group=group, size=size, bias=data.draw(st.booleans()), output_padding=output_padding)
-    compiled, result = _destride(model)
+    compiled, result = run_passes(model, "destride")
     assert result.changed and not _strided_convs(compiled)
     assert_same_outputs(model, compiled, _feeds(rng, model, batch=data.draw(st.integers(1, 3))), **TOL)
+
+
+# --- models written as ONNX text (onnx.parser syntax, as onnxscript's rewriter tests) -------------------------------
+
+
+def _text_strided_conv(rng, dilation):
+    out = 5 if dilation == 1 else 4  # 11×12 input, 3×3 kernel of reach 2·dilation + 1, stride 2
+    return text_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        strided (float[N, 3, 11, 12] x) => (float[N, 4, {out}, {out}] y) <float[4, 3, 3, 3] W, float[4] B> {{
+            [conv] y = Conv <strides = [2, 2], dilations = [{dilation}, {dilation}]> (x, W, B)
+        }}""", W=normal(rng, 4, 3, 3, 3, scale=0.2), B=normal(rng, 4))
+
+
+def test_text_stride_2_conv_becomes_space_to_depth_and_a_stride_1_conv(rng):
+    model = _text_strided_conv(rng, 1)
+    compiled, result = run_passes(model, "destride")
+    assert result.changed and not result.skipped and not _strided_convs(compiled)
+    assert op_counts(compiled) == {"Pad": 1, "SpaceToDepth": 1, "Conv": 1}
+    pad, space_to_depth, conv = compiled.graph.node
+    assert pad.input[0] == "x" and space_to_depth.input == pad.output and conv.input[0] == space_to_depth.output[0]
+    assert list(conv.output) == ["y"] and initializer(compiled, conv.input[1]).shape == (4, 12, 2, 2)
+    assert "stride (2, 2) kernel (3, 3) -> stride 1 kernel (2, 2)" in result.applied[0]
+    assert_same_outputs(model, compiled, {"x": normal(rng, 2, 3, 11, 12)}, **TOL)
+
+
+def test_text_negative_dilated_conv_is_left_alone(rng):
+    model = _text_strided_conv(rng, 2)
+    run = run_passes(model, "destride")
+    assert_unchanged(model, run)
+    assert run.result.skipped[0][0] == "Conv 'conv'" and "dilation > 1" in run.result.skipped[0][1]
+    assert_same_outputs(model, run.model, {"x": normal(rng, 2, 3, 11, 12)}, **TOL)

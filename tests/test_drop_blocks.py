@@ -7,18 +7,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
-import onnx_graphsurgeon as gs
 import pytest
 from click.testing import CliRunner
 from cnnc.passes.drop_blocks import DropBlocks
-from helpers import assert_same_outputs, make_model, op_counts, run_model
+from helpers import (assert_same_outputs, assert_unchanged, make_model, node_named, normal, op_counts, run_model,
+                     run_passes, text_model)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cnnc
-from cnnc.io import backend
 from cnnc.cli import cli
-from cnnc.pipeline.manager import run_pipeline
 
 
 def _residual_chain(rng, zero_blocks, n_blocks=4, channels=3, spatial=(5, 7), kernel=(3, 3), dilation=1,
@@ -55,20 +53,13 @@ def _residual_chain(rng, zero_blocks, n_blocks=4, channels=3, spatial=(5, 7), ke
     return make_model(nodes, [("x", ["N", 2, *spatial])], [(output, None)], inits)
 
 
-def _drop(model, **options):
-    graph, report = run_pipeline(gs.import_onnx(model), [DropBlocks(**options)], strict=True)
-    compiled = backend.to_model(graph, template=model)
-    backend.check(compiled)
-    return compiled, report.records[0].result
-
-
 def _feeds(rng, shape):
     return {"x": rng.standard_normal(shape).astype(np.float32)}
 
 
 def test_drops_exactly_the_identity_blocks_and_rewires_to_their_skips(rng):
     model = _residual_chain(rng, zero_blocks={1, 3})
-    compiled, result = _drop(model, eps=0.01)
+    compiled, result = run_passes(model, "drop-blocks{eps=0.01}")
     assert result.changed and result.stats["dropped"] == ["join1", "join3"]
     assert op_counts(compiled) == {"Conv": 5, "Relu": 2, "Add": 2, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
     by_name = {node.name: node for node in compiled.graph.node}
@@ -83,8 +74,8 @@ def test_drops_exactly_the_identity_blocks_and_rewires_to_their_skips(rng):
 
 
 def test_second_run_changes_nothing(rng):
-    compiled, _ = _drop(_residual_chain(rng, zero_blocks={0, 2}), eps=0.01)
-    again, result = _drop(compiled, eps=0.01)
+    compiled, _ = run_passes(_residual_chain(rng, zero_blocks={0, 2}), "drop-blocks{eps=0.01}")
+    again, result = run_passes(compiled, "drop-blocks{eps=0.01}")
     assert not result.changed and op_counts(again) == op_counts(compiled)
 
 
@@ -92,7 +83,7 @@ def test_large_eps_drops_real_blocks_and_reports_the_deviation_onnxruntime_measu
     model = _residual_chain(rng, zero_blocks=set())
     samples = rng.random((6, 2, 5, 7)).astype(np.float32)
     np.save(tmp_path / "x.npy", samples)
-    compiled, result = _drop(model, eps=1e6, inputs=str(tmp_path / "x.npy"))
+    compiled, result = run_passes(model, DropBlocks(eps=1e6, inputs=str(tmp_path / "x.npy")))
     assert result.stats["dropped"] == [f"join{i}" for i in range(4)] and result.stats["samples"] == 6
     before, after = run_model(model, {"x": samples})[0], run_model(compiled, {"x": samples})[0]
     measured = float(np.abs(after - before).max())
@@ -106,7 +97,7 @@ def test_labels_give_the_accuracy_change(rng, tmp_path):
     labels = np.argmax(run_model(model, {"x": samples})[0], axis=1)  # the original is right on every sample
     np.save(tmp_path / "x.npy", samples)
     np.save(tmp_path / "y.npy", labels)
-    _, result = _drop(model, eps=1e6, inputs=str(tmp_path / "x.npy"), labels=str(tmp_path / "y.npy"))
+    _, result = run_passes(model, DropBlocks(eps=1e6, inputs=str(tmp_path / "x.npy"), labels=str(tmp_path / "y.npy")))
     assert result.stats["accuracy_before"] == 1.0 and 0.0 <= result.stats["accuracy_after"] <= 1.0
     assert any("top-1 accuracy 1.0000 ->" in line for line in result.applied)
 
@@ -116,41 +107,41 @@ def test_labels_give_the_accuracy_change(rng, tmp_path):
 
 def test_no_residual_blocks(rng):
     model = make_model([oh.make_node("Relu", ["x"], ["y"])], [("x", ["N", 2, 3, 3])], [("y", None)])
-    _, result = _drop(model)
+    _, result = run_passes(model, "drop-blocks")
     assert not result.changed and ("whole graph", "no residual blocks") in result.skipped
 
 
 def test_blocks_at_or_above_eps_are_kept(rng):
     model = _residual_chain(rng, zero_blocks=set())
-    compiled, result = _drop(model, eps=0.01)
+    compiled, result = run_passes(model, "drop-blocks{eps=0.01}")
     assert not result.changed and op_counts(compiled)["Add"] == 4
     assert sum("is not below eps=0.01" in why for _, why in result.skipped) == 4
 
 
 def test_two_graph_inputs(rng):
     model = make_model([oh.make_node("Add", ["x", "z"], ["y"])], [("x", [1, 2]), ("z", [1, 2])], [("y", None)])
-    _, result = _drop(model)
+    _, result = run_passes(model, "drop-blocks")
     assert not result.changed and "2 graph inputs" in result.skipped[0][1]
 
 
 def test_no_sample_inputs_for_symbolic_spatial_dims(rng):
     model = _residual_chain(rng, zero_blocks={0})
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
-    _, result = _drop(model, eps=0.01)
+    _, result = run_passes(model, "drop-blocks{eps=0.01}")
     assert not result.changed and any("no sample inputs" in why and "symbolic dim" in why for _, why in
                                       result.skipped)
 
 
 def test_labels_that_do_not_match_the_samples(rng, tmp_path):
     np.save(tmp_path / "y.npy", np.zeros(3, np.int64))
-    _, result = _drop(_residual_chain(rng, zero_blocks={0}), eps=0.01, labels=str(tmp_path / "y.npy"))
+    _, result = run_passes(_residual_chain(rng, zero_blocks={0}), DropBlocks(eps=0.01, labels=str(tmp_path / "y.npy")))
     assert not result.changed and "3 labels for 16 samples" in result.skipped[-1][1]
 
 
 def test_a_block_from_graph_input_to_graph_output_is_kept(rng):
     nodes = [oh.make_node("Conv", ["x", "w"], ["f"]), oh.make_node("Add", ["x", "f"], ["y"], name="join")]
     model = make_model(nodes, [("x", ["N", 2, 3, 3])], [("y", None)], [("w", np.zeros((2, 2, 1, 1), np.float32))])
-    _, result = _drop(model, eps=0.01)
+    _, result = run_passes(model, "drop-blocks{eps=0.01}")
     assert not result.changed and "would be renamed" in dict(result.skipped)["block 0 (Add 'join', identity)"]
 
 
@@ -158,8 +149,8 @@ def test_a_block_from_graph_input_to_graph_output_is_kept(rng):
 
 
 def test_registered_as_approximate_and_not_default():
-    assert DropBlocks.exact is False and DropBlocks.default is False
-    assert "drop-blocks" not in cnnc.pipeline.contract.default_pass_names()
+    assert DropBlocks.exact is False
+    assert "drop-blocks" not in cnnc.passes.DEFAULT_PIPELINE
 
 
 def test_compile_with_drop_blocks_passes_the_equivalence_check(rng, tmp_path):
@@ -183,8 +174,36 @@ def test_random_geometry_drops_exactly_the_zero_blocks(seed, n_blocks, kernel, d
     begins = tuple(int(rng.integers(0, dilation * (k - 1) + 1)) for k in kernel)  # asymmetric pads
     model = _residual_chain(rng, zero_blocks, n_blocks=n_blocks, spatial=spatial, kernel=kernel, dilation=dilation,
                             begins=begins, groups=groups, head=head)
-    compiled, result = _drop(model, eps=1e-3, random=3)
+    compiled, result = run_passes(model, DropBlocks(eps=1e-3, random=3))
     assert result.stats.get("dropped", []) == [f"join{i}" for i in sorted(zero_blocks)]
     assert op_counts(compiled)["Add"] == n_blocks - len(zero_blocks) if len(zero_blocks) < n_blocks else \
         "Add" not in op_counts(compiled)
     assert_same_outputs(model, compiled, _feeds(rng, (2, 2, *spatial)), rtol=1e-6, atol=1e-6)
+
+
+# --- models written as ONNX text (onnx.parser syntax, as onnxscript's rewriter tests) -------------------------------
+
+RESIDUAL_BLOCK = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    block (float[N, 2, 5, 6] x) => (float[N, 2, 5, 6] y) <float[2, 2, 3, 3] W> {
+        [branch] f = Conv <pads = [1, 1, 1, 1]> (x, W)
+        [join] a = Add (x, f)
+        [out] y = Relu (a)
+    }"""
+
+
+def test_text_block_with_a_zero_branch_is_replaced_by_its_skip(rng):
+    model = text_model(RESIDUAL_BLOCK, W=np.zeros((2, 2, 3, 3), np.float32))
+    compiled, result = run_passes(model, "drop-blocks{eps=0.01}")
+    assert result.changed and op_counts(compiled) == {"Relu": 1}
+    assert list(node_named(compiled, "out").input) == ["x"]  # the join's reader now reads the skip
+    assert result.applied[0].startswith("block 0 (Add 'join', identity): replaced by its skip 'x'")
+    assert_same_outputs(model, compiled, {"x": normal(rng, 2, 2, 5, 6)})
+
+
+def test_text_negative_block_whose_branch_matters_is_kept(rng):
+    model = text_model(RESIDUAL_BLOCK, W=normal(rng, 2, 2, 3, 3))
+    run = run_passes(model, "drop-blocks{eps=0.01}")
+    assert_unchanged(model, run)
+    assert "is not below eps=0.01" in dict(run.result.skipped)["block 0 (Add 'join', identity)"]
+    assert_same_outputs(model, run.model, {"x": normal(rng, 2, 2, 5, 6)})

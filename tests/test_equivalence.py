@@ -6,12 +6,13 @@ import numpy as np
 import onnx.helper as oh
 import pytest
 from click.testing import CliRunner
-
-from cnnc.cli import cli
-from cnnc.errors import EquivalenceError, ModelError, UsageError
+from cnnc.runtime.deviation import output_deviation, random_float_feeds
 from cnnc.runtime.equivalence import check_equivalence
 from cnnc.runtime.inputs import SECOND_BATCH, make_input_batches
 from helpers import make_model
+
+from cnnc.cli import cli
+from cnnc.errors import EquivalenceError, ModelError, UsageError
 
 X = np.array([[1.0, -2.0, 4.0, 0.5]], np.float32)
 
@@ -181,3 +182,18 @@ def test_cli_verify_needs_input_shape_for_symbolic_dims(tmp_path):
     assert len(result.stderr.splitlines()) == 1
     result = CliRunner().invoke(cli, ["verify", str(path), str(path), "--input-shape", "x:1,3,4,6"])
     assert result.exit_code == 0, result.stderr
+
+
+def test_output_deviation_is_measured_on_onnxruntime_relative_to_each_outputs_scale():
+    """The one deviation measure of the approximate passes: per output, max |after − before| / max |before|."""
+    def scaled(factor):
+        return make_model([oh.make_node("Mul", ["x", "k"], ["y"])], [("x", ["N", 3])], [("y", ["N", 3])],
+                          [("k", np.full(3, factor, np.float32))])
+
+    feeds = random_float_feeds(scaled(1.0))
+    assert [feed["x"].shape[0] for feed in feeds] == [1, 1, SECOND_BATCH, SECOND_BATCH]
+    assert output_deviation(scaled(2.0), scaled(2.0), feeds) == {"max_abs": 0.0, "max_rel": 0.0}
+    measured = output_deviation(scaled(2.0), scaled(2.2), feeds)
+    largest = max(float(np.abs(feed["x"]).max()) for feed in feeds)
+    assert measured["max_abs"] == pytest.approx(0.2 * largest, rel=1e-5)
+    assert measured["max_rel"] == pytest.approx(0.1, rel=1e-5)

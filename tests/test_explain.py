@@ -15,26 +15,21 @@ from helpers import make_model
 from torch import nn
 
 from cnnc.cli import cli
-from cnnc.cli.analysis import load_graph
+from cnnc.cli.loading import load_graph
 from cnnc.errors import ModelError, UsageError
-from cnnc.analysis.explain import BackMap, format_dataset_table, parse_unit, plot_hypersurface, relative_error
+from cnnc.analysis.backmap import BackMap, relative_error
+from cnnc.analysis.backmap_dataset import dataset_table
+from cnnc.analysis.backmap_report import format_dataset_table, plot_hypersurface
+from cnnc.analysis.explain import explain_unit, parse_unit
 from cnnc.io.frontend import from_torch
 from cnnc.ir import constant_value
+from cnnc.zoo import draw_batchnorm_statistics
 
 EXACT = 1e-11  # float64: the identity holds to rounding
 
 
 def _realistic_bn(module: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    for layer in module.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            n = layer.num_features
-            with torch.no_grad():
-                layer.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
-                layer.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-                layer.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                layer.bias.copy_(0.1 * torch.randn(n, generator=generator))
-    return module.eval()
+    return draw_batchnorm_statistics(module, seed).eval()
 
 
 class _SmallNet(nn.Module):
@@ -91,7 +86,7 @@ def test_hand_computed_hypersurface_of_a_two_layer_relu_net():
     x = np.array([1.0, 0.5])
     hidden = w1.astype(np.float64) @ x + b1  # [0.5, 0.375, -0.375]: the third unit is off
     mask = (hidden > 0).astype(np.float64)
-    explanation = backmap.explain(x[None], "output:0")
+    explanation = explain_unit(backmap, x[None], "output:0")
     assert explanation.unit.mode == "RM0"
     np.testing.assert_allclose(explanation.H_I, (w2[0] * mask) @ w1, rtol=0, atol=1e-15)
     assert [b.tensor for b in backmap.biases] == ["b1", "b2"]
@@ -105,7 +100,7 @@ def test_hand_computed_hypersurface_of_a_two_layer_relu_net():
 def test_reconstruction_identity_holds_in_every_mode(small, mode):
     _, backmap, sample = small
     unit = "output:3" if mode == "RM0" else f"{_conv_tensor(backmap, 1)}:4,2,1"
-    explanation = backmap.explain(sample, unit, mode)
+    explanation = explain_unit(backmap, sample, unit, mode)
     assert explanation.unit.mode == mode
     assert explanation.relative_error <= EXACT
     assert explanation.reconstructed_value == pytest.approx(_reconstruct(explanation), rel=1e-12)
@@ -121,7 +116,7 @@ def test_reconstruction_identity_holds_in_every_mode(small, mode):
 def test_modes_relate_as_the_paper_says(small):
     _, backmap, sample = small
     tensor = _conv_tensor(backmap, 2)
-    rm0, rm1, rm2, rm3, rm4 = (backmap.explain(sample, f"{tensor}:1,2,0", mode)
+    rm0, rm1, rm2, rm3, rm4 = (explain_unit(backmap, sample, f"{tensor}:1,2,0", mode)
                                for mode in ("RM0", "RM1", "RM2", "RM3", "RM4"))
     # RM2 = Σ_j RM4 (Eq. 11) and RM1 = Σ_j RM3 (Eq. 12), hypersurfaces and values.
     np.testing.assert_allclose(rm4.H_I.sum(0), rm2.H_I, atol=1e-13)
@@ -129,7 +124,7 @@ def test_modes_relate_as_the_paper_says(small):
     np.testing.assert_allclose(rm3.H_I.sum(0), rm1.H_I, atol=1e-12)
     assert rm3.true_value == pytest.approx(rm1.true_value, rel=1e-12)
     # RM1 = Σ_s RM2 (Eq. 12): the sum over every stride position of the pre-bias conv unit.
-    positions = [backmap.explain(sample, f"{tensor}:1,{y},{x}", "RM2") for y in range(3) for x in range(2)]
+    positions = [explain_unit(backmap, sample, f"{tensor}:1,{y},{x}", "RM2") for y in range(3) for x in range(2)]
     np.testing.assert_allclose(sum(p.H_I for p in positions), rm1.H_I, atol=1e-12)
     assert sum(p.true_value for p in positions) == pytest.approx(rm1.true_value, rel=1e-12)
     # RM0 of the conv output is the same unit with its own bias: same H_I, H_b differs by a 1 at that bias.
@@ -145,8 +140,8 @@ def test_modes_relate_as_the_paper_says(small):
 def test_loop_fallback_gives_the_vectorised_hypersurfaces(small):
     _, backmap, sample = small
     unit = f"{_conv_tensor(backmap, 1)}:5,1,0"
-    vectorised = backmap.explain(sample, unit, "RM4", vectorize=True)
-    looped = backmap.explain(sample, unit, "RM4", vectorize=False)
+    vectorised = explain_unit(backmap, sample, unit, "RM4", vectorize=True)
+    looped = explain_unit(backmap, sample, unit, "RM4", vectorize=False)
     np.testing.assert_allclose(looped.H_I, vectorised.H_I, atol=1e-14)
     np.testing.assert_allclose(looped.H_b, vectorised.H_b, atol=1e-14)
 
@@ -154,7 +149,7 @@ def test_loop_fallback_gives_the_vectorised_hypersurfaces(small):
 def test_dataset_table_reconstructs_every_unit_of_every_layer(small):
     _, backmap, _ = small
     samples = np.random.default_rng(0).random((4, 3, 9, 10))
-    table = backmap.dataset_table(samples, chunk=3, explicit_units=2, explicit_outputs=True)
+    table = dataset_table(backmap, samples, chunk=3, explicit_units=2, explicit_outputs=True)
     layers = table["layers"]
     assert [row["kind"] for row in layers] == ["conv"] * 3 + ["FC"] and layers[0]["first_layer"]
     assert [row["units_per_input"] for row in layers] == [4 * 9 * 10, 6 * 3 * 2, 6 * 3 * 2, 5]
@@ -170,7 +165,7 @@ def test_dataset_table_reconstructs_every_unit_of_every_layer(small):
 
 def test_dataset_table_has_a_row_for_a_hidden_dense_layer():
     backmap = BackMap(load_graph(_two_layer_model(), fold_bn=True))
-    table = backmap.dataset_table(np.random.default_rng(0).standard_normal((5, 2)), explicit_units=2,
+    table = dataset_table(backmap, np.random.default_rng(0).standard_normal((5, 2)), explicit_units=2,
                                   explicit_outputs=True)
     assert [(row["kind"], row["node"], row["units"]) for row in table["layers"]] == [("FC (hidden)", "fc1", 15),
                                                                                      ("FC", "fc2", 5)]
@@ -210,14 +205,14 @@ class _Product(nn.Module):
 def test_networks_where_the_identity_fails_are_refused(module, message):
     backmap = BackMap(load_graph(from_torch(module, torch.zeros(1, 1, 5, 5)), fold_bn=True))
     with pytest.raises(ModelError, match=message):
-        backmap.explain(np.ones((1, 1, 5, 5)), "output:0")
+        explain_unit(backmap, np.ones((1, 1, 5, 5)), "output:0")
     with pytest.raises(ModelError, match=message):
-        backmap.dataset_table(np.ones((1, 1, 5, 5)))
+        dataset_table(backmap, np.ones((1, 1, 5, 5)))
 
 
 def test_a_unit_before_the_smooth_layer_is_still_explained():
     backmap = BackMap(load_graph(from_torch(_Activation(nn.Sigmoid()), torch.zeros(1, 1, 5, 5)), fold_bn=True))
-    explanation = backmap.explain(np.random.default_rng(0).random((1, 1, 5, 5)),
+    explanation = explain_unit(backmap, np.random.default_rng(0).random((1, 1, 5, 5)),
                                   f"{_conv_tensor(backmap, 0)}:1,1,1", "RM2")
     assert explanation.relative_error <= EXACT
 
@@ -234,7 +229,7 @@ def test_an_unfolded_batch_norm_is_refused():
     model = make_model(nodes, [("x", ["N", 2, 3, 3])], [("y", None)],
                        [(n, np.ones(2, np.float32)) for n in "sbmv"])
     with pytest.raises(ModelError, match="BatchNormalization 'bn'"):
-        BackMap(load_graph(model, fold_bn=True)).explain(np.ones((1, 2, 3, 3)), "y:0")
+        explain_unit(BackMap(load_graph(model, fold_bn=True)), np.ones((1, 2, 3, 3)), "y:0")
 
 
 @pytest.mark.parametrize("unit, mode, message", [
@@ -248,7 +243,7 @@ def test_an_unfolded_batch_norm_is_refused():
 def test_bad_units_are_usage_errors(small, unit, mode, message):
     _, backmap, sample = small
     with pytest.raises(UsageError, match=message):
-        backmap.explain(sample, unit.replace("CONV", _conv_tensor(backmap, 1)), mode)
+        explain_unit(backmap, sample, unit.replace("CONV", _conv_tensor(backmap, 1)), mode)
 
 
 def test_parse_unit():
@@ -318,7 +313,7 @@ def test_cli_explain_usage_errors(small_path, args, message):
 def test_heat_map_of_a_flat_input(tmp_path):
     nodes = [oh.make_node("Gemm", ["x", "w"], ["y"], transB=1)]
     model = make_model(nodes, [("x", ["N", 4])], [("y", None)], [("w", np.ones((2, 4), np.float32))])
-    explanation = BackMap(load_graph(model, fold_bn=True)).explain(np.ones((1, 4)), "y:1")
+    explanation = explain_unit(BackMap(load_graph(model, fold_bn=True)), np.ones((1, 4)), "y:1")
     assert explanation.relative_error == 0.0 and explanation.x_b.size == 0
     plot_hypersurface(explanation, tmp_path / "flat.png")
     assert (tmp_path / "flat.png").stat().st_size > 1000

@@ -16,7 +16,8 @@ from onnx import external_data_helper
 import cnnc
 from cnnc.io import backend, target
 from cnnc.errors import ModelError, UsageError
-from cnnc.io.frontend import from_torch, load_model, load_onnx, load_state_dict
+from cnnc.io.frontend import from_torch, load_model, load_onnx
+from cnnc.io.state_dict import load_state_dict
 from cnnc.pipeline.manager import canonicalize
 from helpers import make_model, op_counts, run_model
 
@@ -278,10 +279,6 @@ def test_frontend_to_backend_round_trip(tmp_path):
 
 
 def test_export_restores_the_module_training_mode():
-    import torch
-
-    from cnnc.io.frontend import from_torch
-
     module = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).train()
     from_torch(module, torch.randn(1, 1, 5, 5))
     assert module.training and all(layer.training for layer in module)

@@ -15,6 +15,7 @@ from helpers import run_model
 from torch import nn
 
 from cnnc import ir
+from cnnc.analysis.residual_blocks import find_residual_blocks
 from cnnc.homotopy import (
     PAPER_SCHEDULE_FROM_0_5,
     PAPER_SCHEDULE_FROM_0_9,
@@ -27,72 +28,20 @@ from cnnc.homotopy import (
     Residual,
     SkipHomotopy,
 )
+from cnnc.io.frontend import from_torch
 from cnnc.pipeline.manager import canonicalize
+from cnnc.zoo import draw_batchnorm_statistics
+from cnnc.zoo.resnets import BasicBlock, Bottleneck, projection
 
 
-# Local equivalents of torchvision's blocks (torchvision is not a dependency): same attributes, same forward shape,
-# plus `with_skip`, which a reference copy turns off to give the skip-free network the homotopy reaches at t = 0.
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.with_skip = True
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        if self.with_skip:
-            out += identity
-        return self.relu(out)
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.with_skip = True
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        if self.with_skip:
-            out += identity
-        return self.relu(out)
-
-
-def _projection(cin, cout, stride):
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-
+# cnnc.zoo.resnets' BasicBlock and Bottleneck are torchvision's (same attributes, same join), plus `with_skip`, which a
+# reference copy turns off to give the skip-free network the homotopy reaches at t = 0.
 class TinyResNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, 2, _projection(8, 16, 2)))
-        self.layer2 = nn.Sequential(Bottleneck(16, 4), Bottleneck(16, 8, 2, _projection(16, 32, 2)))
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, 2, projection(8, 16, 2)))
+        self.layer2 = nn.Sequential(Bottleneck(16, 4), Bottleneck(16, 8, 2, projection(16, 32, 2)))
         self.fc = nn.Linear(32, 10)
 
     def forward(self, x):
@@ -101,13 +50,7 @@ class TinyResNet(nn.Module):
 
 
 def _randomise_bn(model):
-    generator = torch.Generator().manual_seed(0)
-    for layer in model.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            with torch.no_grad():
-                layer.running_mean.copy_(0.1 * torch.randn(layer.num_features, generator=generator))
-                layer.running_var.copy_(0.5 + torch.rand(layer.num_features, generator=generator))
-    return model
+    return draw_batchnorm_statistics(model, 0, affine=False)
 
 
 @pytest.fixture
@@ -231,7 +174,7 @@ def test_untraceable_model_is_searched_child_by_child():
         def __init__(self):
             super().__init__()
             self.first = BasicBlock(4, 4)
-            self.second = nn.Sequential(BasicBlock(4, 8, 2, _projection(4, 8, 2)), nn.ReLU())
+            self.second = nn.Sequential(BasicBlock(4, 8, 2, projection(4, 8, 2)), nn.ReLU())
 
         def forward(self, x):
             if x.sum() > 0:  # data-dependent control flow: fx cannot trace this model as a whole
@@ -363,3 +306,44 @@ def test_export_at_zero_bakes_the_zero_multiplier_and_restores_t(resnet):
     np.testing.assert_allclose(run_model(exported, {"input": x.numpy()})[0], expected, rtol=1e-5, atol=1e-5)
     at_small_t = homotopy.export(x, t=0.01)
     assert _mul_by_zero_count(at_small_t) == 0
+
+
+# ------------------------------------------------------------------------------ one join rule for fx and ONNX
+
+
+class _MixedJoins(nn.Module):
+    """An identity join, a projection join (1x1 conv + BN), a skip through a ReLU and two equal branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.down = nn.Sequential(nn.Conv2d(4, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, 1, 1))
+        self.projection = projection(4, 8, 2)
+        self.relu_skip = nn.Conv2d(8, 8, 1)
+        self.long = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.left, self.right = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.branch(x))                          # identity skip
+        x = torch.relu(self.down(x) + self.projection(x))           # projection skip: conv + BN
+        x = self.long(x) + torch.relu(self.relu_skip(x))            # the shorter path has a ReLU: not a join
+        return self.left(x) + self.right(x)                         # equal branches: not a join
+
+
+def test_fx_and_onnx_classify_the_same_joins_with_one_rule():
+    torch.manual_seed(0)
+    model = _randomise_bn(_MixedJoins()).eval()
+    x = torch.randn(1, 1, 8, 8)
+    onnx_model = from_torch(copy.deepcopy(model), x)
+    homotopy = SkipHomotopy.wrap(model, t=0.5, example_input=x)
+    blocks, refused = find_residual_blocks(gs.import_onnx(onnx_model))
+
+    assert len(homotopy.joins) == len(blocks) == 2
+    assert [b.kind for b in blocks] == ["identity", "projection"]
+    fx_reasons, onnx_reasons = [why for _, why in homotopy.skipped], [why for _, why in refused]
+    assert len(fx_reasons) == len(onnx_reasons) == 2
+    for reasons in (fx_reasons, onnx_reasons):
+        assert "nonlinear Relu" in reasons[0] and "not a projection shortcut" in reasons[0]
+        assert "cannot tell branch from shortcut" in reasons[1]

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cnnc.linear.hypergraph import (Hyperedge, Hypergraph, LinearEdge, LinearHypergraph, greedy_order, min_peak_order,
-                             onnxruntime_default_order, resolvent, schedule_figures)
+from cnnc.linear.hypergraph import Hyperedge, Hypergraph, schedule_figures
+from cnnc.linear.memory_order import greedy_order, min_peak_order, onnxruntime_default_order
+from cnnc.linear.resolvent import LinearEdge, LinearHypergraph, resolvent
 from helpers import make_model
 
 

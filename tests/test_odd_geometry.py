@@ -16,56 +16,20 @@ import torch
 from torch import nn
 
 import cnnc
-from cnnc.pipeline.contract import default_pass_names
+from cnnc.passes import DEFAULT_PIPELINE
+from cnnc.zoo import calibrate_batchnorm
+from cnnc.zoo.resnets import BasicBlock, ResNet
 from helpers import op_counts, run_model
 
 
 def _calibrate(module: nn.Module, shape: tuple[int, ...], seed: int) -> nn.Module:
-    """γ, β drawn, then running statistics measured on random inputs (cumulative average), then eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
-    with torch.no_grad():
-        for norm in norms:
-            norm.weight.copy_(0.5 + torch.rand(norm.num_features, generator=generator))
-            norm.bias.copy_(0.1 * torch.randn(norm.num_features, generator=generator))
-            norm.reset_running_stats()
-            norm.momentum = None
-        module.train()
-        module(torch.randn(*shape, generator=generator))
-    return module.eval()
+    """γ, β drawn, then running statistics measured on one random batch (cumulative average), then eval mode."""
+    return calibrate_batchnorm(module, shape, seed, batches=1)
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                     if stride != 1 or cin != cout else None)
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(y + (self.down(x) if self.down is not None else x))
-
-
-class ResNet18(nn.Module):
+def _resnet18(classes: int = 1000) -> nn.Module:
     """torchvision's resnet18 layout (torchvision is not a dependency)."""
-
-    def __init__(self, classes: int = 1000):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
-        blocks, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(512, classes)
-
-    def forward(self, x):
-        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+    return ResNet(BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), 3, classes)
 
 
 class OddNet(nn.Module):
@@ -97,7 +61,7 @@ def _compile_and_compare(module: nn.Module, shape: tuple[int, ...], seed: int):
     result = cnnc.compile(module, example_input=example, strict=True)  # default passes, checked by compile
     equivalence = result.report["equivalence"]
     assert equivalence["passed"] and equivalence["feeds"] == 4, equivalence["summary"]
-    assert [r["pass"] for r in result.report["passes"]] == default_pass_names()
+    assert [r["pass"] for r in result.report["passes"]] == list(DEFAULT_PIPELINE)
     assert not any(r["error"] for r in result.report["passes"])
     x = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
@@ -110,7 +74,7 @@ def _compile_and_compare(module: nn.Module, shape: tuple[int, ...], seed: int):
 
 
 def test_default_pipeline_on_resnet18_at_224():
-    module = _calibrate(ResNet18(), (2, 3, 224, 224), seed=0)
+    module = _calibrate(_resnet18(), (2, 3, 224, 224), seed=0)
     result = _compile_and_compare(module, (1, 3, 224, 224), seed=10)
     assert result.report["before"]["ops"]["BatchNormalization"] == 20
     assert "BatchNormalization" not in op_counts(result.model)  # all folded: γ, β, μ, σ² were not trivial

@@ -6,26 +6,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
-import onnx_graphsurgeon as gs
 import pytest
 from cnnc.passes.remove_skip import RemoveSkip, RemoveSkipApprox
-from helpers import assert_same_outputs, bn_params, make_model, op_counts, run_model
+from helpers import (assert_same_outputs, assert_unchanged, bn_params, initializer, make_model, node_named, normal,
+                     op_counts, run_model, run_passes, text_model)
 from hypothesis import given
 from hypothesis import strategies as st
 
 import cnnc
-from cnnc.io import backend
 from cnnc.errors import UsageError
-from cnnc.pipeline.contract import parse_pipeline, registered_passes
-from cnnc.pipeline.manager import run_pipeline
-
-
-def _run(model, pass_=None):
-    """Run one pass alone (after the pipeline's canonicalisation); returns (compiled model, pass result)."""
-    graph, report = run_pipeline(gs.import_onnx(model), [pass_ or RemoveSkip()], strict=True)
-    compiled = backend.to_model(graph, template=model)
-    backend.check(compiled)
-    return compiled, report.records[0].result
+from cnnc.passes import DEFAULT_PIPELINE, get_pass, parse_pipeline
 
 
 def _feeds(rng, shape):
@@ -68,26 +58,18 @@ def _homotopy_block(rng, t=0.0, t_as="initializer", cin=4, cout=6, stride=2, hei
     return make_model(nodes, inputs, [("out", None)], inits)
 
 
-def _node(model, name):
-    return next(n for n in model.graph.node if n.name == name)
-
-
-def _initializer(model, name):
-    return next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
-
-
 # ------------------------------------------------------------------------------------------------- positive
 
 
 @pytest.mark.parametrize("t_as", ["initializer", "constant"])
 def test_zero_weight_join_loses_skip_and_projection(rng, t_as):
     model = _homotopy_block(rng, t_as=t_as)
-    compiled, result = _run(model)
+    compiled, result = run_passes(model, "remove-skip")
     assert op_counts(compiled) == {"Conv": 2, "Relu": 2}
     assert result.changed and len(result.applied) == 1 and "(1 − t) = 1 was dropped" in result.applied[0]
     assert result.stats["removed_ops"] == {"Conv": 1, "BatchNormalization": 1, "Mul": 2, "Add": 1}
     # Rewiring: the output Relu reads the branch's last conv directly; the projection conv is gone.
-    assert _node(compiled, "relu_out").input[0] == _node(compiled, "conv2").output[0]
+    assert node_named(compiled, "relu_out").input[0] == node_named(compiled, "conv2").output[0]
     assert {n.name for n in compiled.graph.node} == {"conv1", "relu1", "conv2", "relu_out"}
     assert compiled.graph.output[0].name == "out"
     assert_same_outputs(model, compiled, _feeds(rng, (2, 4, 7, 9)))
@@ -98,13 +80,13 @@ def test_chain_that_multiplies_by_zero(rng):
     model = _homotopy_block(rng)
     model.graph.initializer.extend([onnx.numpy_helper.from_array(_f32(0.5), "half"),
                                     onnx.numpy_helper.from_array(_f32(3.0), "three")])
-    skip = _node(model, "scale_skip")
+    skip = node_named(model, "scale_skip")
     skip.input[:] = ["S_half", "t"]
     skip.output[0] = "Ss_raw"
     position = list(model.graph.node).index(skip)
     model.graph.node.insert(position, oh.make_node("Mul", ["S", "half"], ["S_half"], name="halve"))
     model.graph.node.insert(position + 2, oh.make_node("Div", ["Ss_raw", "three"], ["Ss"], name="third"))
-    compiled, result = _run(model)
+    compiled, result = run_passes(model, "remove-skip")
     assert op_counts(compiled) == {"Conv": 2, "Relu": 2}
     assert result.stats["removed_ops"]["Mul"] == 3 and result.stats["removed_ops"]["Div"] == 1
     assert_same_outputs(model, compiled, _feeds(rng, (1, 4, 7, 9)))
@@ -113,13 +95,13 @@ def test_chain_that_multiplies_by_zero(rng):
 def test_identity_skip_only_loses_the_multiplier(rng):
     # S = x itself: x also feeds the branch, so only Mul(t, x) and the Add die.
     model = _homotopy_block(rng, cin=6, stride=1)
-    proj_bn = _node(model, "proj_bn")
-    model.graph.node.remove(_node(model, "proj"))
+    proj_bn = node_named(model, "proj_bn")
+    model.graph.node.remove(node_named(model, "proj"))
     model.graph.node.remove(proj_bn)
-    _node(model, "scale_skip").input[1] = "x"
-    compiled, _ = _run(model)
+    node_named(model, "scale_skip").input[1] = "x"
+    compiled, _ = run_passes(model, "remove-skip")
     assert op_counts(compiled) == {"Conv": 2, "Relu": 2}
-    assert _node(compiled, "conv1").input[0] == "x"
+    assert node_named(compiled, "conv1").input[0] == "x"
     assert_same_outputs(model, compiled, _feeds(rng, (2, 6, 7, 9)))
 
 
@@ -127,15 +109,15 @@ def test_identity_skip_only_loses_the_multiplier(rng):
 def test_remaining_scale_folds_into_the_conv_as_new_constants(rng, scale_shape):
     scale = (0.5 + rng.random(scale_shape)).astype(np.float32)
     model = _homotopy_block(rng, branch_scale=scale)
-    compiled, result = _run(model)
+    compiled, result = run_passes(model, "remove-skip")
     assert op_counts(compiled) == {"Conv": 2, "Relu": 2}
     assert "folded into Conv 'conv2'" in result.applied[0]
-    conv2 = _node(compiled, "conv2")
+    conv2 = node_named(compiled, "conv2")
     assert conv2.input[1] != "W2" and conv2.input[2] != "B2"  # new constants, the originals untouched
     channels = np.broadcast_to(scale.reshape(-1), (6,))
-    np.testing.assert_allclose(_initializer(compiled, conv2.input[1]),
-                               _initializer(model, "W2") * channels[:, None, None, None], rtol=1e-6)
-    np.testing.assert_allclose(_initializer(compiled, conv2.input[2]), _initializer(model, "B2") * channels,
+    np.testing.assert_allclose(initializer(compiled, conv2.input[1]),
+                               initializer(model, "W2") * channels[:, None, None, None], rtol=1e-6)
+    np.testing.assert_allclose(initializer(compiled, conv2.input[2]), initializer(model, "B2") * channels,
                                rtol=1e-6)
     assert_same_outputs(model, compiled, _feeds(rng, (2, 4, 7, 9)))
 
@@ -145,11 +127,11 @@ def test_scale_folds_into_batchnorm_before_fold_bn(rng):
     model = _homotopy_block(rng, branch_scale=0.75)
     inits = bn_params(rng, 6, "bnb")
     model.graph.initializer.extend(onnx.numpy_helper.from_array(v, n) for n, v in inits)
-    _node(model, "conv2").output[0] = "F_conv"
-    position = list(model.graph.node).index(_node(model, "conv2")) + 1
+    node_named(model, "conv2").output[0] = "F_conv"
+    position = list(model.graph.node).index(node_named(model, "conv2")) + 1
     model.graph.node.insert(position, oh.make_node("BatchNormalization", ["F_conv"] + [n for n, _ in inits], ["F"],
                                                    name="branch_bn"))
-    compiled, result = _run(model)
+    compiled, result = run_passes(model, "remove-skip")
     assert "folded into BatchNormalization 'branch_bn'" in result.applied[0]
     assert op_counts(compiled) == {"Conv": 2, "Relu": 2, "BatchNormalization": 1}
     assert_same_outputs(model, compiled, _feeds(rng, (2, 4, 7, 9)))
@@ -160,10 +142,10 @@ def test_scale_folds_into_batchnorm_before_fold_bn(rng):
 def test_scale_that_cannot_fold_stays_a_mul(rng):
     # The branch ends in a Relu: nothing linear to absorb 0.75, so Mul(F, 0.75) stays and the join still goes.
     model = _homotopy_block(rng, branch_scale=0.75)
-    _node(model, "conv2").output[0] = "F_conv"
-    position = list(model.graph.node).index(_node(model, "conv2")) + 1
+    node_named(model, "conv2").output[0] = "F_conv"
+    position = list(model.graph.node).index(node_named(model, "conv2")) + 1
     model.graph.node.insert(position, oh.make_node("Relu", ["F_conv"], ["F"], name="branch_relu"))
-    compiled, result = _run(model)
+    compiled, result = run_passes(model, "remove-skip")
     assert op_counts(compiled) == {"Conv": 2, "Relu": 3, "Mul": 1}
     assert "stays a Mul" in result.applied[0]
     assert_same_outputs(model, compiled, _feeds(rng, (2, 4, 7, 9)))
@@ -171,11 +153,11 @@ def test_scale_that_cannot_fold_stays_a_mul(rng):
 
 def test_join_at_graph_output_keeps_the_output_name(rng):
     model = _homotopy_block(rng)
-    model.graph.node.remove(_node(model, "relu_out"))
+    model.graph.node.remove(node_named(model, "relu_out"))
     model.graph.output[0].name = "y"
-    compiled, _ = _run(model)
+    compiled, _ = run_passes(model, "remove-skip")
     assert op_counts(compiled) == {"Conv": 2, "Relu": 1}
-    assert compiled.graph.output[0].name == "y" and _node(compiled, "conv2").output[0] == "y"
+    assert compiled.graph.output[0].name == "y" and node_named(compiled, "conv2").output[0] == "y"
     assert_same_outputs(model, compiled, _feeds(rng, (2, 4, 7, 9)))
 
 
@@ -187,9 +169,9 @@ def test_sum_drops_only_its_zero_operands(rng):
              oh.make_node("Sum", ["a", "b0", "c0"], ["y1"], name="sum_all"),
              oh.make_node("Sum", ["a", "b", "c0"], ["y2"], name="sum_two")]
     model = make_model(nodes, [("x", ["N", 3, 4, 5])], [("y1", None), ("y2", None)], [("zero", _f32(0.0))])
-    compiled, _ = _run(model)
+    compiled, _ = run_passes(model, "remove-skip")
     assert op_counts(compiled) == {"Relu": 1, "Sigmoid": 1, "Sum": 1}  # Tanh fed only zero-weighted operands
-    assert len(_node(compiled, "sum_two").input) == 2
+    assert len(node_named(compiled, "sum_two").input) == 2
     assert_same_outputs(model, compiled, _feeds(rng, (2, 3, 4, 5)))
 
 
@@ -198,7 +180,7 @@ def test_input_forwarded_to_output_becomes_identity(rng):
     nodes = [oh.make_node("Sigmoid", ["x"], ["s"]), oh.make_node("Mul", ["s", "zero"], ["s0"]),
              oh.make_node("Add", ["x", "s0"], ["y"], name="join")]
     model = make_model(nodes, [("x", ["N", 3])], [("y", None)], [("zero", _f32(0.0))])
-    compiled, result = _run(model)
+    compiled, result = run_passes(model, "remove-skip")
     assert op_counts(compiled) == {"Identity": 1} and result.changed
     assert compiled.graph.input[0].name == "x" and compiled.graph.output[0].name == "y"
     assert_same_outputs(model, compiled, _feeds(rng, (2, 3)))
@@ -211,7 +193,7 @@ def test_scalar_scale_folds_into_gemm_alpha_beta(rng):
     inits = [("W", _f32(rng.standard_normal((5, 4)))), ("C", _f32(rng.standard_normal(5))),
              ("P", _f32(rng.standard_normal((4, 5)))), ("c", _f32(0.75)), ("zero", _f32(0.0))]
     model = make_model(nodes, [("x", ["N", 4])], [("y", None)], inits)
-    compiled, result = _run(model)
+    compiled, result = run_passes(model, "remove-skip")
     assert op_counts(compiled) == {"Gemm": 1} and "folded into Gemm 'gemm'" in result.applied[0]
     assert_same_outputs(model, compiled, _feeds(rng, (3, 4)))
 
@@ -222,7 +204,7 @@ def test_scalar_scale_folds_into_gemm_alpha_beta(rng):
 @pytest.mark.parametrize("t", [0.01, 0.5, 1e-30])
 def test_negative_nonzero_t_keeps_the_join(rng, t):
     model = _homotopy_block(rng, t=t)
-    compiled, result = _run(model)
+    compiled, result = run_passes(model, "remove-skip")
     assert not result.changed and "no operand is scaled by exactly 0" in result.skipped[0][1]
     assert op_counts(compiled) == {"Conv": 3, "BatchNormalization": 1, "Relu": 2, "Mul": 2, "Add": 1}
 
@@ -231,14 +213,14 @@ def test_negative_plain_residual_is_never_touched(rng):
     nodes = [oh.make_node("Conv", ["x", "W"], ["F"], pads=[1, 1, 1, 1]), oh.make_node("Add", ["F", "x"], ["y"])]
     model = make_model(nodes, [("x", ["N", 3, 5, 5])], [("y", None)], [("W", _f32(rng.standard_normal((3, 3, 3, 3))))])
     for pass_ in (RemoveSkip(), RemoveSkipApprox(tolerance=0.99)):
-        compiled, result = _run(model, pass_)
+        compiled, result = run_passes(model, pass_)
         assert not result.changed and result.skipped == []
         assert op_counts(compiled) == {"Conv": 1, "Add": 1}
 
 
 def test_negative_non_constant_t_keeps_the_join(rng):
     model = _homotopy_block(rng, t_as="input")
-    compiled, result = _run(model)
+    compiled, result = run_passes(model, "remove-skip")
     assert not result.changed
     assert op_counts(compiled)["Add"] == 1 and op_counts(compiled)["Conv"] == 3
 
@@ -250,9 +232,9 @@ def test_negative_partly_zero_weight_keeps_the_join(rng):
     weights[0, 3] = 0.25
     model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == "t"))
     model.graph.initializer.append(onnx.numpy_helper.from_array(weights, "t"))
-    _node(model, "one_minus_t").input[1] = "zero_scalar"
+    node_named(model, "one_minus_t").input[1] = "zero_scalar"
     model.graph.initializer.append(onnx.numpy_helper.from_array(_f32(0.0), "zero_scalar"))
-    _, result = _run(model)
+    _, result = run_passes(model, "remove-skip")
     assert not result.changed
 
 
@@ -261,7 +243,7 @@ def test_negative_zero_operand_that_broadcasts_keeps_the_join(rng):
     nodes = [oh.make_node("GlobalAveragePool", ["x"], ["F"]), oh.make_node("Mul", ["x", "zero"], ["S0"]),
              oh.make_node("Add", ["F", "S0"], ["y"], name="join")]
     model = make_model(nodes, [("x", ["N", 3, 4, 5])], [("y", None)], [("zero", _f32(0.0))])
-    compiled, result = _run(model)
+    compiled, result = run_passes(model, "remove-skip")
     assert not result.changed and "shape" in result.skipped[0][1]
     assert_same_outputs(model, compiled, _feeds(rng, (2, 3, 4, 5)))
 
@@ -270,7 +252,7 @@ def test_negative_every_operand_zero_is_left_alone(rng):
     nodes = [oh.make_node("Mul", ["x", "zero"], ["a"]), oh.make_node("Mul", ["x", "zero"], ["b"]),
              oh.make_node("Add", ["a", "b"], ["y"], name="join")]
     model = make_model(nodes, [("x", ["N", 3])], [("y", None)], [("zero", _f32(0.0))])
-    _, result = _run(model)
+    _, result = run_passes(model, "remove-skip")
     assert not result.changed and "every operand" in result.skipped[0][1]
 
 
@@ -279,9 +261,9 @@ def test_shared_weight_of_the_folded_conv_is_not_modified(rng):
     model = _homotopy_block(rng, branch_scale=0.5)
     model.graph.node.append(oh.make_node("Conv", ["F", "W2"], ["other"], name="other", pads=[1, 1, 1, 1]))
     model.graph.output.append(oh.make_tensor_value_info("other", onnx.TensorProto.FLOAT, None))
-    compiled, result = _run(model)
+    compiled, result = run_passes(model, "remove-skip")
     assert "stays a Mul" in result.applied[0]  # F has another reader: conv2 keeps its output and weights
-    np.testing.assert_array_equal(_initializer(compiled, _node(compiled, "other").input[1]), _initializer(model, "W2"))
+    np.testing.assert_array_equal(initializer(compiled, node_named(compiled, "other").input[1]), initializer(model, "W2"))
     assert_same_outputs(model, compiled, _feeds(rng, (2, 4, 7, 9)))
 
 
@@ -289,15 +271,14 @@ def test_shared_weight_of_the_folded_conv_is_not_modified(rng):
 
 
 def test_idempotent(rng):
-    compiled, _ = _run(_homotopy_block(rng, branch_scale=0.5))
-    again, result = _run(compiled)
+    compiled, _ = run_passes(_homotopy_block(rng, branch_scale=0.5), "remove-skip")
+    again, result = run_passes(compiled, "remove-skip")
     assert not result.changed and op_counts(again) == op_counts(compiled)
 
 
 def test_registered_exact_and_approximate_variants():
-    passes = registered_passes()
-    assert passes["remove-skip"].exact and passes["remove-skip"].default
-    assert not passes["remove-skip-approx"].exact and not passes["remove-skip-approx"].default
+    assert get_pass("remove-skip").exact and "remove-skip" in DEFAULT_PIPELINE
+    assert not get_pass("remove-skip-approx").exact and "remove-skip-approx" not in DEFAULT_PIPELINE
     assert parse_pipeline("remove-skip-approx{tolerance=0.05}")[0].tolerance == 0.05
     with pytest.raises(UsageError, match="unknown option"):
         parse_pipeline("remove-skip{tolerance=0.05}")  # the exact pass has no tolerance: it would not be exact
@@ -305,7 +286,7 @@ def test_registered_exact_and_approximate_variants():
 
 def test_approximate_drops_small_t_and_reports_the_measured_deviation(rng):
     model = _homotopy_block(rng, t=0.01)
-    compiled, result = _run(model, RemoveSkipApprox(tolerance=0.02))
+    compiled, result = run_passes(model, RemoveSkipApprox(tolerance=0.02))
     assert op_counts(compiled) == {"Conv": 2, "Relu": 2}
     assert "folded into Conv 'conv2'" in result.applied[0]  # (1 − t) = 0.99 stays, inside conv2
     feeds = _feeds(rng, (1, 4, 7, 9))
@@ -315,7 +296,7 @@ def test_approximate_drops_small_t_and_reports_the_measured_deviation(rng):
     assert 0 < result.stats["max_abs_deviation"] and result.stats["max_rel_deviation"] < 0.1
     # The reported deviation is measured, of the same magnitude as the one seen here on other inputs.
     assert 0.1 < result.stats["max_abs_deviation"] / actual < 10
-    _, kept = _run(model, RemoveSkipApprox(tolerance=0.005))
+    _, kept = run_passes(model, RemoveSkipApprox(tolerance=0.005))
     assert not kept.changed and "> tolerance 0.005" in kept.skipped[0][1]
 
 
@@ -329,7 +310,7 @@ def test_approximate_says_when_it_cannot_measure_the_deviation():
                           initializer=[onnx.numpy_helper.from_array(_f32(0.001), "small")])
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
     model.ir_version = 8
-    compiled, result = _run(model, RemoveSkipApprox(tolerance=0.01))
+    compiled, result = run_passes(model, RemoveSkipApprox(tolerance=0.01))
     assert result.changed and op_counts(compiled) == {"Cast": 1, "Relu": 1}
     assert result.stats["deviation"].startswith("not measured: TypeError: input x is tensor(int64)")
 
@@ -389,7 +370,7 @@ def test_random_homotopy_blocks(data):
         ts.append(block[6])
         projections.append(block[7])
     model = make_model(nodes, [("x", ["N", cin, height, width])], [(x, None)], inits)
-    compiled, result = _run(model)
+    compiled, result = run_passes(model, "remove-skip")
     onnx.checker.check_model(compiled, full_check=True)
     zero = [t == 0.0 for t in ts]
     counts = op_counts(compiled)
@@ -398,7 +379,7 @@ def test_random_homotopy_blocks(data):
     assert result.changed == any(zero) and len(result.applied) == sum(zero)
     feeds = {"x": rng.standard_normal((batch, cin, height, width)).astype(np.float32)}
     assert_same_outputs(model, compiled, feeds, rtol=1e-5, atol=1e-5)
-    again, second = _run(compiled)
+    again, second = run_passes(compiled, "remove-skip")
     assert not second.changed and op_counts(again) == counts
 
 
@@ -410,27 +391,16 @@ def _homotopy_resnet():
     from torch import nn
 
     from cnnc.homotopy import SkipHomotopy
+    from cnnc.zoo import draw_batchnorm_statistics
+    from cnnc.zoo.resnets import BasicBlock
 
-    class Block(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-            self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-            self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            identity = x if self.downsample is None else self.downsample(x)
-            out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-            out += identity
-            return torch.relu(out)
+    def block(cin, cout, stride):  # torchvision's, joined by `out += identity`
+        return BasicBlock(cin, cout, stride, "projection", torch.relu)
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1), Block(8, 8, 1), Block(8, 16, 2), Block(16, 16, 1),
-                          Block(16, 24, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
-    from cnnc.zoo import _realistic_batchnorm
-
-    _realistic_batchnorm(model, 0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1), block(8, 8, 1), block(8, 16, 2), block(16, 16, 1),
+                          block(16, 24, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
+    draw_batchnorm_statistics(model, 0)
     example = torch.randn(2, 1, 12, 10)
     return SkipHomotopy.wrap(model, t=0.5, example_input=example), example
 
@@ -453,3 +423,44 @@ def test_homotopy_export_at_small_t_keeps_every_join():
     assert counts["Add"] == 4 and counts["Conv"] == 1 + 2 * 4 + 2
     assert result.report["equivalence"]["passed"]
     assert all(not record["changed"] for record in result.report["passes"] if record["pass"] == "remove-skip")
+
+
+# --- models written as ONNX text (onnx.parser syntax, as onnxscript's rewriter tests) -------------------------------
+
+# cnnc.homotopy's join y = (1 - t)·F(x) + t·S(x), the skip S a 1×1 projection conv; (1 - t) is written as a
+# constant, as the pipeline's canonicalisation leaves it (it folds Sub(1, t) before any pass runs).
+HOMOTOPY_JOIN = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    join (float[N, 4, 7, 9] x) => (float[N, 6, 7, 9] y)
+    <float[6, 4, 3, 3] W, float[6, 4, 1, 1] P, float one_minus_t, float t> {
+        [branch] f = Conv <pads = [1, 1, 1, 1]> (x, W)
+        [proj] s = Conv (x, P)
+        [scale_branch] fs = Mul (one_minus_t, f)
+        [scale_skip] ss = Mul (t, s)
+        [join] y = Add (fs, ss)
+    }"""
+
+
+def _text_join(rng, t):
+    return text_model(HOMOTOPY_JOIN, W=normal(rng, 6, 4, 3, 3), P=normal(rng, 6, 4, 1, 1), one_minus_t=np.float32(1 - t),
+                      t=np.float32(t))
+
+
+def test_text_join_at_t_0_becomes_its_branch_conv(rng):
+    model = _text_join(rng, 0.0)
+    compiled, result = run_passes(model, "remove-skip")
+    assert result.changed and op_counts(compiled) == {"Conv": 1}
+    branch = node_named(compiled, "branch")
+    assert list(branch.input) == ["x", "W"] and list(branch.output) == ["y"]  # rewired to the graph output
+    assert "P" not in {i.name for i in compiled.graph.initializer}  # the projection that fed only the join is gone
+    assert "(1 − t) = 1 was dropped" in result.applied[0]
+    assert_same_outputs(model, compiled, {"x": normal(rng, 2, 4, 7, 9)})
+
+
+def test_text_negative_join_at_t_not_0_is_kept(rng):
+    model = _text_join(rng, 0.25)
+    run = run_passes(model, "remove-skip")
+    assert_unchanged(model, run)
+    assert run.result.skipped[0][0] == "Add 'join'"
+    assert "no operand is scaled by exactly 0" in run.result.skipped[0][1]
+    assert_same_outputs(model, run.model, {"x": normal(rng, 2, 4, 7, 9)})

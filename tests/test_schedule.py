@@ -19,23 +19,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cnnc
-from cnnc.io import backend
 from cnnc import ir
 from cnnc.cli import cli
-from cnnc.linear.hypergraph import Hypergraph, onnxruntime_default_order
+from cnnc.linear.hypergraph import Hypergraph
+from cnnc.linear.memory_order import onnxruntime_default_order
 from cnnc.passes.schedule import Schedule
-from cnnc.pipeline.manager import run_pipeline
-from helpers import assert_same_outputs, make_model, op_counts
+from helpers import (assert_same_outputs, assert_unchanged, initializer, make_model, node_named, normal, op_counts,
+                     run_passes, text_model)
 
 # For tests of the rewrite itself on tiny tensors: launches dominate the cost model and memory may grow.
 ALWAYS_FUSE = {"launch_cost_bytes": 1 << 20, "max_peak_increase": 1.0}
-
-
-def _schedule(model, **options):
-    graph, report = run_pipeline(gs.import_onnx(model), [Schedule(**options)], strict=True)
-    compiled = backend.to_model(graph, template=model)
-    backend.check(compiled)
-    return compiled, report.records[0].result
 
 
 def _conv(rng, name, src, cin, cout, kernel=(3, 3), bias=True, **attrs):
@@ -102,7 +95,7 @@ def test_three_1x1_reductions_fuse_into_one_conv_plus_split(rng):
              _conv(rng, "b5", "r5", 4, 8, kernel=(5, 5))]
     cat = oh.make_node("Concat", ["b3", "b5", "p1"], ["y"], axis=1)
     model = _model(parts, [("x", ["N", 32, 9, 7])], [("y", None)], [cat])
-    compiled, result = _schedule(model)
+    compiled, result = run_passes(model, "schedule")
     assert op_counts(compiled) == {"Conv": 3, "Split": 1, "Concat": 1}
     split = next(n for n in compiled.graph.node if n.op_type == "Split")
     assert sorted(split.output) == ["p1", "r3", "r5"]
@@ -115,7 +108,7 @@ def test_convs_read_by_one_concat_need_no_split(rng):
              _conv(rng, "c", "x", 8, 2, kernel=(1, 1))]
     cat = oh.make_node("Concat", ["x", "b", "a", "c"], ["y"], axis=-3, name="cat")  # run order differs from nodes
     model = _model(parts, [("x", ["N", 8, 5, 6])], [("y", None)], [cat])
-    compiled, result = _schedule(model)
+    compiled, result = run_passes(model, "schedule")
     assert op_counts(compiled) == {"Conv": 1, "Concat": 1}
     concat = next(n for n in compiled.graph.node if n.op_type == "Concat")
     conv = next(n for n in compiled.graph.node if n.op_type == "Conv")
@@ -136,7 +129,7 @@ def test_gemms_sharing_their_input_fuse(rng):
              oh.make_node("Exp", ["g0"], ["y0"]), oh.make_node("Neg", ["g1"], ["y1"]),
              oh.make_node("Abs", ["g2"], ["y2"])]
     model = make_model(nodes, [("x", ["N", 6])], [("y0", None), ("y1", None), ("y2", None)], inits)
-    compiled, result = _schedule(model, **ALWAYS_FUSE)
+    compiled, result = run_passes(model, Schedule(**ALWAYS_FUSE))
     assert "fused 3× Gemm" in result.applied[0]
     assert op_counts(compiled) == {"Relu": 1, "Gemm": 1, "Split": 1, "Exp": 1, "Neg": 1, "Abs": 1}
     gemm = next(n for n in compiled.graph.node if n.op_type == "Gemm")
@@ -148,7 +141,7 @@ def test_opset_11_split_takes_sizes_as_an_attribute(rng):
     parts = [_conv(rng, "a", "x", 4, 2), _conv(rng, "b", "x", 4, 3)]
     tail = [oh.make_node("MaxPool", ["a"], ["y0"], kernel_shape=[2, 2]), oh.make_node("Neg", ["b"], ["y1"])]
     model = _model(parts, [("x", ["N", 4, 6, 5])], [("y0", None), ("y1", None)], tail, opset=11)
-    compiled, _ = _schedule(model, **ALWAYS_FUSE)
+    compiled, _ = run_passes(model, Schedule(**ALWAYS_FUSE))
     split = next(n for n in compiled.graph.node if n.op_type == "Split")
     assert len(split.input) == 1 and list(oh.get_attribute_value(split.attribute[1])) == [2, 3]
     assert_same_outputs(model, compiled, _x(rng, (2, 4, 6, 5)))
@@ -158,7 +151,7 @@ def test_member_that_is_a_graph_output_keeps_its_name(rng):
     parts = [_conv(rng, "a", "x", 4, 2), _conv(rng, "b", "x", 4, 3)]
     model = _model(parts, [("x", ["N", 4, 6, 5])], [("a", None), ("y", None)],
                    [oh.make_node("Neg", ["b"], ["y"])])
-    compiled, _ = _schedule(model, **ALWAYS_FUSE)
+    compiled, _ = run_passes(model, Schedule(**ALWAYS_FUSE))
     assert op_counts(compiled) == {"Conv": 1, "Split": 1, "Neg": 1}
     assert [o.name for o in compiled.graph.output] == ["a", "y"]
     assert_same_outputs(model, compiled, _x(rng, (1, 4, 6, 5)))
@@ -182,7 +175,7 @@ def _pair(rng, second: dict, first: dict | None = None, cin=4, cout=(2, 3)):
 ])
 def test_negative_geometry_and_groups(rng, second, reason):
     model = _pair(rng, second)
-    compiled, result = _schedule(model, reorder=False, **ALWAYS_FUSE)  # the order is another matter
+    compiled, result = run_passes(model, Schedule(reorder=False, **ALWAYS_FUSE))  # the order is another matter
     assert not result.changed and op_counts(compiled) == {"Conv": 2, "Neg": 2}
     assert any(reason in why for _, why in result.skipped), result.skipped
 
@@ -191,7 +184,7 @@ def test_negative_non_constant_weight(rng):
     model = _pair(rng, {})
     model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == "W_b"))
     model.graph.input.append(oh.make_tensor_value_info("W_b", onnx.TensorProto.FLOAT, [3, 4, 3, 3]))
-    compiled, result = _schedule(model, reorder=False, **ALWAYS_FUSE)
+    compiled, result = run_passes(model, Schedule(reorder=False, **ALWAYS_FUSE))
     assert not result.changed and op_counts(compiled) == {"Conv": 2, "Neg": 2}
     assert any("'W_b') is not a float constant" in why for _, why in result.skipped)
 
@@ -199,14 +192,14 @@ def test_negative_non_constant_weight(rng):
 def test_negative_declined_by_cost_when_split_dominates(rng):
     # Two 1×1 convs widen 2 channels to 64 each: the Split would copy 32× the bytes that fusion saves reading x.
     model = _pair(rng, {"kernel": (1, 1)}, {"kernel": (1, 1)}, cin=2, cout=(64, 64))
-    compiled, result = _schedule(model)
+    compiled, result = run_passes(model, "schedule")
     assert not result.changed and op_counts(compiled) == {"Conv": 2, "Neg": 2}
     assert any("would not pay" in why for _, why in result.skipped)
 
 
 def test_negative_fusion_gain_threshold_is_an_option(rng):
     model = _inception(rng)
-    _, result = _schedule(model, min_fusion_gain=0.9)
+    _, result = run_passes(model, Schedule(min_fusion_gain=0.9))
     assert not any("fused" in line for line in result.applied)
     assert any("needs a saving above 90%" in why for _, why in result.skipped)
 
@@ -220,17 +213,17 @@ def test_negative_declined_when_it_would_raise_peak_memory(rng):
         nodes += [conv, oh.make_node("GlobalAveragePool", [name], [f"y_{name}"])]
         inits += conv_inits
     model = make_model(nodes, [("x", ["N", 2, 8, 8])], [(f"y_{n}", None) for n in "abc"], inits)
-    compiled, result = _schedule(model, launch_cost_bytes=1 << 30)
+    compiled, result = run_passes(model, Schedule(launch_cost_bytes=1 << 30))
     assert not result.changed and op_counts(compiled) == {"Conv": 3, "GlobalAveragePool": 3}
     assert any("would raise the least peak" in why for _, why in result.skipped), result.skipped
-    compiled, result = _schedule(model, launch_cost_bytes=1 << 30, max_peak_increase=10.0)
+    compiled, result = run_passes(model, Schedule(launch_cost_bytes=1 << 30, max_peak_increase=10.0))
     assert op_counts(compiled) == {"Conv": 1, "Split": 1, "GlobalAveragePool": 3}
     assert_same_outputs(model, compiled, _x(rng, (2, 2, 8, 8)))
 
 
 def test_idempotent(rng):
-    compiled, first = _schedule(_inception(rng))
-    again, second = _schedule(compiled)
+    compiled, first = run_passes(_inception(rng), "schedule")
+    again, second = run_passes(compiled, "schedule")
     assert first.changed and not second.changed and op_counts(again) == op_counts(compiled)
     assert [n.name for n in again.graph.node] == [n.name for n in compiled.graph.node]
 
@@ -268,7 +261,7 @@ def _profile_order(model, execution_order=None) -> list[str]:
 
 def test_reorder_lowers_peak_and_onnxruntime_follows_it_with_priority_order(rng):
     model = _expand_reduce_branches(rng)
-    compiled, result = _schedule(model, fuse=False)
+    compiled, result = run_passes(model, Schedule(fuse=False))
     before, after = result.stats["before"]["peak_bytes"], result.stats["after"]["peak_bytes"]
     assert after < before and "reordered" in result.applied[0]
     names = [n.name for n in compiled.graph.node]
@@ -342,21 +335,21 @@ def random_networks(draw):
 @given(random_networks(), st.sampled_from([{}, {"launch_cost_bytes": 1 << 24}, ALWAYS_FUSE]))
 def test_random_networks(network, options):
     model, shape = network
-    compiled, result = _schedule(model, **options)
+    compiled, result = run_passes(model, Schedule(**options))
     onnx.checker.check_model(compiled, full_check=True)  # also requires a topological node order
     assert ir.is_topologically_sorted(gs.import_onnx(compiled))
     if not options.get("max_peak_increase"):
         assert result.stats["after"]["peak_bytes"] <= result.stats["before"]["peak_bytes"]
     rng = np.random.default_rng(0)
     assert_same_outputs(model, compiled, _x(rng, shape), rtol=1e-4, atol=1e-5)
-    _, again = _schedule(compiled, **options)
+    _, again = run_passes(compiled, Schedule(**options))
     assert not again.changed
 
 
 @settings(max_examples=15)
 @given(random_networks())
 def test_onnxruntime_execution_order_matches_the_model(network):
-    """PRIORITY_BASED runs the stored order; the default runs cnnc.linear.hypergraph.onnxruntime_default_order."""
+    """PRIORITY_BASED runs the stored order; the default runs cnnc.linear.memory_order.onnxruntime_default_order."""
     model, _ = network
     stored = [n.name for n in model.graph.node]
     assert _profile_order(model, ort.ExecutionOrder.PRIORITY_BASED) == stored
@@ -367,19 +360,9 @@ def test_onnxruntime_execution_order_matches_the_model(network):
 # ---- real architectures -------------------------------------------------------------------------------------------
 
 def _resnet18(width=8):
-    import torch
     from torch import nn
 
-    class Basic(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-            self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-            self.down = nn.Sequential() if stride == 1 and cin == cout else nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.down(x))
+    from cnnc.zoo.blocks import ResidualBlock as Basic
 
     layers, cin = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(3, 2, 1)], width
     for stage, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
@@ -477,3 +460,41 @@ def test_cli_inspect_schedule_json_and_plot(rng, tmp_path):
     assert done.exit_code == 0, done.output
     assert "peak live activations, cnnc (schedule pass)" in done.output and "least possible" in done.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- models written as ONNX text (onnx.parser syntax, as onnxscript's rewriter tests) -------------------------------
+
+ALWAYS_FUSE_SPEC = "launch_cost_bytes=1048576,max_peak_increase=1.0"  # ALWAYS_FUSE as pipeline text
+
+
+def _text_pair(rng, second_strides):
+    return text_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        pair (float[N, 4, 8, 8] x) => (float[N, 2, 8, 8] y0, float[N, 3, M, M] y1)
+        <float[2, 4, 3, 3] Wa, float[3, 4, 3, 3] Wb> {{
+            [a] a = Conv <pads = [1, 1, 1, 1]> (x, Wa)
+            [neg_a] y0 = Neg (a)
+            [b] b = Conv <pads = [1, 1, 1, 1], strides = {second_strides}> (x, Wb)
+            [neg_b] y1 = Neg (b)
+        }}""", Wa=normal(rng, 2, 4, 3, 3), Wb=normal(rng, 3, 4, 3, 3))
+
+
+def test_text_two_convs_reading_one_tensor_fuse_into_conv_and_split(rng):
+    model = _text_pair(rng, [1, 1])
+    compiled, result = run_passes(model, f"schedule{{{ALWAYS_FUSE_SPEC}}}")
+    assert op_counts(compiled) == {"Conv": 1, "Split": 1, "Neg": 2}
+    conv = next(n for n in compiled.graph.node if n.op_type == "Conv")
+    split = next(n for n in compiled.graph.node if n.op_type == "Split")
+    assert conv.input[0] == "x" and split.input[0] == conv.output[0] and list(split.output) == ["a", "b"]
+    assert initializer(compiled, conv.input[1]).shape == (5, 4, 3, 3)
+    assert node_named(compiled, "neg_a").input == ["a"] and node_named(compiled, "neg_b").input == ["b"]
+    assert "fused 2× Conv" in result.applied[0]
+    assert_same_outputs(model, compiled, {"x": normal(rng, 2, 4, 8, 8)})
+
+
+def test_text_negative_convs_with_different_strides_are_not_fused(rng):
+    model = _text_pair(rng, [2, 2])
+    run = run_passes(model, f"schedule{{reorder=false,{ALWAYS_FUSE_SPEC}}}")
+    assert_unchanged(model, run)
+    assert any("strides (1, 1) vs (2, 2)" in why for _, why in run.result.skipped), run.result.skipped
+    assert_same_outputs(model, run.model, {"x": normal(rng, 2, 4, 8, 8)})

@@ -9,18 +9,8 @@ each averaged over the N samples (§2.1). A *section* is a run of consecutive bl
 d_scaled = Σ_l Δl, the mean scaled perturbation d_scaled / L (Eq. 11), and the stopping rule
 L_ε = ceil(d_scaled / ε) (§2.3): the number of blocks that would bring the mean Δl under ε.
 
-Finding blocks in a graph. A join is an `Add` of two data tensors (tensors computed from the graph input).
-- Identity skip: one operand a is an ancestor of the other operand b. Then x(l) = a (the block input), the branch
-  is b = f(x(l)) and x(l+1) is the Add's output.
-- Projection skip (the first block of a section: 1×1 conv or avg-pool + pad shortcut, or `t·x` of a homotopy
-  export): neither operand is an ancestor of the other. Their nearest common ancestor x is the block input; the
-  skip is the operand reached from x through fewer nodes, all of them linear, and the other is the branch. Then
-  x(l) is the skip operand S(x), so that x(l+1) − x(l) is again exactly the branch. Equal lengths, or a skip
-  path with a nonlinearity, is not a residual join (an Inception-style sum) and is reported as skipped.
-With a post-activation block (ResNet v1, relu(x + f(x))) the measured quantity is ‖f(x)‖/‖x‖ at the join; the
-ReLU after it is not part of the perturbation.
-
-Activations are read with the float64 evaluator (`cnnc.eval`), in chunks of samples.
+Blocks are found by `cnnc.analysis.residual_blocks` (the rule shared with `cnnc.homotopy`); activations are read
+with the float64 evaluator (`cnnc.eval`) through `cnnc.analysis.samples.evaluate_tensors`, in chunks of samples.
 """
 
 from __future__ import annotations
@@ -31,173 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import torch
 
-from cnnc.errors import ModelError, UsageError
-from cnnc.eval import SubgraphFunction, topological_order
-
-# Ops that may sit on a projection shortcut: linear in their data input.
-_LINEAR_OPS = frozenset({
-    "Conv", "ConvTranspose", "BatchNormalization", "Mul", "Div", "Add", "Sub", "Pad", "AveragePool",
-    "GlobalAveragePool", "Concat", "Slice", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
-    "Dropout", "SpaceToDepth", "DepthToSpace", "Resize", "Upsample", "Gemm", "MatMul", "ReduceMean", "ReduceSum",
-    "Split", "Gather",
-})
-
-
-@dataclass(frozen=True)
-class ResidualBlock:
-    """One residual join: x(l+1) = `output` = `skip` + `branch`, with x(l) = `skip`."""
-
-    join: str  # name of the Add node
-    skip: str  # tensor x(l): the block input (identity) or its projection S(x) (projection)
-    branch: str  # tensor f(x(l))
-    output: str  # tensor x(l+1)
-    skip_index: int  # which input of the join is the skip operand (0 or 1)
-    kind: str  # "identity" or "projection"
-    block_input: str  # the tensor the block starts from (== skip for an identity block)
-
-    def as_dict(self) -> dict:
-        return {"join": self.join, "kind": self.kind, "block_input": self.block_input, "skip": self.skip,
-                "branch": self.branch, "output": self.output}
-
-
-def _data_flow(graph: gs.Graph):
-    """Topologically ordered nodes, the set of data tensor names, their ancestor sets and longest-path depths."""
-    nodes = topological_order(list(graph.nodes))
-    data = {t.name for t in graph.inputs}
-    ancestors: dict[str, frozenset[str]] = {name: frozenset() for name in data}
-    depth = {name: 0 for name in data}
-    for node in nodes:
-        data_inputs = [t.name for t in node.inputs if t.name in data]
-        if not data_inputs:
-            continue
-        inherited = frozenset().union(*(ancestors[n] | {n} for n in data_inputs))
-        level = 1 + max(depth[n] for n in data_inputs)
-        for out in node.outputs:
-            if out.name:
-                data.add(out.name)
-                ancestors[out.name] = inherited
-                depth[out.name] = level
-    return nodes, data, ancestors, depth
-
-
-def _path_nodes(operand: str, source: str, ancestors: dict, producer: dict) -> list[gs.Node]:
-    """The nodes on paths from tensor `source` to tensor `operand` (the operand's producer included)."""
-    names = [n for n in ancestors[operand] | {operand} if n == operand or source in ancestors.get(n, ())]
-    nodes = {id(producer[n]): producer[n] for n in sorted(names) if n in producer and n != source}
-    return list(nodes.values())  # a multi-output node (Split) counts once
-
-
-def find_residual_blocks(graph: gs.Graph) -> tuple[list[ResidualBlock], list[tuple[str, str]]]:
-    """The residual joins of `graph` in topological order, and (where, why) for every Add that is not one."""
-    nodes, data, ancestors, depth = _data_flow(graph)
-    producer = {t.name: node for node in nodes for t in node.outputs if t.name}
-    blocks: list[ResidualBlock] = []
-    skipped: list[tuple[str, str]] = []
-    for node in nodes:
-        if node.op != "Add" or len(node.inputs) != 2 or not node.outputs:
-            continue
-        a, b = (t.name for t in node.inputs)
-        where = f"Add '{node.name}'"
-        if a not in data or b not in data:
-            continue  # a bias: not a join
-        if a == b:
-            skipped.append((where, "both operands are the same tensor (x + x is a scaling, not a residual)"))
-            continue
-        if a in ancestors[b] or b in ancestors[a]:
-            skip_index = 0 if a in ancestors[b] else 1
-            skip = (a, b)[skip_index]
-            blocks.append(ResidualBlock(node.name, skip, (a, b)[1 - skip_index], node.outputs[0].name, skip_index,
-                                        "identity", skip))
-            continue
-        common = (ancestors[a] & ancestors[b])
-        if not common:
-            skipped.append((where, "its operands share no ancestor: two independent inputs, not a residual join"))
-            continue
-        block_input = max(common, key=lambda name: (depth[name], name))
-        paths = [_path_nodes(operand, block_input, ancestors, producer) for operand in (a, b)]
-        lengths = [len(p) for p in paths]
-        if lengths[0] == lengths[1]:
-            skipped.append((where, (f"both operands are {lengths[0]}-node branches from '{block_input}': "
-                                    "no shorter skip path (not a residual join)")))
-            continue
-        skip_index = 0 if lengths[0] < lengths[1] else 1
-        nonlinear = sorted({n.op for n in paths[skip_index] if n.op not in _LINEAR_OPS})
-        if nonlinear:
-            skipped.append((where, (f"the shorter operand's path from '{block_input}' has nonlinear "
-                                    f"{', '.join(nonlinear)}: not a projection shortcut")))
-            continue
-        blocks.append(ResidualBlock(node.name, (a, b)[skip_index], (a, b)[1 - skip_index], node.outputs[0].name,
-                                    skip_index, "projection", block_input))
-    return blocks, skipped
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sample inputs
-
-
-def single_float_input(graph: gs.Graph) -> gs.Variable:
-    """The graph's one input; analysis tools read one image tensor."""
-    if len(graph.inputs) != 1:
-        raise UsageError(f"the model has {len(graph.inputs)} inputs; the analysis tools need exactly one")
-    return graph.inputs[0]
-
-
-def sample_inputs(graph: gs.Graph, n: int, seed: int = 0) -> np.ndarray:
-    """`n` seeded uniform [0, 1) samples (the pixel range of the papers' data sets) for the graph's input."""
-    tensor = single_float_input(graph)
-    shape = list(tensor.shape or [])
-    if not shape:
-        raise UsageError(f"input '{tensor.name}' has no known shape; give sample inputs as a .npy file")
-    for axis, dim in enumerate(shape[1:], start=1):
-        if not isinstance(dim, int) or dim <= 0:
-            raise UsageError(f"input '{tensor.name}' has symbolic dim {dim!r} at axis {axis}; give sample inputs "
-                             f"as a .npy file")
-    if n < 1:
-        raise UsageError(f"need at least one random sample, got {n}")
-    return np.random.default_rng(seed).random([n] + shape[1:]).astype(np.float32)
-
-
-def load_samples(graph: gs.Graph, path: str | Path) -> np.ndarray:
-    """Samples from a .npy file (never unpickled): a batch on axis 0, or one sample without the batch axis."""
-    tensor = single_float_input(graph)
-    try:
-        array = np.load(Path(path), allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cannot read sample inputs {path}: {error}") from None
-    shape = list(tensor.shape or [])
-    if shape and array.ndim == len(shape) - 1:
-        array = array[None]
-    if shape and array.ndim != len(shape):
-        raise UsageError(f"{path} has shape {array.shape}; input '{tensor.name}' has rank {len(shape)}")
-    for axis, (dim, got) in enumerate(zip(shape[1:], array.shape[1:]), start=1):
-        if isinstance(dim, int) and dim > 0 and dim != got:
-            raise UsageError(f"{path} has shape {array.shape}; input '{tensor.name}' needs {dim} at axis {axis}")
-    if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
-        raise UsageError(f"{path} must hold finite floating-point samples")
-    if array.shape[0] < 1:
-        raise UsageError(f"{path} holds no samples")
-    return array
-
-
-def evaluate_tensors(graph: gs.Graph, names: list[str], samples: np.ndarray, chunk: int = 16):
-    """Yield (start, {name: float64 tensor}) for `names` over `samples` in chunks (no gradients)."""
-    nodes = topological_order(list(graph.nodes))
-    tensors = graph.tensors()
-    opset = graph.opset if isinstance(graph.opset, int) else None
-    try:
-        function = SubgraphFunction(nodes, [single_float_input(graph)], [tensors[n] for n in names], opset=opset)
-    except ValueError as error:  # an op or attribute the float64 evaluator does not reproduce exactly
-        raise ModelError(f"cannot evaluate the model in float64: {error}") from None
-    with torch.no_grad():
-        for start in range(0, samples.shape[0], chunk):
-            values = function(torch.from_numpy(np.ascontiguousarray(samples[start:start + chunk])))
-            yield start, dict(zip(names, values))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Measurement
+from cnnc.analysis.residual_blocks import ResidualBlock, find_residual_blocks
+from cnnc.analysis.samples import evaluate_tensors
+from cnnc.errors import UsageError
 
 
 @dataclass
@@ -358,7 +185,7 @@ def format_report(report: PerturbationReport) -> str:
 def plot_report(report: PerturbationReport, path: str | Path) -> None:
     """Seed 001's Figures 2 and 5: absolute (top) and scaled (bottom) perturbation against the depth through each
     section (scaled 0 to 1), one column per section; the dashed line is ε."""
-    import matplotlib
+    import matplotlib  # optional dependency (the `plot` extra): imported only when a plot is asked for
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,27 +1,20 @@
 """`cnnc bench`: time ONNX models against the first one, interleaved, and write JSON / Markdown / PNG reports.
 
-Registered on the `cnnc` group at the end of `cnnc/cli.py`. The measurement is `cnnc.runtime.bench.bench_models`
-(DESIGN §7); this module only parses options and prints.
+The measurement is `cnnc.runtime.bench.bench_models` (ARCHITECTURE.md); the files are `cnnc.runtime.bench_report`'s.
+This module only parses options and prints. The plot is drawn last: without matplotlib the JSON and Markdown are
+still written and the command ends with one error line (exit 2).
 """
 
 from __future__ import annotations
 
 import click
 
+from cnnc.cli.options import parse_batches
+from cnnc.cli.outputs import Outputs
+from cnnc.cli.table import table
 from cnnc.errors import UsageError
-
-
-def parse_batches(text: str | None) -> list[int] | None:
-    """`"1,64"` -> [1, 64]; None -> None (each model's own batch, 1 where it is symbolic)."""
-    if text is None:
-        return None
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"bad --batch {text!r}; expected positive integers separated by commas, e.g. 1,64")
-    return values
+from cnnc.runtime import bench_report
+from cnnc.runtime.bench import bench_models
 
 
 @click.command("bench")
@@ -53,30 +46,23 @@ def parse_batches(text: str | None) -> list[int] | None:
 def bench_command(models, batch, provider, warmup, iters, duration, threads, input_shapes, labels, peers,
                   no_cuda_graph, cudnn_algo_search, spinning, seed, json_path, md_path, plot_path):
     """Time MODEL [MORE...] interleaved (A B A B ...) at ORT_ENABLE_ALL; report each one's ratio to the first."""
-    from cnnc.runtime import bench_report
-    from cnnc.runtime.bench import bench_models
-
     if iters is not None and duration is not None:
         raise UsageError("give --iters or --duration, not both")
     if labels and len(labels) != len(models):
         raise UsageError(f"{len(models)} model(s) but {len(labels)} --label(s)")
-    if plot_path:  # fail before minutes of timing, not after
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--plot needs matplotlib: pip install 'cnnc[plot]' (or pip install matplotlib)") from None
     report = bench_models(list(models), list(labels) or None, batch=parse_batches(batch), provider=provider,
                           warmup=warmup, iters=iters, duration=duration, threads=threads,
                           input_shapes=list(input_shapes), cuda_graph=not no_cuda_graph,
                           cudnn_conv_algo_search=cudnn_algo_search, spinning=spinning, peers=peers, seed=seed,
                           log=lambda line: click.echo(line, err=True))
-    click.echo(bench_report.text_table(bench_report.table_rows(report)))
+    click.echo(table(bench_report.table_rows(report), bench_report.TABLE_HEADERS))
     click.echo()
     for line in bench_report.environment_lines(report):
         click.echo(line)
     for note in list(report["notes"]) + bench_report.model_notes(report):
         click.echo(f"note: {note}")
-    for path, writer in ((json_path, bench_report.write_json), (md_path, bench_report.write_markdown),
-                         (plot_path, bench_report.write_plot)):
-        if path:
-            click.echo(f"wrote {writer(report, path)}")
+    outputs = Outputs(announce=True)
+    outputs.write("--json", json_path, lambda path: bench_report.write_json(report, path))
+    outputs.write("--md", md_path, lambda path: bench_report.write_markdown(report, path))
+    outputs.plot("--plot", plot_path, lambda path: bench_report.write_plot(report, path))
+    outputs.finish()

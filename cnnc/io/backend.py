@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import external_data_helper
 
 from cnnc import ir
-
-from cnnc.io import target
 from cnnc.errors import ModelError
+from cnnc.io import target
 from cnnc.ir.weightless import copy_fields, serialized_size, tensor_nbytes, weightless_copy, without_data
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -131,8 +131,6 @@ def _fresh_data_name(folder: Path, base: str) -> str:
 
 
 def _external_locations(model: onnx.ModelProto) -> set[str]:
-    from onnx import external_data_helper
-
     locations = set()
     for tensor in external_data_helper._get_all_tensors(model):
         if external_data_helper.uses_external_data(tensor):
@@ -211,7 +209,8 @@ def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = 
         raise ModelError(f"output folder {folder} does not exist")
     if path.is_dir():
         raise ModelError(f"output path {path} is a folder")
-    use_external = external_data if external_data is not None else serialized_size(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    use_external = (external_data if external_data is not None
+                    else serialized_size(model) > EXTERNAL_DATA_THRESHOLD_BYTES)
     stale = _stale_data_of(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".cnnc-tmp", dir=folder))
     try:

@@ -1,8 +1,11 @@
 """What the installed onnxruntime accepts: the newest ONNX IR version and default-domain opset.
 
 onnx writes the newest IR version it knows (onnx 1.23: IR 14) while onnxruntime lags behind (1.31 accepts IR <= 13),
-so the backend stamps the smaller of the two. Both limits are probed once by asking onnxruntime to load a one-node
-model, rather than hard-coding a version table that goes stale with every release.
+so the backend stamps the smaller of the two. The limits of known onnxruntime releases come from `KNOWN_LIMITS`, so
+that reading and validating a model opens no onnxruntime session. For a release not in the table they are probed
+once, at the first emit (or first runnable copy), by asking onnxruntime to load one-node models; validation of an
+input then checks the opset against onnx's own limit only, and onnxruntime names a too-new opset when it loads the
+model. `tests/test_bad_inputs.py` checks that the table entry of the installed release matches the probe.
 """
 
 from __future__ import annotations
@@ -11,6 +14,17 @@ import functools
 
 import onnx
 import onnx.helper as oh
+import onnxruntime as ort
+
+# onnxruntime release (major.minor) -> (newest IR version, newest default-domain opset) it loads, as `_probe_limits`
+# measures them with an onnx that knows newer ones (onnx 1.23: IR 14, opset 28). Add a row when upgrading.
+KNOWN_LIMITS: dict[str, tuple[int, int]] = {
+    "1.31": (13, 26),
+}
+
+
+def _release(version: str) -> str:
+    return ".".join(version.split(".")[:2])
 
 
 def _tiny_model(ir_version: int, opset: int) -> bytes:
@@ -26,8 +40,6 @@ def _tiny_model(ir_version: int, opset: int) -> bytes:
 
 
 def _runtime_accepts(ir_version: int, opset: int) -> bool:
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 4
     try:
@@ -37,23 +49,44 @@ def _runtime_accepts(ir_version: int, opset: int) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+def _probe_limits() -> tuple[int, int]:
+    """(IR version, opset) found by loading one-node models into onnxruntime, newest first (a few sessions)."""
+    ir_version = next((v for v in range(onnx.IR_VERSION, 2, -1) if _runtime_accepts(v, 13)), None)
+    if ir_version is None:
+        raise RuntimeError("onnxruntime accepts no ONNX IR version; is it installed correctly?")
+    opset = next((o for o in range(onnx.defs.onnx_opset_version(), 6, -1) if _runtime_accepts(ir_version, o)), None)
+    if opset is None:
+        raise RuntimeError("onnxruntime accepts no default-domain opset; is it installed correctly?")
+    return ir_version, opset
+
+
+def _known_limits() -> tuple[int, int] | None:
+    known = KNOWN_LIMITS.get(_release(ort.__version__))
+    if known is None:
+        return None
+    return min(known[0], onnx.IR_VERSION), min(known[1], onnx.defs.onnx_opset_version())
+
+
+@functools.cache
+def _limits() -> tuple[int, int]:
+    return _known_limits() or _probe_limits()
+
+
 def max_ir_version() -> int:
-    """The newest IR version both onnx and onnxruntime understand."""
-    for version in range(onnx.IR_VERSION, 2, -1):
-        if _runtime_accepts(version, 13):
-            return version
-    raise RuntimeError("onnxruntime accepts no ONNX IR version; is it installed correctly?")
+    """The newest IR version both onnx and onnxruntime understand (probed once for an unknown onnxruntime)."""
+    return _limits()[0]
 
 
-@functools.lru_cache(maxsize=None)
 def max_opset() -> int:
-    """The newest default-domain opset both onnx and onnxruntime understand."""
-    ir_version = max_ir_version()
-    for opset in range(onnx.defs.onnx_opset_version(), 6, -1):
-        if _runtime_accepts(ir_version, opset):
-            return opset
-    raise RuntimeError("onnxruntime accepts no default-domain opset; is it installed correctly?")
+    """The newest default-domain opset both onnx and onnxruntime understand (probed once for an unknown one)."""
+    return _limits()[1]
+
+
+def max_opset_without_probe() -> int:
+    """`max_opset()` where the table knows the installed onnxruntime, else onnx's own newest opset; never opens a
+    session (what input validation uses: loading a model runs nothing)."""
+    known = _known_limits()
+    return known[1] if known is not None else onnx.defs.onnx_opset_version()
 
 
 def runnable(model: onnx.ModelProto) -> onnx.ModelProto:

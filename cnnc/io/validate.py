@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from cnnc.io import target
 from cnnc.errors import ModelError
+from cnnc.io import target
+from cnnc.ir.order import CycleError, topological_indices
 from cnnc.ir.weightless import weightless_copy
 
 MAX_RANK = 32
@@ -28,9 +29,9 @@ def _check_versions(model: onnx.ModelProto) -> None:
     if model.ir_version > onnx.IR_VERSION:
         raise ModelError(f"model IR version {model.ir_version} is newer than this onnx supports ({onnx.IR_VERSION})")
     for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version > target.max_opset():
-            raise ModelError(
-                f"model opset {opset.version} is newer than the installed onnxruntime supports ({target.max_opset()})")
+        if opset.domain in ("", "ai.onnx") and opset.version > target.max_opset_without_probe():
+            raise ModelError(f"model opset {opset.version} is newer than the installed onnxruntime supports "
+                             f"({target.max_opset_without_probe()})")
     if not model.HasField("graph"):
         raise ModelError("model has no graph")
 
@@ -97,26 +98,12 @@ def _check_names_and_order(graph: onnx.GraphProto, outer_names: set[str], depth:
         if value.name not in available:
             raise ModelError(f"graph output '{value.name}' is not produced by any node")
 
-    # Kahn's algorithm over node-to-node edges: anything left over sits on a cycle.
-    readers: dict[int, list[int]] = {i: [] for i in range(len(graph.node))}
-    pending = [0] * len(graph.node)
-    for index, node in enumerate(graph.node):
-        for name in set(node.input):
-            if name in producer:
-                readers[producer[name]].append(index)
-                pending[index] += 1
-    ready = [i for i, count in enumerate(pending) if count == 0]
-    seen = 0
-    while ready:
-        index = ready.pop()
-        seen += 1
-        for reader in readers[index]:
-            pending[reader] -= 1
-            if pending[reader] == 0:
-                ready.append(reader)
-    if seen != len(graph.node):
-        stuck = [graph.node[i].name or graph.node[i].op_type for i, c in enumerate(pending) if c > 0]
-        raise ModelError(f"graph has a cycle through node(s) {', '.join(stuck[:5])}")
+    # Whatever the topological sort cannot order sits on a cycle (or downstream of one).
+    try:
+        topological_indices(len(graph.node), lambda i: [producer[n] for n in graph.node[i].input if n in producer])
+    except CycleError as error:
+        stuck = [graph.node[i].name or graph.node[i].op_type for i in error.stuck]
+        raise ModelError(f"graph has a cycle through node(s) {', '.join(stuck[:5])}") from None
 
 
 def validate_model(model: onnx.ModelProto, onnx_checker: bool = True) -> None:

@@ -90,6 +90,17 @@ def is_constant(tensor: gs.Tensor) -> bool:
     return False
 
 
+def float_constant(node: gs.Node, index: int) -> tuple[np.ndarray | None, str]:
+    """Input `index` of `node` as a float constant (a weight or bias): (value, ""); (None, "") when the optional
+    input is absent; (None, why) when it is there but not a float constant."""
+    if len(node.inputs) <= index or is_empty_input(node.inputs[index]):
+        return None, ""
+    value = constant_value(node.inputs[index])
+    if value is None or not np.issubdtype(value.dtype, np.floating):
+        return None, f"input {index} ('{node.inputs[index].name}') is not a float constant"
+    return value, ""
+
+
 def is_empty_input(tensor: gs.Tensor) -> bool:
     """ONNX marks an omitted optional input with an empty name."""
     return isinstance(tensor, gs.Variable) and tensor.name == ""

@@ -1,7 +1,8 @@
 """Static figures of a model for reports: op counts, parameters, MACs, size, versions, interface.
 
-MACs are counted for Conv, ConvTranspose, Gemm and MatMul at batch 1 (a symbolic dim counts as 1) from ONNX shape
-inference; other ops are memory-bound and counted as zero MACs, as onnx-tool and Polygraphy do.
+MACs are counted at batch 1 (a symbolic dim counts as 1) from ONNX shape inference, by the counter that the op table
+(cnnc.ir.ops, column `macs`) gives Conv, ConvTranspose, Gemm and MatMul; other ops are memory-bound and counted as
+zero MACs, as onnx-tool and Polygraphy do.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import Counter
 import numpy as np
 import onnx
 
+from cnnc.ir.ops import facts
 from cnnc.ir.weightless import serialized_size, weightless_copy
 
 
@@ -18,10 +20,6 @@ def _dims(value: onnx.ValueInfoProto) -> list:
     if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
         return []
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value.type.tensor_type.shape.dim]
-
-
-def _numel(dims) -> int:
-    return int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims], dtype=np.int64)) if dims else 1
 
 
 def parameter_count(model: onnx.ModelProto) -> int:
@@ -50,19 +48,9 @@ def macs(model: onnx.ModelProto) -> int:
                     shapes[node.output[0]] = list(attr.t.dims)
     total = 0
     for node in graph.node:
-        out = shapes.get(node.output[0]) if node.output else None
-        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
-            # Conv: each output element costs Cin/g·∏k MACs; ConvTranspose: each input element feeds Cout/g·∏k.
-            weight = shapes.get(node.input[1])
-            source = out if node.op_type == "Conv" else shapes.get(node.input[0])
-            if weight and source:
-                total += _numel(source) * _numel(weight[1:])
-        elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1:
-            a = shapes.get(node.input[0])
-            if a and out:
-                trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
-                k = a[-2] if trans_a and len(a) >= 2 else a[-1]
-                total += _numel(out) * (k if isinstance(k, int) and k > 0 else 1)
+        counter = facts(node.op_type).macs
+        if counter is not None:
+            total += counter(node, shapes)
     return int(total)
 
 

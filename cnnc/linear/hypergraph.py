@@ -1,4 +1,5 @@
-"""The hypergraph view of a network (seed 002, Vertechi & Bergomi, "Machines of finite depth").
+"""The hypergraph view of a network (seed 002, Vertechi & Bergomi, "Machines of finite depth"): spaces,
+hyperedges, depth levels and live memory.
 
 Seed 002 reads a network as a *machine*: on the global space X = X₀ ⊕ X₁ ⊕ … ⊕ Xₙ the network function is the sum
 f = f₁ + … + fₘ of its layers, and the output solves the machine equation x = f(x) + x₀, i.e. x = (id − f)⁻¹(x₀),
@@ -12,30 +13,27 @@ depth form a *level*: no tensor of a level depends on another of the same level,
 order or all at once. The *width* of a level is its number of tensors; the *critical path* is a longest chain of
 ops, as long as the deepest tensor.
 
-Independence (seed 002): if f₁ does not depend on f₂ then R_{f₁+f₂} = R_{f₂} R_{f₁}. Writing f = Σ_d f_d with f_d the
-ops of level d, f_d reads only levels < d, so R_f = R_{f_D} ⋯ R_{f_1}, and f_d ∘ f_d = 0 gives R_{f_d} = id + f_d.
-For a *linear* machine F this is the finite Neumann series (id − F)⁻¹ = Σ_{k ≤ D} F^k (F is nilpotent: F^{D+1} = 0),
-and `resolvent` evaluates it level by level: one pass over the levels, each op applied once.
-
 Memory. For an execution order the live activation bytes at each step are the bytes of the tensors alive while that
 op runs: the graph inputs (owned by the caller, alive throughout), every tensor already written that a later op or
 the caller (graph outputs) still reads, and the op's own outputs (its inputs are alive by the same rule). A tensor is
 freed right after its last reader. Sizes come from ONNX shape inference; a symbolic dimension that is the batch axis
 of a graph input counts as `batch`; any other symbolic or unknown dimension makes the tensor *unsized*: it counts as
 0 bytes and is listed with the reason, so the peak is then a lower bound and says so.
+
+Execution orders that minimise the peak live in `cnnc.linear.memory_order`; the resolvent of a linear machine,
+evaluated level by level, in `cnnc.linear.resolvent`.
 """
 
 from __future__ import annotations
 
-import heapq
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
+from cnnc.ir.order import topological_indices
 
 
 @dataclass(frozen=True)
@@ -212,21 +210,8 @@ class Hypergraph:
 
     def topological_order(self) -> list[int]:
         """Edge indices in a topological order, as close to the stored order as possible (Kahn, smallest index
-        first); raises ValueError on a cycle."""
-        pending = [len(self.predecessors(i)) for i in range(len(self.edges))]
-        ready = [i for i, count in enumerate(pending) if count == 0]
-        heapq.heapify(ready)
-        order = []
-        while ready:
-            index = heapq.heappop(ready)
-            order.append(index)
-            for successor in self.successors(index):
-                pending[successor] -= 1
-                if pending[successor] == 0:
-                    heapq.heappush(ready, successor)
-        if len(order) != len(self.edges):
-            raise ValueError("the hypergraph has a cycle")
-        return order
+        first); raises ValueError (cnnc.ir.order.CycleError) on a cycle."""
+        return topological_indices(len(self.edges), self.predecessors)
 
     def is_topological(self, order: Sequence[int]) -> bool:
         """Whether `order` runs every edge exactly once and each after the writers of its inputs."""
@@ -289,219 +274,6 @@ def tensor_bytes(tensor: gs.Tensor, batch: int, batch_symbols: set) -> tuple[int
     except TypeError:
         return None, f"dtype {tensor.dtype} has no fixed size"
     return numel * itemsize, ""
-
-
-# ---- execution orders ---------------------------------------------------------------------------------------------
-
-def min_peak_order(hypergraph: Hypergraph, state_limit: int = 100_000) -> tuple[list[int], bool]:
-    """An order of least peak live bytes: (order, proven_optimal).
-
-    Exact search first. After running a set S of edges (a down-set of the dependency order) the live bytes depend on
-    S alone, so the orders are the monotone paths ∅ → all edges in the lattice of down-sets, and the peak of an
-    order is the largest step cost on its path: a bottleneck shortest path, solved by Dijkstra with max in place of
-    +. It visits only down-sets cheaper than the optimum, which for chains with skips (ResNet, DenseNet, U-Net) and
-    narrow branching blocks (Inception) is a few per op. Past `state_limit` down-sets it gives up and returns the
-    best of the greedy orders below, the stored order and the onnxruntime order instead (not proven optimal).
-    """
-    count = len(hypergraph.edges)
-    if count == 0:
-        return [], True
-    sizes = [sum(hypergraph.size(s) for s in e.outputs) for e in hypergraph.edges]
-    pred_mask = [sum(1 << p for p in hypergraph.predecessors(i)) for i in range(count)]
-    succ = [sorted(hypergraph.successors(i)) for i in range(count)]
-    sinks = set(hypergraph.sinks) | set(hypergraph.sources)
-    # Bytes freed when an edge runs, given the edges run after it: an input (or dead output) whose readers are all
-    # done. reader_mask[space] is the set of its readers.
-    reader_mask = {space: sum(1 << r for r in readers) for space, readers in hypergraph.readers.items()}
-    freeable = [[(s, reader_mask.get(s, 0), hypergraph.size(s)) for s in dict.fromkeys((*e.inputs, *e.outputs))
-                 if s not in sinks and s in hypergraph.producer] for e in hypergraph.edges]
-    full = (1 << count) - 1
-    start_live = sum(hypergraph.size(s) for s in hypergraph.sources)
-    initial_ready = sum(1 << i for i in range(count) if pred_mask[i] == 0)
-    best = {0: start_live}
-    parent: dict[int, tuple[int, int]] = {}
-    heap = [(start_live, 0, 0, 0, start_live, initial_ready)]
-    serial = 0
-    while heap:
-        bottleneck, _, _, done, live, ready = heapq.heappop(heap)
-        if done == full:
-            order = []
-            while done:
-                done, index = parent[done]
-                order.append(index)
-            return order[::-1], True
-        if bottleneck > best.get(done, math.inf):
-            continue
-        if len(best) > state_limit:
-            break
-        bits = ready
-        while bits:
-            low = bits & -bits
-            bits ^= low
-            index = low.bit_length() - 1
-            after = done | low
-            step = live + sizes[index]
-            cost = max(bottleneck, step)
-            if cost >= best.get(after, math.inf):
-                continue
-            freed = sum(size for _, readers, size in freeable[index] if readers & ~after == 0)
-            next_ready = ready ^ low
-            for successor in succ[index]:
-                if pred_mask[successor] & ~after == 0:
-                    next_ready |= 1 << successor
-            best[after] = cost
-            parent[after] = (done, index)
-            serial += 1
-            # Ties go to the larger down-set (finish first) and then to the stored order (stay close to it).
-            heapq.heappush(heap, (cost, -after.bit_count(), serial, after, step - freed, next_ready))
-    candidates = [list(range(count)) if hypergraph.is_topological(range(count)) else hypergraph.topological_order(),
-                  greedy_order(hypergraph), onnxruntime_default_order(hypergraph)]
-    return min(candidates, key=hypergraph.peak_bytes), False
-
-
-def greedy_order(hypergraph: Hypergraph) -> list[int]:
-    """Greedy: among the ready edges run the one that leaves the least live memory (allocates least net of what it
-    frees), then the one with the smallest peak during its step, then the earliest in the stored order."""
-    count = len(hypergraph.edges)
-    pending = [len(hypergraph.predecessors(i)) for i in range(count)]
-    remaining = {space: len(readers) for space, readers in hypergraph.readers.items()}
-    protected = set(hypergraph.sinks) | set(hypergraph.sources)
-    ready = {i for i in range(count) if pending[i] == 0}
-    order = []
-
-    def net_bytes(index: int) -> tuple[int, int, int]:
-        edge = hypergraph.edges[index]
-        written = sum(hypergraph.size(s) for s in edge.outputs)
-        freed = sum(hypergraph.size(s) for s in set(edge.inputs) if remaining[s] == 1 and s not in protected
-                    and s in hypergraph.producer)
-        freed += sum(hypergraph.size(s) for s in edge.outputs if s not in remaining and s not in protected)
-        return written - freed, written, index
-
-    while ready:
-        index = min(ready, key=net_bytes)
-        ready.remove(index)
-        order.append(index)
-        for space in set(hypergraph.edges[index].inputs):
-            remaining[space] -= 1
-        for successor in hypergraph.successors(index):
-            pending[successor] -= 1
-            if pending[successor] == 0:
-                ready.add(successor)
-    return order
-
-
-def onnxruntime_default_order(hypergraph: Hypergraph) -> list[int]:
-    """The order onnxruntime runs a graph in with its default `ExecutionOrder.DEFAULT` (its GraphViewer): a reverse
-    depth-first search from the leaf nodes (nodes whose outputs no node reads), the last leaf first and, at each
-    node, the input node of highest index first; a node is emitted once all its input nodes are. Node indices are
-    the positions in the stored order. It ignores the stored order except through these tie-breaks, which
-    tests/test_schedule.py checks against onnxruntime's own profile of the nodes it ran."""
-    count = len(hypergraph.edges)
-    leaves = [i for i in range(count) if not hypergraph.successors(i)]
-    stack = [(i, False) for i in leaves]
-    visited = [False] * count
-    order = []
-    while stack:
-        index, leaving = stack.pop()
-        if leaving:
-            order.append(index)
-            continue
-        if visited[index]:
-            continue
-        visited[index] = True
-        stack.append((index, True))
-        stack.extend((p, False) for p in sorted(hypergraph.predecessors(index)))
-    return order
-
-
-# ---- the resolvent of a linear machine ----------------------------------------------------------------------------
-
-# A hyperedge's linear map: a dense matrix from its stacked inputs to its stacked outputs, or a function that maps a
-# list of (dim_in × k) arrays, one per input, to a list of (dim_out × k) arrays, one per output.
-LinearMap = np.ndarray | Callable[[list], list]
-
-
-@dataclass(frozen=True)
-class LinearEdge:
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    linear_map: LinearMap
-
-
-@dataclass(frozen=True)
-class LinearHypergraph:
-    """A linear machine over named spaces of given dimensions: per-hyperedge linear maps, its input spaces (x₀) and
-    the output spaces whose block of the resolvent is wanted."""
-
-    edges: tuple[LinearEdge, ...]
-    dims: Mapping[str, int]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-    def hypergraph(self) -> Hypergraph:
-        edges = [Hyperedge(f"f{i}", "linear", tuple(e.inputs), tuple(e.outputs)) for i, e in enumerate(self.edges)]
-        return Hypergraph(edges, tuple(self.inputs), tuple(self.outputs), dict(self.dims))
-
-    def global_operator(self) -> tuple[np.ndarray, dict[str, slice]]:
-        """F on X = ⊕ spaces as one dense matrix, with the slice of each space (for tests and small machines)."""
-        spaces = self.hypergraph().spaces
-        offsets, start = {}, 0
-        for space in spaces:
-            offsets[space] = slice(start, start + self.dims[space])
-            start += self.dims[space]
-        operator = np.zeros((start, start))
-        for edge in self.edges:
-            matrix = _dense(edge, self.dims)
-            row = 0
-            for out in edge.outputs:
-                column = 0
-                for inp in edge.inputs:
-                    operator[offsets[out], offsets[inp]] += matrix[row:row + self.dims[out],
-                                                                   column:column + self.dims[inp]]
-                    column += self.dims[inp]
-                row += self.dims[out]
-        return operator, offsets
-
-
-def _dense(edge: LinearEdge, dims: Mapping[str, int]) -> np.ndarray:
-    if isinstance(edge.linear_map, np.ndarray):
-        return edge.linear_map
-    n = sum(dims[s] for s in edge.inputs)
-    columns = np.eye(n)
-    parts, start = [], 0
-    for space in edge.inputs:
-        parts.append(columns[start:start + dims[space]])
-        start += dims[space]
-    return np.concatenate(list(edge.linear_map(parts)), axis=0)
-
-
-def _apply(edge: LinearEdge, values: list[np.ndarray], dims: Mapping[str, int]) -> list[np.ndarray]:
-    if isinstance(edge.linear_map, np.ndarray):
-        result = edge.linear_map @ np.concatenate(values, axis=0)
-        return np.split(result, np.cumsum([dims[s] for s in edge.outputs])[:-1], axis=0)
-    return list(edge.linear_map(values))
-
-
-def resolvent(machine: LinearHypergraph) -> np.ndarray:
-    """The block of (id − F)⁻¹ = Σ_{k ≤ D} F^k from the machine's inputs to its outputs, computed level by level.
-
-    x₀ places the identity in each input space; then for d = 1..D the ops of level d apply R_{f_d} = id + f_d, each
-    reading only finished lower levels. The result maps the stacked inputs to the stacked outputs.
-    """
-    graph = machine.hypergraph()
-    n = sum(machine.dims[s] for s in machine.inputs)
-    state: dict[str, np.ndarray] = {}
-    start = 0
-    for space in machine.inputs:
-        state[space] = np.eye(n)[start:start + machine.dims[space]]
-        start += machine.dims[space]
-    for level in graph.levels()[1:]:
-        for index in level.edges:
-            edge = machine.edges[index]
-            values = [state.get(s, np.zeros((machine.dims[s], n))) for s in edge.inputs]
-            for space, value in zip(edge.outputs, _apply(edge, values, machine.dims)):
-                state[space] = value
-    return np.concatenate([state.get(s, np.zeros((machine.dims[s], n))) for s in machine.outputs], axis=0)
 
 
 # ---- a summary for reports ----------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Seed 002 reads a network as a machine f on X = X0 ⊕ … ⊕ Xn whose output is the resolvent (id − f)^-1(x0); seed 000's
 Theorem 3.1 says a network made only of linear layers, skips, paddings and resamplings is one affine map
 f(X) = W X + B. In a ReLU network the linear machines are the pieces between nonlinearities; a fully linear network
-is one machine. `collapse` replaces each machine by the cheapest exact equivalent.
+is one machine. `collapse` replaces each machine by the cheapest exact equivalent. Which ops are linear, and under
+which condition, is the `linear` column of the op table (cnnc.ir.ops.linear_reason).
 
 A machine must be *convex*: no path may leave it through an outside op and come back in, or replacing it by one op
 would create a cycle. Components that are not convex are split at the re-entry point until they are.
@@ -16,54 +17,7 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
-
-# Ops that move or rearrange data without arithmetic: a machine made only of these has nothing to collapse.
-DATA_MOVEMENT_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout",
-                               "Concat", "Split", "Slice", "SpaceToDepth", "DepthToSpace"})
-ALWAYS_LINEAR_OPS = frozenset({"AveragePool", "GlobalAveragePool", "Flatten", "Transpose", "SpaceToDepth",
-                               "DepthToSpace", "Identity", "Concat"})
-
-
-def _constant(tensor: gs.Tensor) -> bool:
-    return ir.is_empty_input(tensor) or ir.is_constant(tensor)
-
-
-def linear_reason(node: gs.Node) -> str | None:
-    """None when `node` is affine in its non-constant inputs; otherwise why it is not."""
-    op = node.op
-    data = [t for t in node.inputs if not _constant(t)]
-    constants_after_first = all(_constant(t) for t in node.inputs[1:])
-    if op in ALWAYS_LINEAR_OPS:
-        return None
-    if op in ("Conv", "ConvTranspose", "Gemm", "BatchNormalization", "Pad", "Resize", "Reshape", "Squeeze",
-              "Unsqueeze", "Slice", "Split", "ReduceMean", "ReduceSum"):
-        if not constants_after_first:
-            return f"{op} has a non-constant weight, shape or parameter input"
-        if op == "BatchNormalization" and (int(node.attrs.get("training_mode", 0))
-                                           or any(out.outputs for out in node.outputs[1:])):
-            return "BatchNormalization in training mode"
-        if op == "Pad" and str(node.attrs.get("mode", "constant")) not in ("constant", "reflect", "edge"):
-            return f"Pad mode {node.attrs.get('mode')} is not supported"
-        if op == "Resize" and str(node.attrs.get("mode", "nearest")) not in ("nearest", "linear"):
-            return f"Resize mode {node.attrs.get('mode')} is not supported"
-        return None
-    if op == "MatMul":
-        return None if len(data) == 1 else "MatMul of two non-constant values is bilinear"
-    if op in ("Add", "Sub"):
-        return None
-    if op == "Mul":
-        return None if len(data) == 1 else "Mul of two non-constant values is bilinear"
-    if op == "Div":
-        return None if _constant(node.inputs[1]) and not _constant(node.inputs[0]) else \
-            "Div by a non-constant value is not linear"
-    if op == "Dropout":
-        training = node.inputs[2] if len(node.inputs) > 2 else None
-        if training is not None and not ir.is_empty_input(training):
-            value = ir.constant_value(training)
-            if value is None or bool(value):
-                return "Dropout in training mode"
-        return None if not any(out.outputs for out in node.outputs[1:]) else "Dropout mask is used"
-    return f"{op} is not linear"
+from cnnc.ir.ops import DATA_MOVEMENT_OPS, constant_or_absent, linear_reason
 
 
 @dataclass
@@ -146,7 +100,7 @@ def machine_from_nodes(graph: gs.Graph, nodes: list[gs.Node]) -> LinearMachine |
     inputs, outputs, seen_in, seen_out = [], [], set(), set()
     for node in nodes:
         for tensor in node.inputs:
-            if id(tensor) not in produced and not _constant(tensor) and id(tensor) not in seen_in:
+            if id(tensor) not in produced and not constant_or_absent(tensor) and id(tensor) not in seen_in:
                 seen_in.add(id(tensor))
                 inputs.append(tensor)
         for tensor in node.outputs:

@@ -1,5 +1,6 @@
-"""torch_eval: every supported op against onnxruntime over odd geometry, hypothesis geometry for the ops with the most
-corner cases, exact Jacobians through torch.func, dynamic shapes, and a torch-exported ResNet.
+"""cnnc.eval: every supported op against onnxruntime over odd geometry, hypothesis geometry for the ops with the most
+corner cases, exact Jacobians through torch.func, dynamic shapes, and a torch-exported ResNet; the op table
+(cnnc.ir.ops) against the evaluator's handlers, the linearity it gives collapse, and the one topological sort.
 
 The reference is onnxruntime's CPU provider with graph optimisations disabled, in float32; the evaluator runs in
 float64 on the same float32 inputs, so agreement is to float32 rounding (relative 1e-5 of the output's magnitude).
@@ -20,6 +21,10 @@ from hypothesis import strategies as st
 
 from cnnc.io.frontend import from_torch
 from cnnc.eval import SUPPORTED_OPS, SubgraphFunction, evaluate_graph, unsupported_reason
+from cnnc.eval.registry import FAMILIES, HANDLERS, table_mismatches
+from cnnc.ir import ops
+from cnnc.ir.order import CycleError, topological_order
+from cnnc.zoo.blocks import ResidualBlock
 from helpers import make_model, run_model
 
 RELATIVE_TOLERANCE = 1e-5
@@ -465,6 +470,57 @@ def test_call_time_refusals():
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# The op table (cnnc.ir.ops): one row per op, one handler per evaluated op, and the one topological sort
+
+
+def test_op_table_and_handlers_agree_both_ways():
+    assert table_mismatches() == []
+    assert set(HANDLERS) == ops.EVALUATED_OPS == SUPPORTED_OPS
+    for name, module in FAMILIES.items():
+        assert set(module.HANDLERS) == {op for op, facts in ops.OPS.items() if facts.family == name}, name
+        assert set(module.REASONS) <= set(module.HANDLERS), name
+
+
+def test_an_op_added_to_the_table_without_its_handler_is_named(monkeypatch):
+    monkeypatch.setitem(ops.OPS, "Neg", ops.OpFacts("arithmetic", ops.always, explain=ops.PIECEWISE_LINEAR))
+    assert table_mismatches() == ["Neg: the op table routes it to cnnc/eval/arithmetic.py, which has no handler"]
+    monkeypatch.delitem(ops.OPS, "Neg")
+    monkeypatch.delitem(ops.OPS, "Tanh")
+    assert table_mismatches() == ["Tanh: cnnc/eval/activations.py handles it, but the op table does not route it there"]
+
+
+def test_linearity_comes_from_the_table():
+    x, z, c = _v("x"), _v("z"), gs.Constant("c", np.ones(3, np.float32))
+
+    def node(op, *inputs, **attrs):
+        return gs.Node(op, attrs=attrs, inputs=list(inputs), outputs=[_v("y")])
+
+    assert ops.linear_reason(node("Mul", x, c)) is None
+    assert ops.linear_reason(node("Mul", x, z)) == "Mul of two non-constant values is bilinear"
+    assert ops.linear_reason(node("Div", x, c)) is None
+    assert ops.linear_reason(node("Div", c, x)) == "Div by a non-constant value is not linear"
+    assert ops.linear_reason(node("Conv", x, z)) == "Conv has a non-constant weight, shape or parameter input"
+    assert ops.linear_reason(node("Pad", x, c, mode="wrap")) == "Pad mode wrap is not supported"
+    assert ops.linear_reason(node("Relu", x)) == "Relu is not linear"
+    assert ops.linear_reason(node("NoSuchOp", x)) == "NoSuchOp is not linear"
+    assert ops.facts("NoSuchOp") == ops.OpFacts()
+    assert "Reshape" in ops.DATA_MOVEMENT_OPS and "Conv" not in ops.DATA_MOVEMENT_OPS
+    assert ops.DATA_MOVEMENT_OPS <= ops.EVALUATED_OPS
+
+
+def test_one_topological_sort_keeps_a_valid_order_and_names_a_cycle():
+    x, a, b, c = _v("x"), _v("a"), _v("b"), _v("c")
+    first = gs.Node("Relu", name="first", inputs=[x], outputs=[a])
+    second = gs.Node("Relu", name="second", inputs=[a], outputs=[b])
+    third = gs.Node("Add", name="third", inputs=[a, b], outputs=[c])
+    assert topological_order([first, second, third]) == [first, second, third]
+    assert [n.name for n in topological_order([third, second, first])] == ["first", "second", "third"]
+    loop = gs.Node("Relu", name="loop", inputs=[c], outputs=[x])
+    with pytest.raises(CycleError, match="'loop'"):
+        topological_order([first, second, third, loop])
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Randomised geometry (hypothesis): odd sizes, asymmetric pads, groups, dilation, strides, batch 1-3
 
 _sizes = st.integers(1, 9)
@@ -707,26 +763,11 @@ def test_shapes_come_from_the_values_not_the_graph():
         torch.testing.assert_close(ours[-1:], function(torch.from_numpy(x[-1:]))[0], rtol=0, atol=0)
 
 
-class _BasicBlock(torch.nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = torch.nn.BatchNorm2d(cout)
-        self.conv2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = torch.nn.BatchNorm2d(cout)
-        self.shortcut = torch.nn.Identity() if stride == 1 and cin == cout else torch.nn.Sequential(
-            torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-
 def _tiny_resnet() -> torch.nn.Module:
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-        torch.nn.MaxPool2d(3, 2, 1), _BasicBlock(8, 8, 1), _BasicBlock(8, 16, 2),
+        torch.nn.MaxPool2d(3, 2, 1), ResidualBlock(8, 8, 1), ResidualBlock(8, 16, 2),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
     for module in model.modules():  # non-trivial BN statistics
         if isinstance(module, torch.nn.BatchNorm2d):

@@ -1,0 +1,127 @@
+"""`cnnc compile`: load a model (ONNX file, .pt state dict with --module, or a built-in example), run the passes
+through `cnnc.api.compile`, prove the result equivalent, optionally time it, write it atomically and print the
+report (before/after table, one paragraph per pass, the check)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import click
+import torch
+
+from cnnc import api
+from cnnc.cli.options import check_options, parse_batches
+from cnnc.cli.outputs import write_json
+from cnnc.cli.table import stats_rows, table
+from cnnc.errors import CnncError, UsageError
+from cnnc.runtime import bench_report
+from cnnc.runtime.bench import bench_models
+from cnnc.runtime.inputs import parse_input_shapes
+from cnnc.zoo import build_example
+
+
+def _load_torch_source(model: str, module_factory: str | None, input_shapes):
+    """(module, example input) of a .pt/.pth state dict: the network is built by the user's --module factory."""
+    if not module_factory:
+        raise UsageError(f"{model} is a PyTorch state dict: give --module package.module:factory to build the net")
+    module_name, _, attr = module_factory.partition(":")
+    try:  # the user's own code, named on the command line: the one import that must happen at run time
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(f"cannot import --module {module_factory}: {error}") from None
+    shapes = parse_input_shapes(list(input_shapes))
+    if len(shapes) != 1:
+        raise UsageError("a PyTorch model needs exactly one --input-shape NAME:D0,D1,... for its example input")
+    return factory(), torch.zeros(*next(iter(shapes.values())))
+
+
+def print_compile_report(report: dict) -> None:
+    click.echo(table(stats_rows(report["before"], report["after"]), ("", "before", "after")))
+    click.echo()
+    for record in report["passes"]:
+        status = "changed" if record["changed"] else "no change"
+        click.echo(f"pass {record['pass']} ({'exact' if record['exact'] else 'approximate'}): {status}, "
+                   f"{len(record['applied'])} rewrite(s), {record['seconds'] * 1000:.1f} ms")
+        if record["error"]:
+            click.echo(f"  FAILED and rolled back: {record['error']}")
+        for line in record["applied"]:
+            click.echo(f"  + {line}")
+        for skip in record["skipped"]:
+            click.echo(f"  - skipped {skip['where']}: {skip['why']}")
+    for note in report.get("order_notes", []):
+        click.echo(f"note: {note}")
+    if report.get("housekeeping"):
+        click.echo("housekeeping: " + ", ".join(f"{r['pass']} {r['runs']}× {r['seconds'] * 1000:.1f} ms"
+                                                 for r in report["housekeeping"]))
+    equivalence = report.get("equivalence")
+    click.echo()
+    click.echo(f"check: {equivalence['summary']}" if equivalence else "check: skipped (--no-check)")
+
+
+def _bench_compiled(result, batch: str | None, provider: str, input_shapes: list[str]) -> None:
+    """Time original vs compiled side by side and add the comparison to the compile report."""
+    report = bench_models([result.original, result.model], ["original", "compiled"], batch=parse_batches(batch),
+                          provider=provider, input_shapes=input_shapes, log=lambda line: click.echo(line, err=True))
+    result.report["bench"] = report
+
+
+def _print_bench(report: dict) -> None:
+    click.echo()
+    click.echo(table(bench_report.table_rows(report), bench_report.TABLE_HEADERS))
+    for line in bench_report.environment_lines(report):
+        click.echo(line)
+
+
+@click.command("compile")
+@click.argument("model", required=False)
+@click.option("--passes", "passes", default=None, help="comma-separated passes with options, e.g. "
+              "'fold-bn,destride{mode=network}' (default: every default exact pass)")
+@click.option("-o", "--output", default=None, help="output path (default: <model>.cnnc.onnx)")
+@click.option("--json", "json_path", default=None, help="write the report as JSON")
+@click.option("--no-check", is_flag=True, help="skip the equivalence check (not recommended)")
+@click.option("--verify-each", is_flag=True, help="check equivalence after every pass; names the pass that broke it")
+@click.option("--example", default=None, help="compile a built-in example model instead of MODEL")
+@click.option("--module", "module_factory", default=None, metavar="PKG.MOD:FACTORY",
+              help="for a .pt/.pth state dict: the function that builds the network")
+@click.option("--external-data/--no-external-data", default=None,
+              help="force or forbid external data (default: only above 2 GB)")
+@click.option("--bench", "bench", is_flag=True,
+              help="also time the original against the compiled model (interleaved, ORT_ENABLE_ALL)")
+@click.option("--bench-batch", default=None, metavar="N[,N...]", help="batch size(s) for --bench")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="execution provider for --bench")
+@check_options
+def compile_command(model, passes, output, json_path, no_check, verify_each, example, module_factory,
+                    external_data, bench, bench_batch, provider, check_n, seed, rtol, atol, input_shapes, inputs):
+    """Compile MODEL (ONNX, or a .pt state dict with --module) and prove the result equivalent."""
+    if (model is None) == (example is None):
+        raise UsageError("give either MODEL or --example NAME")
+    example_input, state_dict = None, None
+    if example is not None:
+        source, example_input = build_example(example)
+        output = output or f"{example}.cnnc.onnx"
+    elif Path(model).suffix.lower() in (".pt", ".pth"):
+        source, example_input = _load_torch_source(model, module_factory, input_shapes)
+        state_dict, input_shapes = model, ()
+        output = output or str(Path(model).with_suffix(".cnnc.onnx"))
+    else:
+        source = model
+        output = output or str(Path(model).with_suffix("")) + ".cnnc.onnx"
+    try:
+        result = api.compile(source, passes=passes, example_input=example_input, check=not no_check,
+                             check_n=check_n, seed=seed, rtol=rtol, atol=atol, input_shapes=list(input_shapes),
+                             inputs=list(inputs), verify_each=verify_each, state_dict=state_dict)
+    except CnncError as error:
+        report = getattr(error, "report", None)
+        if report:
+            write_json("--json", json_path, report)
+        raise
+    if bench:  # before saving: a failure here must not leave a model at -o behind a non-zero exit code
+        _bench_compiled(result, bench_batch, provider, list(input_shapes))
+    result.save(output, external_data=external_data)
+    print_compile_report(result.report)
+    if bench:
+        _print_bench(result.report["bench"])
+    click.echo(f"wrote {output}")
+    write_json("--json", json_path, result.report)
