@@ -14,18 +14,9 @@ if not (Path(__file__).parent / "passes").is_dir() and (_CHECKOUT / "passes" / "
         and (_CHECKOUT / "runtime" / "__init__.py").is_file():
     __path__.append(str(_CHECKOUT))  # noqa: F821 (a package's __path__ may be extended: the import system reads it)
 
+from cnnc.api import CompileResult, compile, verify  # noqa: E402
 from cnnc.errors import CnncError, EquivalenceError, ModelError, UsageError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["CnncError", "CompileResult", "EquivalenceError", "ModelError", "UsageError", "compile", "verify",
            "__version__"]
-
-
-def __getattr__(name):
-    # The API imports the passes and the runtime, which import the core; loading it lazily keeps `import cnnc.ir`
-    # (done by every pass) free of that cycle.
-    if name in ("compile", "verify", "CompileResult"):
-        from cnnc import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'cnnc' has no attribute {name!r}")

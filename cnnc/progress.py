@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 
 import click
 
@@ -28,8 +29,6 @@ class _Lines:
     """For logs (CNNC_PROGRESS=1 without a terminal): one line per tenth of the work, with the elapsed time."""
 
     def __init__(self, total: int, label: str):
-        import time
-
         self.total, self.label, self.done, self.next_tenth = total, label, 0, 1
         self.clock, self.start = time.perf_counter, time.perf_counter()
 

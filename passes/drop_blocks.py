@@ -36,7 +36,7 @@ from cnnc.analysis.residual_blocks import find_residual_blocks
 from cnnc.analysis.samples import load_samples, sample_inputs
 from cnnc.errors import CnncError
 from cnnc.ir.shapes import is_fixed
-from cnnc.pipeline.contract import Pass, PassResult
+from cnnc.pipeline.contract import ApproximatePass, PassResult
 
 
 def _sample_feeds(graph: gs.Graph, samples: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -58,12 +58,11 @@ def _accuracy(outputs: dict, first: str, labels: np.ndarray) -> float:
 
 
 @dataclass(frozen=True)
-class DropBlocks(Pass):
+class DropBlocks(ApproximatePass):
     """Approximate: drop residual blocks whose mean scaled perturbation on sample inputs is below eps."""
 
     name = "drop-blocks"
     summary = "replace residual blocks with mean ‖x(l+1)−x(l)‖/‖x(l)‖ < eps by their skip (seed 001)"
-    exact = False
     eps: float = 0.01
     inputs: str = ""  # .npy sample inputs; empty: `random` seeded uniform [0, 1) samples
     random: int = 16

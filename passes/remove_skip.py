@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 from cnnc.runtime.deviation import output_deviation, random_float_feeds
 
 from cnnc import ir
-from cnnc.pipeline.contract import Pass, PassResult
+from cnnc.pipeline.contract import ApproximatePass, Pass, PassResult
 
 _TRANSPARENT = ("Identity", "Neg")
 _CONSTANT_OPS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
@@ -255,12 +255,11 @@ class RemoveSkip(Pass):
 
 
 @dataclass(frozen=True)
-class RemoveSkipApprox(Pass):
+class RemoveSkipApprox(ApproximatePass):
     """Approximate: also remove joins whose skip weight |t| ≤ tolerance, and report the measured deviation."""
 
     name = "remove-skip-approx"
     summary = "delete skip connections with |weight| <= tolerance (approximate; reports the output deviation)"
-    exact = False
     tolerance: float = 0.01
 
     def run(self, graph: gs.Graph) -> PassResult:

@@ -53,3 +53,21 @@ def test_importing_the_passes_package_loads_no_pass():
 def test_console_script_runs():
     result = subprocess.run([str(Path(sys.executable).parent / "cnnc"), "passes"], capture_output=True, text=True)
     assert result.returncode == 0 and "fold-bn" in result.stdout
+
+
+def test_python_run_from_the_repository_root_compiles():
+    # From the root, `import cnnc` finds the source folder cnnc/ before the installed copy; cnnc.passes and
+    # cnnc.runtime are the top-level folders there, which cnnc/__init__.py adds to the package's search path.
+    code = ("import onnx, onnx.helper as oh, numpy as np, cnnc\n"
+            "w = oh.make_tensor('w', onnx.TensorProto.FLOAT, [2, 3, 1, 1], np.ones(6, np.float32))\n"
+            "graph = oh.make_graph([oh.make_node('Conv', ['x', 'w'], ['c']), oh.make_node('Relu', ['c'], ['y'])],\n"
+            "    'g', [oh.make_tensor_value_info('x', onnx.TensorProto.FLOAT, [1, 3, 4, 4])],\n"
+            "    [oh.make_tensor_value_info('y', onnx.TensorProto.FLOAT, [1, 2, 4, 4])], [w])\n"
+            "model = oh.make_model(graph, opset_imports=[oh.make_opsetid('', 17)])\n"
+            "model.ir_version = 8\n"
+            "result = cnnc.compile(model)\n"
+            "assert result.report['equivalence']['passed']\n"
+            "print(cnnc.__file__, cnnc.passes.__file__)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert str(REPO / "cnnc" / "__init__.py") in result.stdout  # it ran the checkout's copy, not the installed one

@@ -104,6 +104,14 @@ class Pass:
         return self.name + ("{" + ",".join(options) + "}" if options else "")
 
 
+class ApproximatePass(Pass):
+    """Base of the approximate passes: opt-in by name, never in the default pipeline, and each reports the output
+    deviation it caused, measured on onnxruntime by `cnnc.runtime.deviation` (the one measure they share)."""
+
+    exact: ClassVar[bool] = False
+    kind: ClassVar[str] = "approximate"
+
+
 def single_producers(graph: gs.Graph) -> str | None:
     """Why the graph's wiring is broken (a tensor written by two nodes, a graph output nobody writes), else None.
     The invariant every rewiring pass must keep; passes check it in `ensures`."""
