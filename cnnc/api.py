@@ -17,11 +17,11 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
-from cnnc.io import backend
 from cnnc import ir
-from cnnc.io.target import runnable
 from cnnc.errors import EquivalenceError, ModelError
+from cnnc.io import backend
 from cnnc.io.frontend import load_model
+from cnnc.io.target import runnable
 from cnnc.ir.stats import model_stats
 from cnnc.passes import DEFAULT_PIPELINE, ORDER_CONSTRAINTS, parse_pipeline
 from cnnc.pipeline.contract import Pass

@@ -96,6 +96,16 @@ def test_hand_computed_hypersurface_of_a_two_layer_relu_net():
     assert explanation.reconstructed_value == pytest.approx(true, rel=1e-15)
 
 
+def test_a_network_without_biases_reports_a_zero_bias_term():
+    nodes = [oh.make_node("Gemm", ["x", "w1"], ["h"], transB=1), oh.make_node("Relu", ["h"], ["r"]),
+             oh.make_node("Gemm", ["r", "w2"], ["y"], transB=1)]
+    model = make_model(nodes, [("x", ["N", 2])], [("y", None)], [("w1", W1), ("w2", W2)])
+    explanation = explain_unit(BackMap(load_graph(model, fold_bn=True)), np.array([[1.0, 0.5]]), "output:0")
+    payload = explanation.as_dict()  # raised ValueError on the empty bias vector before
+    assert payload["bias_term"] == 0.0 and payload["x_b"] == []
+    assert payload["input_term"] == pytest.approx(explanation.true_value, rel=1e-12)
+
+
 @pytest.mark.parametrize("mode", ["RM0", "RM1", "RM2", "RM3", "RM4"])
 def test_reconstruction_identity_holds_in_every_mode(small, mode):
     _, backmap, sample = small

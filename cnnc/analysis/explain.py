@@ -55,7 +55,8 @@ class Explanation:
             "true_value": self.true_value, "reconstructed_value": self.reconstructed_value,
             "relative_error": self.relative_error,
             "input_term": float(np.sum(self.x * self.H_I.reshape((-1,) + self.x.shape).sum(0))),
-            "bias_term": float(np.dot(self.x_b, self.H_b.reshape(-1, self.x_b.size).sum(0))),
+            # A network without biases has an empty x_b: its bias term is 0 (reshape(-1, 0) cannot infer -1).
+            "bias_term": float(np.dot(self.x_b, self.H_b.reshape(-1, self.x_b.size).sum(0))) if self.x_b.size else 0.0,
             "parts": self.parts, "notes": self.notes, "biases": [b.as_dict() for b in self.biases],
             "H_I_shape": list(self.H_I.shape), "H_b_shape": list(self.H_b.shape),
         }
