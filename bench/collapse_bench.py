@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cnnc.runtime import bench
-from cnnc.runtime.environment import device_slug
-from cnnc.runtime.session import make_session
 from torch import nn
 
 import cnnc
 from cnnc.io.frontend import from_torch
+from cnnc.runtime import bench
+from cnnc.runtime.environment import device_slug
+from cnnc.runtime.session import make_session
 from cnnc.zoo import calibrate_batchnorm
 from cnnc.zoo.blocks import RepVGGBlock
 from cnnc.zoo.resnets import BasicBlock, Bottleneck, ResNet

@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 
 import torch
-from cnnc.runtime import bench
-from cnnc.runtime.environment import device_slug
 from torch import nn
 
 import cnnc
 from cnnc.io.frontend import from_torch
+from cnnc.runtime import bench
+from cnnc.runtime.environment import device_slug
 from cnnc.zoo.paper import LeNetAllConv
 
 HERE = Path(__file__).resolve().parent

@@ -23,10 +23,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # paper_models.py sits beside this script
 
 import paper_models
-from cnnc.runtime import bench, bench_report
-from cnnc.runtime.environment import device_slug
 
 import cnnc
+from cnnc.runtime import bench, bench_report
+from cnnc.runtime.environment import device_slug
 
 
 def verdict(ratio: dict) -> str:

@@ -25,15 +25,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # paper_models.py sits beside this script
 
-import paper_models  # noqa: E402
+import paper_models
 
-import cnnc  # noqa: E402
-from cnnc.errors import CnncError  # noqa: E402
-from cnnc.passes import DEFAULT_PIPELINE, PASSES  # noqa: E402
-from cnnc.runtime import bench, bench_report  # noqa: E402
-from cnnc.runtime.environment import device_slug  # noqa: E402
-from cnnc.runtime.equivalence import DEFAULT_ATOL  # noqa: E402
-from cnnc.runtime.session import runnable_model  # noqa: E402
+import cnnc
+from cnnc.errors import CnncError
+from cnnc.passes import DEFAULT_PIPELINE, PASSES
+from cnnc.runtime import bench, bench_report
+from cnnc.runtime.environment import device_slug
+from cnnc.runtime.equivalence import DEFAULT_ATOL
+from cnnc.runtime.session import runnable_model
 
 QUICK_MODELS = ("linear-resnet34", "skip3-linear", "allskip6-homotopy", "lenet-allconv")
 # Seconds of interleaved timing per (model, batch), and warm-up rounds. Large batches of the 224×224 nets take

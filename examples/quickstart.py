@@ -14,10 +14,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from cnnc.runtime.bench import bench_models
 from torch import nn
 
 import cnnc
+from cnnc.runtime.bench import bench_models
 from cnnc.zoo.blocks import RepVGGBlock
 
 

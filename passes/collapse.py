@@ -36,8 +36,14 @@ from cnnc import ir
 from cnnc.eval import SubgraphFunction, unsupported_reason
 from cnnc.linear.affine_map import dense_affine_map, verify_affine_map
 from cnnc.linear.conv_equivalent import extract_conv
-from cnnc.linear.machines import (DATA_MOVEMENT_OPS, LinearMachine, cut_tensors, find_linear_machines,
-                                  split_at_outputs, split_at_tensor)
+from cnnc.linear.machines import (
+    DATA_MOVEMENT_OPS,
+    LinearMachine,
+    cut_tensors,
+    find_linear_machines,
+    split_at_outputs,
+    split_at_tensor,
+)
 from cnnc.pipeline.contract import Pass, PassResult, single_producers
 from cnnc.pipeline.match import MatchResult, fail, first_match, success
 

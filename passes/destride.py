@@ -43,10 +43,10 @@ from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from cnnc.linear import polyphase as network
-from cnnc.linear.polyphase import CHANNEL_MAJOR, PHASE_MAJOR, Builder, expand_channels, is_one
 
 from cnnc import ir
+from cnnc.linear import polyphase as network
+from cnnc.linear.polyphase import CHANNEL_MAJOR, PHASE_MAJOR, Builder, expand_channels, is_one
 from cnnc.pipeline.contract import Pass, PassResult
 
 

@@ -36,11 +36,8 @@ from cnnc.pipeline.match import MatchResult, fail, first_match, success
 
 def _bn_affine(bn: gs.Node) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
     """(s, t) in float64 for an inference-mode BN, or (None, reason)."""
-    if int(bn.attrs.get("training_mode", 0)) != 0:
-        return None, "training_mode=1: batch statistics are not constants"
-    if any(out.outputs for out in bn.outputs[1:]) or len(bn.outputs) > 1 and any(
-            out.name for out in bn.outputs[1:]):
-        return None, "running mean/variance outputs are used (training form)"
+    if (training := ir.batch_norm_training_reason(bn)) is not None:
+        return None, training
     if int(bn.attrs.get("spatial", 1)) != 1:
         return None, "spatial=0 (per-activation statistics) is not supported"
     params = [ir.constant_value(t) for t in bn.inputs[1:5]]

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from cnnc.runtime.deviation import output_deviation, random_float_feeds
 
 from cnnc import ir
 from cnnc.pipeline.contract import ApproximatePass, Pass, PassResult
+from cnnc.runtime.deviation import output_deviation, random_float_feeds
 
 _TRANSPARENT = ("Identity", "Neg")
 _CONSTANT_OPS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}

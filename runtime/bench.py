@@ -42,13 +42,13 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+
+from cnnc.errors import UsageError
 from cnnc.runtime.environment import environment
 from cnnc.runtime.feeds import concrete_inputs, make_feeds, static_output_shapes
 from cnnc.runtime.peers import peer_models
 from cnnc.runtime.session import cuda_available, first_line, make_session, runnable_model
 from cnnc.runtime.stats import ratio_to_first, summarize
-
-from cnnc.errors import UsageError
 
 Timer = Callable[[], float]
 SessionFactory = Callable[..., ort.InferenceSession]

@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from cnnc.runtime.inputs import graph_inputs, make_input_batches
-from cnnc.runtime.session import make_session
 
 from cnnc.io import target
+from cnnc.runtime.inputs import graph_inputs, make_input_batches
+from cnnc.runtime.session import make_session
 
 Feeds = list[dict[str, np.ndarray]]
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from cnnc.runtime.inputs import graph_inputs, parse_input_shapes, random_array, shape_hint
 
 from cnnc.errors import UsageError
 from cnnc.ir.shapes import concrete_shape, is_fixed
+from cnnc.runtime.inputs import graph_inputs, parse_input_shapes, random_array, shape_hint
 
 
 def concrete_inputs(model: onnx.ModelProto, batch: int | None, input_shapes=None) -> dict[str, tuple]:

@@ -7,6 +7,7 @@ one becomes a note in the report rather than an error, and the bench goes on wit
 from __future__ import annotations
 
 import onnx
+
 from cnnc.runtime.session import first_line, runnable_model
 
 

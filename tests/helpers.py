@@ -23,12 +23,12 @@ import onnx
 import onnx.helper as oh
 import onnx.parser
 import onnx_graphsurgeon as gs
-from cnnc.runtime.session import make_session
 
 from cnnc.io import backend
 from cnnc.passes import parse_pipeline
 from cnnc.pipeline.contract import Pass, PassResult
 from cnnc.pipeline.manager import run_pipeline
+from cnnc.runtime.session import make_session
 
 OPSET = 17
 

@@ -10,17 +10,17 @@ import onnx
 import onnx.helper as oh
 import onnx_graphsurgeon as gs
 import pytest
+from helpers import bn_params, make_model, op_counts, run_model
 
 import cnnc
+import cnnc.passes
 from cnnc import ir
-from cnnc.io import target
 from cnnc.api import CompileResult
 from cnnc.errors import CnncError, EquivalenceError, ModelError, UsageError
-import cnnc.passes
+from cnnc.io import target
 from cnnc.passes import DEFAULT_PIPELINE, PASSES, parse_pipeline
 from cnnc.passes.fold_bn import FoldBatchNorm
 from cnnc.pipeline.contract import Pass, PassResult
-from helpers import bn_params, make_model, op_counts, run_model
 
 
 def _conv_bn_model(rng) -> onnx.ModelProto:

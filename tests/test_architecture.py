@@ -6,11 +6,11 @@ The checks read the checkout's files (not the installed copy): they are about ho
 from __future__ import annotations
 
 import ast
-import tomllib
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_FOLDERS = ("cnnc", "passes", "runtime")

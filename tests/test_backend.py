@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,11 +13,11 @@ import onnx
 import onnx.helper as oh
 import onnx_graphsurgeon as gs
 import pytest
-
-from cnnc.io import backend, target
-from cnnc.errors import ModelError
-from cnnc.io.frontend import load_onnx
 from helpers import make_model, run_model
+
+from cnnc.errors import ModelError
+from cnnc.io import backend, target
+from cnnc.io.frontend import load_onnx
 
 
 def _conv_model(rng, cout: int = 8, ir_version: int = 8) -> onnx.ModelProto:

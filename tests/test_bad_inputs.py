@@ -1,4 +1,4 @@
-"""Bad input (DESIGN §8) through the CLI: one `error:` line on stderr, exit code 2, no traceback, nothing at -o.
+"""Bad input (README, "Untrusted models") through the CLI: one `error:` line on stderr, exit code 2, no traceback, nothing at -o.
 
 Each case is a file a user (or an attacker) could hand to `cnnc compile`. Every test also checks the error line
 names the actual reason, so that a case cannot pass because of an unrelated failure (a broken fixture, say).
@@ -17,12 +17,12 @@ import onnx.helper as oh
 import onnxruntime
 import pytest
 from click.testing import CliRunner
+from helpers import make_model, run_model
 
-from cnnc.io import target
 from cnnc.cli import cli
 from cnnc.errors import ModelError
+from cnnc.io import target
 from cnnc.io.frontend import load_onnx
-from helpers import make_model, run_model
 
 WEIGHT = np.arange(6, dtype=np.float32).reshape(2, 3) / 7.0
 
@@ -310,9 +310,8 @@ def net_factory(tmp_path, monkeypatch):
 
 
 def test_state_dict_fixture_compiles(tmp_path, net_factory):
-    import torch
-
     import cnnc_bad_input_factory
+    import torch
 
     path = tmp_path / "weights.pt"
     torch.save(cnnc_bad_input_factory.build().state_dict(), path)
@@ -324,9 +323,8 @@ def test_state_dict_fixture_compiles(tmp_path, net_factory):
 
 
 def test_pickled_module_pt_is_refused(tmp_path, net_factory):
-    import torch
-
     import cnnc_bad_input_factory
+    import torch
 
     path = tmp_path / "module.pt"
     torch.save(cnnc_bad_input_factory.build(), path)  # the whole module: only loadable by full unpickling
@@ -338,9 +336,8 @@ def test_pickled_module_pt_is_refused(tmp_path, net_factory):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # scripting is how such a file is made
 def test_torchscript_archive_is_refused(tmp_path, net_factory):
-    import torch
-
     import cnnc_bad_input_factory
+    import torch
 
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(cnnc_bad_input_factory.build().eval()), str(path))
@@ -572,9 +569,8 @@ def test_the_inputs_external_data_location_never_decides_where_cnnc_writes(tmp_p
 
 
 def test_a_refused_pt_file_is_never_retried_without_weights_only(tmp_path, net_factory, monkeypatch):
-    import torch
-
     import cnnc_bad_input_factory
+    import torch
 
     path = tmp_path / "module.pt"
     torch.save(cnnc_bad_input_factory.build(), path)  # loadable only by full unpickling

@@ -16,6 +16,7 @@ import onnx
 import onnx.helper as oh
 import pytest
 from click.testing import CliRunner
+from helpers import make_model, run_model
 
 from cnnc.cli import cli
 from cnnc.cli.table import table as text_table
@@ -26,7 +27,6 @@ from cnnc.runtime.feeds import concrete_inputs, make_feeds, static_output_shapes
 from cnnc.runtime.peers import peer_models
 from cnnc.runtime.session import cuda_available, make_session
 from cnnc.runtime.stats import ratio_to_first, summarize
-from helpers import make_model, run_model
 
 NO_GPU = "no CUDA device usable by onnxruntime on this machine (onnxruntime falls back to its CPU provider)"
 

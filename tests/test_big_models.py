@@ -25,16 +25,16 @@ import onnx.helper as oh
 import onnx_graphsurgeon as gs
 import pytest
 from click.testing import CliRunner
+from helpers import make_model, run_model
 
 import cnnc
-from cnnc.io import backend, validate
 from cnnc import ir
 from cnnc.cli import cli
 from cnnc.errors import ModelError
+from cnnc.io import backend, validate
 from cnnc.io.frontend import load_onnx
 from cnnc.ir.stats import model_stats
 from cnnc.ir.weightless import WEIGHTLESS_MIN_BYTES, serialized_size, weightless_copy
-from helpers import make_model, run_model
 
 # Peak resident memory of compile + save, in copies of the weights, above the process before compile().
 PEAK_COPIES_BOUND = 3.4

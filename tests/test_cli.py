@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import bn_params, make_model, op_counts, run_model
 from torch import nn
 
 import cnnc
@@ -26,7 +27,6 @@ from cnnc.passes import DEFAULT_PIPELINE, PASSES, all_pass_classes
 from cnnc.pipeline.contract import Pass, PassResult
 from cnnc.zoo import draw_batchnorm_statistics
 from cnnc.zoo.blocks import ResidualBlock
-from helpers import bn_params, make_model, op_counts, run_model
 
 RTOL, ATOL = 1e-4, 1e-5  # the acceptance tolerances (also the CLI defaults, passed explicitly below)
 

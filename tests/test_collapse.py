@@ -8,6 +8,18 @@ import onnx.helper as oh
 import onnx_graphsurgeon as gs
 import pytest
 import torch
+from helpers import (
+    assert_same_outputs,
+    assert_unchanged,
+    bn_params,
+    initializer,
+    make_model,
+    normal,
+    op_counts,
+    run_model,
+    run_passes,
+    text_model,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -15,9 +27,6 @@ from torch import nn
 from cnnc.io.frontend import from_torch
 from cnnc.zoo import draw_batchnorm_statistics
 from cnnc.zoo.blocks import RepVGGBlock
-from helpers import (assert_same_outputs, assert_unchanged, bn_params, initializer, make_model, normal, op_counts,
-                     run_model, run_passes, text_model)
-
 
 SHAPE_OPS = {"Flatten", "Reshape", "Concat", "Split", "Identity"}
 
@@ -109,7 +118,6 @@ def _chain(rng, inner_pads):
                    rng.standard_normal(16).astype(np.float32), pads=[1, 1, 1, 1])
     c2, i2 = _conv("c2", "h", "y", rng.standard_normal((8, 16, 3, 3)).astype(np.float32),
                    rng.standard_normal(8).astype(np.float32), pads=inner_pads)
-    out = 9 - 2 + 2 + inner_pads[0] + inner_pads[2] - 2 + 2 - 2
     return make_model([c1, c2, oh.make_node("Relu", ["y"], ["z"])], [("x", ["N", 3, 9, 11])],
                       [("z", None)], i1 + i2)
 

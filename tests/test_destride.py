@@ -8,14 +8,23 @@ import onnx
 import onnx.helper as oh
 import onnx_graphsurgeon as gs
 import pytest
-from cnnc.passes.destride import Destride, plan_axis, polyphase_weight
-from cnnc.linear.polyphase import CHANNEL_MAJOR, PHASE_MAJOR, Builder
-from helpers import (assert_same_outputs, assert_unchanged, initializer, make_model, normal, op_counts, run_model,
-                     run_passes, text_model)
+from helpers import (
+    assert_same_outputs,
+    assert_unchanged,
+    initializer,
+    make_model,
+    normal,
+    op_counts,
+    run_model,
+    run_passes,
+    text_model,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
 import cnnc
+from cnnc.linear.polyphase import CHANNEL_MAJOR, PHASE_MAJOR, Builder
+from cnnc.passes.destride import Destride, plan_axis, polyphase_weight
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

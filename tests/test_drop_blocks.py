@@ -9,14 +9,23 @@ import onnx
 import onnx.helper as oh
 import pytest
 from click.testing import CliRunner
-from cnnc.passes.drop_blocks import DropBlocks
-from helpers import (assert_same_outputs, assert_unchanged, make_model, node_named, normal, op_counts, run_model,
-                     run_passes, text_model)
+from helpers import (
+    assert_same_outputs,
+    assert_unchanged,
+    make_model,
+    node_named,
+    normal,
+    op_counts,
+    run_model,
+    run_passes,
+    text_model,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cnnc
 from cnnc.cli import cli
+from cnnc.passes.drop_blocks import DropBlocks
 
 
 def _residual_chain(rng, zero_blocks, n_blocks=4, channels=3, spatial=(5, 7), kernel=(3, 3), dilation=1,
@@ -103,6 +112,17 @@ def test_labels_give_the_accuracy_change(rng, tmp_path):
 
 
 # --- one negative per precondition ---------------------------------------------------------------------------------
+
+
+def test_samples_that_onnxruntime_cannot_run_leave_the_graph_alone(rng, tmp_path):
+    # A fixed batch of 4 and 6 samples: the deviation could not be measured, so no block may be dropped unmeasured.
+    model = _residual_chain(rng, zero_blocks={1, 3})
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    np.save(tmp_path / "x.npy", rng.random((6, 2, 5, 7)).astype(np.float32))
+    compiled, result = run_passes(model, DropBlocks(eps=1e6, inputs=str(tmp_path / "x.npy")))
+    assert not result.changed and op_counts(compiled) == op_counts(model)
+    assert ("whole graph", "cannot measure the output deviation on onnxruntime: ValueError: 6 samples do not split "
+            "into batches of the input's fixed batch 4") in result.skipped
 
 
 def test_no_residual_blocks(rng):

@@ -1,4 +1,4 @@
-"""Equivalence checking (DESIGN §6): the error report, non-finite values, shapes, and the inputs it checks on."""
+"""Equivalence checking (README, "Equivalence check"): the error report, non-finite values, shapes, and the inputs it checks on."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import numpy as np
 import onnx.helper as oh
 import pytest
 from click.testing import CliRunner
-from cnnc.runtime.deviation import output_deviation, random_float_feeds
-from cnnc.runtime.equivalence import check_equivalence
-from cnnc.runtime.inputs import SECOND_BATCH, make_input_batches
 from helpers import make_model
 
 from cnnc.cli import cli
 from cnnc.errors import EquivalenceError, ModelError, UsageError
+from cnnc.runtime.deviation import output_deviation, random_float_feeds
+from cnnc.runtime.equivalence import check_equivalence
+from cnnc.runtime.inputs import SECOND_BATCH, make_input_batches
 
 X = np.array([[1.0, -2.0, 4.0, 0.5]], np.float32)
 

@@ -16,16 +16,16 @@ import onnx.helper as oh
 import onnx_graphsurgeon as gs
 import pytest
 import torch
+from helpers import make_model, run_model
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from cnnc.io.frontend import from_torch
 from cnnc.eval import SUPPORTED_OPS, SubgraphFunction, evaluate_graph, unsupported_reason
 from cnnc.eval.registry import FAMILIES, HANDLERS, table_mismatches
+from cnnc.io.frontend import from_torch
 from cnnc.ir import ops
 from cnnc.ir.order import CycleError, topological_order
 from cnnc.zoo.blocks import ResidualBlock
-from helpers import make_model, run_model
 
 RELATIVE_TOLERANCE = 1e-5
 INT64_MAX = 2**63 - 1

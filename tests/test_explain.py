@@ -14,13 +14,13 @@ from click.testing import CliRunner
 from helpers import make_model
 from torch import nn
 
-from cnnc.cli import cli
-from cnnc.cli.loading import load_graph
-from cnnc.errors import ModelError, UsageError
 from cnnc.analysis.backmap import BackMap, relative_error
 from cnnc.analysis.backmap_dataset import dataset_table
 from cnnc.analysis.backmap_report import format_dataset_table, plot_hypersurface
 from cnnc.analysis.explain import explain_unit, parse_unit
+from cnnc.cli import cli
+from cnnc.cli.loading import load_graph
+from cnnc.errors import ModelError, UsageError
 from cnnc.io.frontend import from_torch
 from cnnc.ir import constant_value
 from cnnc.zoo import draw_batchnorm_statistics

@@ -5,13 +5,26 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx_graphsurgeon as gs
 import pytest
+from helpers import (
+    assert_same_outputs,
+    assert_unchanged,
+    bn_params,
+    initializer,
+    make_model,
+    normal,
+    op_counts,
+    run_passes,
+    text_model,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
 import cnnc
-from helpers import (assert_same_outputs, assert_unchanged, bn_params, initializer, make_model, normal, op_counts,
-                     run_passes, text_model)
+from cnnc import ir
+from cnnc.eval import unsupported_reason
+from cnnc.ir.ops import linear_reason
 
 
 def _bn(x, y, prefix, **attrs):
@@ -323,3 +336,22 @@ def test_text_negative_statistics_fed_at_run_time_are_not_folded(rng):
     assert_unchanged(model, run)
     assert run.result.skipped == [("BatchNormalization 'bn'", "scale, bias, mean or variance is not a constant")]
     assert_same_outputs(model, run.model, {"x": normal(rng, 2, 4, 7, 9), "mean": mean})
+
+
+@pytest.mark.parametrize("attrs, outputs, reason", [
+    ({}, ["y"], None),
+    ({"training_mode": 0}, ["y", "", ""], None),
+    ({"training_mode": 1}, ["y"], "training_mode=1"),
+    ({"is_test": 0}, ["y"], "is_test=0"),
+    ({"is_test": 1}, ["y"], None),
+    ({}, ["y", "mean_out", "var_out"], "running mean/variance outputs"),
+])
+def test_one_rule_says_when_a_batch_norm_is_in_training_form(attrs, outputs, reason):
+    # The op table (collapse), the evaluator and fold-bn all ask cnnc.ir.batch_norm_training_reason.
+    inputs = [gs.Variable("x")] + [gs.Constant(n, np.ones(2, np.float32)) for n in ("s", "b", "m", "v")]
+    node = gs.Node("BatchNormalization", attrs=attrs, inputs=inputs,
+                   outputs=[gs.Variable(name) for name in outputs])
+    found = ir.batch_norm_training_reason(node)
+    assert (found is None) if reason is None else (reason in found)
+    assert (unsupported_reason(node) is None) == (reason is None)
+    assert (linear_reason(node) is None) == (reason is None)

@@ -11,15 +11,15 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_model, op_counts, run_model
 from onnx import external_data_helper
 
 import cnnc
-from cnnc.io import backend, target
 from cnnc.errors import ModelError, UsageError
+from cnnc.io import backend, target
 from cnnc.io.frontend import from_torch, load_model, load_onnx
 from cnnc.io.state_dict import load_state_dict
-from cnnc.pipeline.manager import canonicalize
-from helpers import make_model, op_counts, run_model
+from cnnc.ir.canonicalize import canonicalize
 
 
 class PadConvNet(torch.nn.Module):

@@ -18,9 +18,8 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-from hypothesis import given, settings
-
 from fuzz_graphs import check_pass, cnn_graphs, fuzzed_specs, random_case, reproducer, run_on_onnxruntime
+from hypothesis import given, settings
 
 EXAMPLES = int(os.environ.get("CNNC_FUZZ_EXAMPLES", "25"))
 

@@ -13,12 +13,12 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
+from fuzz_graphs import pool_out, run_on_onnxruntime
+from helpers import run_passes
 
 import cnnc
 from cnnc.errors import ModelError
 from cnnc.passes.drop_blocks import DropBlocks
-from fuzz_graphs import pool_out, run_on_onnxruntime
-from helpers import run_passes
 
 
 def test_ceil_mode_pool_where_onnx_and_onnxruntime_disagree_is_refused_cleanly():

@@ -29,7 +29,7 @@ from cnnc.homotopy import (
     SkipHomotopy,
 )
 from cnnc.io.frontend import from_torch
-from cnnc.pipeline.manager import canonicalize
+from cnnc.ir.canonicalize import canonicalize
 from cnnc.zoo import draw_batchnorm_statistics
 from cnnc.zoo.resnets import BasicBlock, Bottleneck, projection
 

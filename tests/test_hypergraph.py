@@ -10,13 +10,13 @@ import onnx
 import onnx.helper as oh
 import onnx_graphsurgeon as gs
 import pytest
+from helpers import make_model
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cnnc.linear.hypergraph import Hyperedge, Hypergraph, schedule_figures
 from cnnc.linear.memory_order import greedy_order, min_peak_order, onnxruntime_default_order
 from cnnc.linear.resolvent import LinearEdge, LinearHypergraph, resolvent
-from helpers import make_model
 
 
 @st.composite

@@ -13,13 +13,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import op_counts, run_model
 from torch import nn
 
 import cnnc
 from cnnc.passes import DEFAULT_PIPELINE
 from cnnc.zoo import calibrate_batchnorm
 from cnnc.zoo.resnets import BasicBlock, ResNet
-from helpers import op_counts, run_model
 
 
 def _calibrate(module: nn.Module, shape: tuple[int, ...], seed: int) -> nn.Module:

@@ -67,6 +67,8 @@ def test_python_run_from_the_repository_root_compiles():
             "model.ir_version = 8\n"
             "result = cnnc.compile(model)\n"
             "assert result.report['equivalence']['passed']\n"
+            "import importlib.util\n"
+            "assert importlib.util.find_spec('cnnc.examples') is None  # only passes/ and runtime/ are mapped in\n"
             "print(cnnc.__file__, cnnc.passes.__file__)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

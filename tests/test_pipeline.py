@@ -9,6 +9,7 @@ import numpy as np
 import onnx.helper as oh
 import onnx_graphsurgeon as gs
 import pytest
+from helpers import bn_params, make_model, op_counts
 
 import cnnc
 from cnnc.passes import PASSES
@@ -16,7 +17,6 @@ from cnnc.passes.fold_bn import FoldBatchNorm
 from cnnc.pipeline.contract import Pass, PassResult, PostconditionError, PreconditionError, single_producers
 from cnnc.pipeline.manager import run_pipeline
 from cnnc.pipeline.match import fail, first_match, success
-from helpers import bn_params, make_model, op_counts
 
 
 def _conv_bn(rng):

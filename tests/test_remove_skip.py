@@ -1,5 +1,5 @@
 """remove-skip: positive graphs, one negative graph per precondition, idempotence, equivalence, checker, hypothesis,
-the approximate variant, and the homotopy export end to end (DESIGN §3 six-check pattern)."""
+the approximate variant, and the homotopy export end to end (the pass-test recipe in ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,26 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-from cnnc.passes.remove_skip import RemoveSkip, RemoveSkipApprox
-from helpers import (assert_same_outputs, assert_unchanged, bn_params, initializer, make_model, node_named, normal,
-                     op_counts, run_model, run_passes, text_model)
+from helpers import (
+    assert_same_outputs,
+    assert_unchanged,
+    bn_params,
+    initializer,
+    make_model,
+    node_named,
+    normal,
+    op_counts,
+    run_model,
+    run_passes,
+    text_model,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
 import cnnc
 from cnnc.errors import UsageError
 from cnnc.passes import DEFAULT_PIPELINE, get_pass, parse_pipeline
+from cnnc.passes.remove_skip import RemoveSkip, RemoveSkipApprox
 
 
 def _feeds(rng, shape):

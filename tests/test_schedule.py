@@ -15,6 +15,17 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from helpers import (
+    assert_same_outputs,
+    assert_unchanged,
+    initializer,
+    make_model,
+    node_named,
+    normal,
+    op_counts,
+    run_passes,
+    text_model,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,8 +35,6 @@ from cnnc.cli import cli
 from cnnc.linear.hypergraph import Hypergraph
 from cnnc.linear.memory_order import onnxruntime_default_order
 from cnnc.passes.schedule import Schedule
-from helpers import (assert_same_outputs, assert_unchanged, initializer, make_model, node_named, normal, op_counts,
-                     run_passes, text_model)
 
 # For tests of the rewrite itself on tiny tensors: launches dominate the cost model and memory may grow.
 ALWAYS_FUSE = {"launch_cost_bytes": 1 << 20, "max_peak_increase": 1.0}

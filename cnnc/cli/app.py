@@ -51,7 +51,7 @@ class _CnncGroup(click.Group):
             if debug:
                 traceback.print_exc()
             _fail(str(error), error.exit_code)
-        except Exception as error:  # noqa: BLE001 - a bug in cnnc: still one line unless --debug
+        except Exception as error:
             if debug:
                 traceback.print_exc()
             _fail(f"internal error: {type(error).__name__}: {error} (run `cnnc --debug ...` for the traceback)", 3)

@@ -24,11 +24,11 @@ from cnnc.cli.outputs import Outputs
 from cnnc.cli.table import stats_rows, table
 from cnnc.errors import ModelError
 from cnnc.io.frontend import load_onnx
+from cnnc.ir.canonicalize import canonicalize
 from cnnc.ir.stats import model_stats
 from cnnc.linear.hypergraph import Hypergraph, schedule_figures
 from cnnc.linear.memory_order import min_peak_order, onnxruntime_default_order
 from cnnc.passes.schedule import Schedule
-from cnnc.pipeline.manager import canonicalize
 
 
 def _order_figures(view: Hypergraph, order) -> dict:
@@ -45,7 +45,7 @@ def schedule_section(model: onnx.ModelProto, batch: int = 1) -> tuple[dict, Hype
     """(figures for JSON and `format_schedule`, the hypergraph they describe, for `plot_levels`) of `model`."""
     try:
         graph = canonicalize(gs.import_onnx(model))  # folds exporter constants; keeps the stored order
-    except Exception as error:  # noqa: BLE001 - graphsurgeon and shape inference raise assorted types
+    except Exception as error:
         raise ModelError(f"cannot build the hypergraph of the model: {error}") from None
     view = Hypergraph.from_graph(graph, batch, infer_shapes=False)
     figures = schedule_figures(view)

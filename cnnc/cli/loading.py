@@ -25,7 +25,7 @@ def load_graph(model: str | Path | onnx.ModelProto, fold_bn: bool) -> gs.Graph:
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
     try:
         graph = gs.import_onnx(proto)
-    except Exception as error:  # noqa: BLE001  (graphsurgeon raises assorted types on malformed graphs)
+    except Exception as error:
         raise ModelError(f"cannot import the model into the IR: {error}") from None
     graph, _ = run_pipeline(graph, [FoldBatchNorm()] if fold_bn else [], strict=True)
     return graph

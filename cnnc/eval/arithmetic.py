@@ -8,7 +8,8 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 import torch
 
-from cnnc.eval.common import Handler, Reason, arg, attr, used
+from cnnc.eval.common import Handler, Reason, arg, attr
+from cnnc.ir.graph import batch_norm_training_reason
 
 
 def _gemm(node, args, ctx):
@@ -44,10 +45,8 @@ def _div(a, b):
 
 
 def _batch_norm_reason(node: gs.Node) -> str | None:
-    if int(attr(node, "training_mode", 0)) or any(used(t) for t in node.outputs[1:]):
+    if batch_norm_training_reason(node) is not None:
         return "BatchNormalization in training mode"
-    if not int(attr(node, "is_test", 1)) and "is_test" in node.attrs:
-        return "BatchNormalization with is_test=0 (training)"
     if not int(attr(node, "spatial", 1)):
         return "BatchNormalization with spatial=0"
     return None

@@ -5,14 +5,33 @@
 """
 
 from cnnc.ir.graph import (
-    FOLD_SIZE_LIMIT_BYTES, GC_AFTER_BYTES, ConvGeometry, constant_value, conv_geometry, export_weightless,
-    float_constant, fold_constant_subgraphs, forget_loaded_values, is_constant, is_empty_input, is_graph_output,
-    is_topologically_sorted, make_constant, refresh_shapes, replace_tensor, sole_consumer, sole_producer, tensor_rank,
-    tidy, unique_name, unread_constants,
+    FOLD_SIZE_LIMIT_BYTES,
+    GC_AFTER_BYTES,
+    ConvGeometry,
+    batch_norm_training_reason,
+    constant_value,
+    conv_geometry,
+    export_weightless,
+    float_constant,
+    fold_constant_subgraphs,
+    forget_loaded_values,
+    is_constant,
+    is_empty_input,
+    is_graph_output,
+    is_topologically_sorted,
+    make_constant,
+    refresh_shapes,
+    replace_tensor,
+    sole_consumer,
+    sole_producer,
+    tensor_rank,
+    tidy,
+    unique_name,
+    unread_constants,
 )
 
 __all__ = [
-    "FOLD_SIZE_LIMIT_BYTES", "GC_AFTER_BYTES", "ConvGeometry", "constant_value", "conv_geometry", "export_weightless",
+    "FOLD_SIZE_LIMIT_BYTES", "GC_AFTER_BYTES", "ConvGeometry", "batch_norm_training_reason", "constant_value", "conv_geometry", "export_weightless",
     "float_constant", "fold_constant_subgraphs", "forget_loaded_values", "is_constant", "is_empty_input",
     "is_graph_output", "is_topologically_sorted", "make_constant", "refresh_shapes", "replace_tensor", "sole_consumer",
     "sole_producer", "tensor_rank", "tidy", "unique_name", "unread_constants",

@@ -106,6 +106,21 @@ def is_empty_input(tensor: gs.Tensor) -> bool:
     return isinstance(tensor, gs.Variable) and tensor.name == ""
 
 
+def batch_norm_training_reason(node: gs.Node) -> str | None:
+    """Why a BatchNormalization computes with batch statistics (training form), or None for the inference form.
+
+    The one test of "BN in training mode", for the op table, the evaluator and fold-bn: `training_mode=1` (opset 14+),
+    `is_test=0` (before opset 7), or running-mean/variance outputs that are present (only the training form writes
+    them)."""
+    if int(node.attrs.get("training_mode", 0)) != 0:
+        return "training_mode=1: batch statistics are not constants"
+    if "is_test" in node.attrs and int(node.attrs["is_test"]) == 0:
+        return "is_test=0: batch statistics are not constants"
+    if any(not is_empty_input(out) for out in node.outputs[1:]):
+        return "running mean/variance outputs are used (training form)"
+    return None
+
+
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(out is tensor for out in graph.outputs)
 

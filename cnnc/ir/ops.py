@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from cnnc.ir.graph import constant_value, is_constant, is_empty_input
+from cnnc.ir.graph import batch_norm_training_reason, constant_value, is_constant, is_empty_input
 
 PIECEWISE_LINEAR = "piecewise-linear"
 SMOOTH = "smooth"
@@ -71,7 +71,7 @@ def constant_divisor(node: gs.Node) -> str | None:
 
 def _inference_batch_norm(node: gs.Node) -> str | None:
     reason = constant_parameters(node)
-    if reason is None and (int(node.attrs.get("training_mode", 0)) or any(out.outputs for out in node.outputs[1:])):
+    if reason is None and batch_norm_training_reason(node) is not None:
         return "BatchNormalization in training mode"
     return reason
 
@@ -201,6 +201,8 @@ def facts(op: str) -> OpFacts:
 
 EVALUATED_OPS = frozenset(op for op, f in OPS.items() if f.family is not None)
 DATA_MOVEMENT_OPS = frozenset(op for op, f in OPS.items() if f.data_movement)
+# Op kinds that are linear in their data input when their rule holds (the rule reads the node, e.g. Mul by a constant).
+MAY_BE_LINEAR_OPS = frozenset(op for op, f in OPS.items() if f.linear is not None)
 PIECEWISE_LINEAR_OPS = frozenset(op for op, f in OPS.items() if f.explain == PIECEWISE_LINEAR)
 SMOOTH_OPS = frozenset(op for op, f in OPS.items() if f.explain == SMOOTH)
 

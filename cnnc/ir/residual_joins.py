@@ -4,7 +4,7 @@ Both users ask the same question of different graphs: `cnnc.homotopy` of a torch
 (1 − t)·F + t·S joins) and `cnnc.analysis` of an ONNX graph (which adds are residual blocks to measure). Each gives
 its graph through a small adapter (`JoinGraph`: values in topological order, the values each one is computed from,
 the op that writes it and that op's kind in ONNX's vocabulary, and the adds); `classify_joins` applies the rule.
-This module imports neither torch nor onnx.
+Which op kinds are linear comes from the op table (`cnnc.ir.ops`); this module imports no torch.
 
 The rule. A residual join is an add of two activations a + b, computed from the graph's inputs, of one shape where
 the shapes are known:
@@ -28,15 +28,14 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from cnnc.ir.ops import MAY_BE_LINEAR_OPS
+
 Value = TypeVar("Value", bound=Hashable)
 
-# Op kinds (ONNX names) linear in their data input: they may sit on a projection shortcut.
-LINEAR_OPS = frozenset({
-    "Conv", "ConvTranspose", "BatchNormalization", "Mul", "Div", "Add", "Sub", "Pad", "AveragePool",
-    "GlobalAveragePool", "Concat", "Slice", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
-    "Dropout", "SpaceToDepth", "DepthToSpace", "Resize", "Upsample", "Gemm", "MatMul", "ReduceMean", "ReduceSum",
-    "Split", "Gather",
-})
+# Op kinds (ONNX names) linear in their data input: they may sit on a projection shortcut. The op table's linear
+# column, plus two kinds that are linear in their data input although collapse does not merge them (so the table
+# leaves them out): Gather (a selection by indices) and Upsample (Resize before opset 10).
+LINEAR_OPS = MAY_BE_LINEAR_OPS | {"Gather", "Upsample"}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
-from cnnc.ir.canonicalize import canonicalize  # noqa: F401  (re-exported: the CLI and tests import it from here)
 from cnnc.pipeline.contract import Pass, PassResult, PreconditionError
 from cnnc.pipeline.housekeeping import CANONICALIZE, CHECK_MODEL, REFRESH_SHAPES, TIDY, Housekeeping
 from cnnc.pipeline.order import OrderConstraint, order_notes
