@@ -229,8 +229,11 @@ def test_passes_lists_every_registered_pass():
     assert len(lines) == len(registry)
     for line in lines:
         name, rest = line.split(maxsplit=1)
-        assert rest.startswith("exact" if registry[name].exact else "approximate")
+        assert rest.startswith(registry[name].kind)
     assert any(line.startswith("fold-bn") and "exact, default" in line for line in lines)
+    kinds = {line.split()[0]: line.split()[1].rstrip(":,") for line in lines}
+    assert kinds["tidy"] == kinds["canonicalize"] == kinds["check-model"] == "housekeeping"
+    assert kinds["drop-blocks"] == "approximate" and kinds["destride"] == "exact"
 
 
 def test_inspect_table_and_json(conv_bn_path):

@@ -1,4 +1,5 @@
-"""`cnnc passes`: every registered pass, whether it is exact and in the default pipeline, and its summary."""
+"""`cnnc passes`: every registered pass, its kind (exact, approximate, housekeeping), whether it is in the default
+pipeline, and its summary."""
 
 from __future__ import annotations
 
@@ -13,6 +14,6 @@ def passes_command():
     """List every registered pass."""
     rows = []
     for name, cls in sorted(all_pass_classes().items()):
-        default = ", default" if cls.exact and name in DEFAULT_PIPELINE else ""
-        rows.append((name, f"{'exact' if cls.exact else 'approximate'}{default}: {cls.summary}"))
+        default = ", default" if name in DEFAULT_PIPELINE else ""
+        rows.append((name, f"{cls.kind}{default}: {cls.summary}"))
     click.echo(table(rows))
