@@ -8,6 +8,7 @@ Every schedule reaches its final t at the start of the last epoch, so the last e
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,11 +20,12 @@ PAPER_SCHEDULE_FROM_0_9 = (0.9, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.025, 0.01, 0.0)
 PAPER_SCHEDULE_FROM_0_5 = (0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.025, 0.01, 0.005, 0.0)
 
 
-class HomotopySchedule:
+class HomotopySchedule(ABC):
     """t as a function of training progress: `at(epoch, fraction)` with fraction ∈ [0, 1) inside the epoch."""
 
-    def at(self, epoch: int, fraction: float = 0.0) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def at(self, epoch: int, fraction: float = 0.0) -> float:
+        """t at `epoch` (0-based), `fraction` of the way through it."""
 
     def observe(self, epoch: int, accuracy: float) -> None:
         """Validation accuracy at the end of `epoch`; only accuracy-driven schedules use it."""
@@ -62,9 +64,9 @@ class _AnnealSchedule(HomotopySchedule):
         p = _progress(epoch, fraction, self.epochs)
         return self.t_end if p >= 1.0 else self.between(p)
 
-    def between(self, p: float) -> float:  # pragma: no cover - abstract
+    @abstractmethod
+    def between(self, p: float) -> float:
         """t at progress p ∈ [0, 1)."""
-        raise NotImplementedError
 
 
 @dataclass

@@ -18,6 +18,7 @@ The registry of passes by name is `cnnc.passes` (a dict of lazy loaders); pipeli
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -62,7 +63,7 @@ class PassResult:
                 "skipped": [{"where": w, "why": y} for w, y in self.skipped], "stats": dict(self.stats)}
 
 
-class Pass:
+class Pass(ABC):
     """Base of every pass. Subclasses are `@dataclass(frozen=True)` and set `name`, `summary` and `exact`."""
 
     name: ClassVar[str] = ""
@@ -79,8 +80,9 @@ class Pass:
     def requires(self, graph: gs.Graph) -> None:
         """Raise `PreconditionError` when the pass cannot run on this graph at all. Default: no condition."""
 
-    def run(self, graph: gs.Graph) -> PassResult:  # pragma: no cover - abstract
-        raise NotImplementedError(f"pass {self.name} does not implement run()")
+    @abstractmethod
+    def run(self, graph: gs.Graph) -> PassResult:
+        """Rewrite `graph` in place; record each rewrite with `did` and each refusal with `skip(where, why)`."""
 
     def ensures(self, graph: gs.Graph, result: PassResult) -> None:
         """Raise `PostconditionError` when the rewritten graph breaks a promise of the pass. Default: none."""

@@ -12,6 +12,7 @@ and reported as one record each with `kind` "housekeeping", the number of runs a
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import onnx
@@ -36,8 +37,9 @@ class Housekeeping(Pass):
             result.stats["nodes"] = len(graph.nodes) - before
         return result
 
-    def tend(self, graph: gs.Graph) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def tend(self, graph: gs.Graph) -> None:
+        """Do the housekeeping on `graph` in place."""
 
 
 # Each `tend` works in place (graphsurgeon folds, cleans and sorts the graph it is given); the return is ignored.
