@@ -17,6 +17,11 @@ import cnnc.runtime
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _python_in_checkout(code: str) -> subprocess.CompletedProcess:
+    """Run `python -c code` with the repository root as the working directory (so `import cnnc` finds cnnc/ there)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+
+
 def test_installed_wheel_is_what_the_tests_import():
     if not os.environ.get("CNNC_REQUIRE_INSTALLED"):
         pytest.skip("CNNC_REQUIRE_INSTALLED is not set: not running against a built wheel (CI sets it)")
@@ -25,7 +30,7 @@ def test_installed_wheel_is_what_the_tests_import():
 
 
 def test_runtime_refuses_a_second_name():
-    result = subprocess.run([sys.executable, "-c", "import runtime"], cwd=REPO, capture_output=True, text=True)
+    result = _python_in_checkout("import runtime")
     assert result.returncode != 0
     assert "import this package as cnnc.runtime" in result.stderr
 
@@ -38,7 +43,7 @@ def test_a_second_import_under_another_name_cannot_shadow_a_pass():
             "assert cls is not passes.fold_bn.FoldBatchNorm, cls\n"
             "assert cls.__module__ == 'cnnc.passes.fold_bn', cls.__module__\n"
             "assert cnnc.passes.parse_pipeline('fold-bn')[0].__class__ is cls\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    result = _python_in_checkout(code)
     assert result.returncode == 0, result.stderr
 
 
@@ -70,6 +75,6 @@ def test_python_run_from_the_repository_root_compiles():
             "import importlib.util\n"
             "assert importlib.util.find_spec('cnnc.examples') is None  # only passes/ and runtime/ are mapped in\n"
             "print(cnnc.__file__, cnnc.passes.__file__)\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    result = _python_in_checkout(code)
     assert result.returncode == 0, result.stderr
     assert str(REPO / "cnnc" / "__init__.py") in result.stdout  # it ran the checkout's copy, not the installed one
