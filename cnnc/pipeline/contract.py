@@ -43,13 +43,33 @@ class PostconditionError(PassContractError):
 
 
 @dataclass
+class Candidate:
+    """One rewrite a pass weighed with the cost model (`cnnc.cost`): `id` is stable across runs of the same pass on
+    the same graph (e.g. the machine's output tensor names), so that `--auto` can name it in a pass option
+    (`apply_close=...`); `verdict` is "pays", "loses" or "close"; `estimate` holds the cost model's figures
+    (MACs, weight bytes, activation bytes, estimated seconds before/after); `applied` says what the pass did."""
+
+    id: str
+    where: str
+    verdict: str
+    applied: bool
+    reason: str
+    estimate: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class PassResult:
-    """What one run of a pass did: `changed`, a line per rewrite in `applied`, a (where, why) per skip."""
+    """What one run of a pass did: `changed`, a line per rewrite in `applied`, a (where, why) per skip, and the
+    rewrites weighed by the cost model in `candidates`."""
 
     changed: bool = False
     applied: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    candidates: list[Candidate] = field(default_factory=list)
 
     def did(self, what: str) -> None:
         self.changed = True
@@ -60,7 +80,8 @@ class PassResult:
 
     def as_dict(self) -> dict:
         return {"changed": self.changed, "applied": list(self.applied),
-                "skipped": [{"where": w, "why": y} for w, y in self.skipped], "stats": dict(self.stats)}
+                "skipped": [{"where": w, "why": y} for w, y in self.skipped], "stats": dict(self.stats),
+                "candidates": [c.as_dict() for c in self.candidates]}
 
 
 class Pass(ABC):
