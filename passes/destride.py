@@ -29,7 +29,9 @@ Cost: MACs change by about Π(s·⌈k/s⌉/k) over the axes: ×16/9 for 3×3 str
 stride 2 (×4 if the unused phases were kept). In network mode a conv with G > 1 multiplies the structural zeros of
 its block-sparse W̃ too (each output phase reads only some input phases): ×1.81 over the seed's LeNet. The stats
 record MACs and parameters per conv. On CPU single destrided convs measured slower, so the pass is exact but not in
-the default pipeline; whether it pays is for the latency measurement to say.
+the default pipeline. In conv mode each rewrite is priced by the cost model (`cnnc.cost`, as in collapse; weights grow
+with the polyphase kernel) and recorded in `PassResult.candidates`; with `weigh=true` only those that pay (or close
+calls named by `apply_close`) are applied, else all are (the pass was asked for by name; network mode is unpriced).
 
 Preconditions (else left alone with the reason): constant float weights (and bias), dilation 1, static input
 spatial lengths, spatial rank 1–3, opset ≥ 11, no negative begin pad from auto_pad SAME (kernel < stride; onnxruntime
@@ -45,9 +47,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
+from cnnc.cost import candidate_id, chosen, compare, roofline
+from cnnc.cost.sketch import polyphase_conv_sketch, region_cost, replacement_cost
 from cnnc.linear import polyphase as network
 from cnnc.linear.polyphase import CHANNEL_MAJOR, PHASE_MAJOR, Builder, expand_channels, is_one
-from cnnc.pipeline.contract import Pass, PassResult
+from cnnc.linear.polyphase_transpose import destride_conv_transpose
+from cnnc.pipeline.contract import Candidate, Pass, PassResult
 
 
 @dataclass(frozen=True)
@@ -131,23 +136,6 @@ def polyphase_weight(weight: np.ndarray, plans: list[AxisPlan], layout: str) -> 
     phases_out, phases_in = (int(np.prod([getattr(p, f) for p in plans])) for f in ("f_out", "f_in"))
     return w.reshape(weight.shape[0] * phases_out, weight.shape[1] * phases_in,
                      *(p.taps for p in plans)).astype(weight.dtype)
-
-
-def transpose_weight(weight: np.ndarray, group: int, strides, taps, layout: str) -> np.ndarray:
-    """The stride-1 Conv weight (O·ΠS × C/g × k'…) whose output phases are a ConvTranspose's (module docstring)."""
-    d, c_in, o_per_group, kernel = len(strides), weight.shape[0], weight.shape[1], weight.shape[2:]
-    conv_form = weight.reshape(group, c_in // group, o_per_group, *kernel).swapaxes(1, 2).reshape(
-        group * o_per_group, c_in // group, *kernel)
-    selections = []
-    for s, t, k in zip(strides, taps, kernel):  # T[r, b, u] = 1 where u = s·(k'−1−b) + r
-        r, b, u = np.ix_(np.arange(s), np.arange(t), np.arange(k))
-        selections.append((u == s * (t - 1 - b) + r) * 1.0)
-    r, b, u = "GHI"[:d], "JKL"[:d], "PQR"[:d]
-    w = np.einsum(f"oc{u}," + ",".join(f"{r[i]}{b[i]}{u[i]}" for i in range(d)) + f"->o{r}c{b}",
-                  conv_form.astype(np.float64), *selections)
-    if layout == PHASE_MAJOR:
-        w = np.moveaxis(w, 0, d)
-    return w.reshape(-1, c_in // group, *taps).astype(weight.dtype)
 
 
 def _resolve_pads(geometry: ir.ConvGeometry, lengths) -> tuple[int, ...]:
@@ -256,55 +244,21 @@ def emit_conv(builder: Builder, spec: ConvSpec, source: gs.Tensor, source_factor
             "params_after": int(weight.shape[0] * keep.size * np.prod(taps)) + bias_size * phases_out}
 
 
-def destride_conv_transpose(builder: Builder, node: gs.Node) -> dict | str:
-    """Rewrite a strided ConvTranspose as stride-1 Conv -> DepthToSpace -> Slice; returns stats or the reason not."""
-    weight, _ = ir.float_constant(node, 1)
-    bias, bias_why = ir.float_constant(node, 2)
-    if weight is None or bias_why:
-        return "weight or bias is not a float constant"
-    geometry, x = ir.conv_geometry(node), node.inputs[0]
-    lengths = network.spatial_lengths(x)
-    if any(d != 1 for d in geometry.dilations):
-        return "dilation > 1: the taps of a dilated kernel are not a polyphase split of a dense kernel"
-    if geometry.auto_pad != "NOTSET" or "output_shape" in node.attrs:
-        return "auto_pad or output_shape set: the pads they imply are not resolved here"
-    if lengths is None:
-        return "input spatial shape unknown: the polyphase grid is computed from it"
-    rank, group, strides, kernel = len(lengths), geometry.group, geometry.strides, weight.shape[2:]
-    if not 1 <= rank <= 3 or rank != geometry.spatial_rank:
-        return f"spatial rank {rank} is not 1-3"
-    extra = [int(v) for v in node.attrs.get("output_padding", [0] * rank)]
-    pads, taps = geometry.pads, [-(-k // s) for k, s in zip(kernel, strides)]
-    out_lengths = [s * (n - 1) + e + k - pads[i] - pads[rank + i]
-                   for i, (n, s, e, k) in enumerate(zip(lengths, strides, extra, kernel))]
-    if any(n < 1 for n in out_lengths):
-        return "the output is empty"
-    # Conv output rows j cover the full output positions s·j + r; enough of them to reach begin pad + output.
-    rows = [max(n, -(-(pads[i] + o) // s)) for i, (n, o, s) in enumerate(zip(lengths, out_lengths, strides))]
-    layout = PHASE_MAJOR if group == 1 else CHANNEL_MAJOR
-    new_weight = transpose_weight(weight, group, strides, taps, layout)
-    out, outs, phases = node.outputs[0], weight.shape[1] * group, int(np.prod(strides))
-    label = node.name or out.name
-    hint = label + "_destride"
-    node.inputs.clear()
-    node.outputs.clear()
-    inputs = [x, builder.const(hint + "_W", new_weight)]
-    if bias is not None:
-        inputs.append(builder.const(hint + "_B", expand_channels(bias, phases, layout).astype(bias.dtype)))
-    y = builder.op("Conv", inputs, hint, {"kernel_shape": taps, "strides": [1] * rank, "group": group,
-                                          "pads": [t - 1 for t in taps] + [r - n for r, n in zip(rows, lengths)]},
-                   dtype=x.dtype)
-    full = [r * s for r, s in zip(rows, strides)]
-    cropped = any(pads[i] or full[i] != out_lengths[i] for i in range(rank))
-    y = builder.reassemble(y, outs, full, strides, layout, hint + "_d2s", out=None if cropped else out)
-    if cropped:
-        builder.slice(y, list(pads[:rank]), [p + o for p, o in zip(pads, out_lengths)], [i + 2 for i in range(rank)],
-                      [1] * rank, hint + "_crop", out=out)
-    bias_size = 0 if bias is None else bias.size
-    return {"node": label, "op": "ConvTranspose", "strides": list(strides), "kernel": list(kernel),
-            "kernel_after": taps, "factor_in": [1] * rank, "factor_out": list(strides),
-            "macs_before": int(np.prod(lengths)) * weight.size, "macs_after": int(np.prod(rows)) * new_weight.size,
-            "params_before": weight.size + bias_size, "params_after": new_weight.size + bias_size * phases}
+def _candidate(graph: gs.Graph, spec: ConvSpec, layout: str, provider: str, apply_close: str) -> Candidate:
+    """The cost model's verdict on destriding `spec` alone (conv mode), priced before anything is built."""
+    node, rank = spec.node, len(spec.lengths)
+    plans = [plan_axis(spec.lengths[i], spec.weight.shape[2 + i], spec.strides[i], spec.pads[i], spec.pads[rank + i],
+                       1) for i in range(rank)]
+    kept = int(np.count_nonzero(np.any(polyphase_weight(spec.weight, plans, layout) != 0, axis=(0, *range(2, 2 + rank)))))
+    one_phase = kept == spec.weight.shape[1]
+    phases = [1, spec.channels * (1 if one_phase else int(np.prod([p.f_in for p in plans]))), *[p.rows for p in plans]]
+    sketch = polyphase_conv_sketch(node.inputs[0], node.outputs[0], phases, [spec.weight.shape[0], kept,
+                                   *[p.taps for p in plans]], "Slice" if one_phase else "Transpose", spec.weight.dtype)
+    before, after = region_cost([node], node.outputs, graph.outputs), replacement_cost(*sketch, graph.outputs)
+    verdict = compare(before, after, roofline(provider, measure=False), (1, 8))
+    identifier = candidate_id([node.outputs[0].name])
+    return Candidate(identifier, _where(node), verdict.kind, chosen(verdict, identifier, apply_close), verdict.reason,
+                     {"before": before.as_dict(), "after": after.as_dict(), "ratio": round(verdict.ratio, 4)})
 
 
 def _where(node: gs.Node) -> str:
@@ -329,6 +283,9 @@ class Destride(Pass):
     # Grouped and depthwise convs (and AveragePool, a depthwise conv) too. On onnxruntime's CPU provider a depthwise
     # 3×3 stride-2 conv became 16× slower: the rewritten conv has s² inputs per group and loses the depthwise kernel.
     grouped: bool = True
+    weigh: bool = False  # apply only the rewrites the cost model says pay (conv mode); else all, priced and recorded
+    provider: str = "cpu"  # whose roofline prices the rewrites
+    apply_close: str = ""  # with weigh: "all" or candidate ids joined by "+" also applies those close calls
 
     def run(self, graph: gs.Graph) -> PassResult:
         result = PassResult(stats={"convs": []})
@@ -372,6 +329,15 @@ class Destride(Pass):
 
             def layout_of(node):  # a grouped conv needs each group's phases contiguous
                 return CHANNEL_MAJOR if node is not None and specs[id(node)].group > 1 else PHASE_MAJOR
+
+            for node in list(region):
+                candidate = _candidate(graph, specs[id(node)], layout_of(node), self.provider, self.apply_close)
+                candidate.applied = candidate.applied or not self.weigh
+                result.candidates.append(candidate)
+                if not candidate.applied:
+                    region.remove(node)
+                    result.skip(_where(node), f"{candidate.verdict} by the cost model (candidate {candidate.id}): "
+                                              f"{candidate.reason}")
         polyphase = [n for n in region if id(n) not in specs and not is_one(factors[id(n.outputs[0])])]
         exits = network.rewrite_region(builder, region, specs, factors, operands, layout_of, emit)
         if polyphase:

@@ -12,7 +12,12 @@ All of it is computed in float64 and cast back to the weight's dtype.
   input channel that weight column i of output o reads (groups respected). Zero padding would read 0 where the BN
   output is t, so a padded conv is never folded this way.
 - BN before a Gemm (transA = 0, channels on the K axis): row k of op(B) times s[k];  C' = β_g·C + α·t·op(B).
-- A lone BN becomes Mul(s) + Add(t) broadcast on axis 1.
+- A lone BN (no neighbour to fold into, e.g. after a Concat) could become Mul(s) + Add(t) broadcast on axis 1, but
+  onnxruntime runs BatchNormalization as one kernel and fuses neither Mul nor Add there: two kernels and an extra
+  round trip of the activation (DenseNet-121's 62 BNs after a Concat measured 0.82×). So that rewrite is weighed by
+  the cost model (`cnnc.cost`, as in collapse) and applied only when it pays, or when it is close and `apply_close`
+  names it ("all" or candidate ids joined by "+"); `force_mul_add` applies it always (for a runtime without
+  BatchNormalization). Each weighed BN is a `Candidate` in the result with the id of its output tensor's name.
 
 Preconditions (a BN that fails one is left alone and the reason recorded): inference mode (training_mode = 0 and
 only the Y output used), spatial BN, constant γ, β, μ, σ², a finite scale s, and constant weights in the op it folds
@@ -30,7 +35,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
-from cnnc.pipeline.contract import Pass, PassResult, single_producers
+from cnnc.cost import candidate_id, chosen, compare, roofline
+from cnnc.cost.sketch import Sketch, region_cost, replacement_cost
+from cnnc.pipeline.contract import Candidate, Pass, PassResult, single_producers
 from cnnc.pipeline.match import MatchResult, fail, first_match, success
 
 
@@ -194,14 +201,57 @@ def _to_mul_add(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray) -> M
     return success("rewritten as Mul+Add")
 
 
+def _mul_add_candidate(graph: gs.Graph, bn: gs.Node, roof, apply_close: str) -> Candidate:
+    """The cost model's verdict on rewriting the lone `bn` as Mul + Add (priced with the node that reads it)."""
+    x, y = bn.inputs[0], bn.outputs[0]
+    sketch = Sketch(x.dtype or np.float32)
+    shape = [1, *(x.shape or y.shape or [1, 1])[1:]]
+    constant = [1, shape[1] if len(shape) > 1 else 1] + [1] * max(len(shape) - 2, 0)
+    scaled = sketch.op("Mul", [sketch.tensor(shape), sketch.weight(constant)], shape)
+    shifted = sketch.op("Add", [scaled, sketch.weight(constant)], shape)
+    before = region_cost([bn], [y], graph.outputs)
+    after = replacement_cost(sketch, {id(y): (y, shifted)}, graph.outputs)
+    verdict = compare(before, after, roof, (1, 8))
+    identifier = candidate_id([y.name])
+    return Candidate(identifier, f"BatchNormalization '{bn.name}' as Mul+Add", verdict.kind,
+                     chosen(verdict, identifier, apply_close), verdict.reason,
+                     {"before": before.as_dict(), "after": after.as_dict(), "ratio": round(verdict.ratio, 4)})
+
+
+def _to_mul_add(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray, candidate: Candidate | None = None
+                ) -> MatchResult:
+    """Rewrite `bn` as Mul + Add unless the cost model's `candidate` (None: forced) keeps it."""
+    x, y = bn.inputs[0], bn.outputs[0]
+    rank = ir.tensor_rank(x) or ir.tensor_rank(y)
+    if rank is None or rank < 2:
+        return fail("input rank is unknown, so the per-channel constants cannot be shaped")
+    if candidate is not None and not candidate.applied:
+        return fail(f"kept as one kernel: Mul+Add {candidate.verdict} by the cost model (candidate {candidate.id}): "
+                    f"{candidate.reason}")
+    dtype = x.dtype or y.dtype or ir.constant_value(bn.inputs[1]).dtype
+    scaled = gs.Variable(ir.unique_name(graph, bn.name + "_scaled"), dtype=dtype, shape=x.shape)
+    scale = ir.make_constant(bn.name + "_scale", _axis1(s, rank).astype(dtype), graph)
+    graph.nodes.append(gs.Node("Mul", ir.unique_name(graph, bn.name + "_mul"), inputs=[x, scale], outputs=[scaled]))
+    shift = ir.make_constant(bn.name + "_shift", _axis1(t, rank).astype(dtype), graph)
+    add = gs.Node("Add", ir.unique_name(graph, bn.name + "_add"), inputs=[scaled, shift], outputs=list(bn.outputs[:1]))
+    graph.nodes.append(add)
+    bn.outputs.clear()
+    bn.inputs.clear()
+    return success("rewritten as Mul+Add")
+
+
 @dataclass(frozen=True)
 class FoldBatchNorm(Pass):
-    """Fold BatchNormalization into Conv / ConvTranspose / Gemm; a lone BN becomes Mul + Add."""
+    """Fold BatchNormalization into Conv / ConvTranspose / Gemm; a lone BN stays unless Mul + Add pays."""
 
     name = "fold-bn"
-    summary = "fold inference BatchNormalization into the adjacent Conv/ConvTranspose/Gemm (else Mul+Add)"
+    summary = ("fold inference BatchNormalization into the adjacent Conv/ConvTranspose/Gemm (a lone BN stays one "
+               "kernel unless Mul+Add pays)")
     into_consumer: bool = True  # also fold a BN into the pad-free Conv/Gemm that follows it
-    lone_to_mul_add: bool = True  # rewrite a BN with no foldable neighbour as Mul + Add
+    lone_to_mul_add: bool = True  # weigh Mul + Add for a BN with no foldable neighbour (applied when it pays)
+    force_mul_add: bool = False  # rewrite every such BN as Mul + Add whatever the cost model says
+    provider: str = "cpu"  # whose roofline prices the Mul + Add rewrite
+    apply_close: str = ""  # "" keeps every close call, "all" applies them, else candidate ids joined by "+"
 
     def requires(self, graph: gs.Graph) -> None:
         # Folding moves the BN's output tensor onto its producer: with two writers of one tensor it would pick one.
@@ -211,6 +261,7 @@ class FoldBatchNorm(Pass):
 
     def run(self, graph: gs.Graph) -> PassResult:
         result = PassResult()
+        roof = roofline(self.provider, measure=False)
         for bn in [node for node in graph.nodes if node.op == "BatchNormalization"]:
             where = f"BatchNormalization '{bn.name}'"
             affine, why = _bn_affine(bn)
@@ -221,8 +272,8 @@ class FoldBatchNorm(Pass):
             strategies = [("producer", partial(_fold_into_producer, graph, bn, s, t))]
             if self.into_consumer:
                 strategies.append(("consumer", partial(_fold_into_consumer, graph, bn, s, t)))
-            if self.lone_to_mul_add:
-                strategies.append(("mul-add", partial(_to_mul_add, graph, bn, s, t)))
+            if self.lone_to_mul_add or self.force_mul_add:
+                strategies.append(("mul-add", partial(self._mul_add, graph, bn, s, t, roof, result)))
             outcome = first_match(strategies)
             if not outcome:
                 result.skip(where, outcome.reasons())
@@ -231,6 +282,13 @@ class FoldBatchNorm(Pass):
             else:
                 result.did(f"{where} {outcome.value}")
         return result
+
+    def _mul_add(self, graph, bn, s, t, roof, result: PassResult) -> MatchResult:
+        if self.force_mul_add:
+            return _to_mul_add(graph, bn, s, t)
+        candidate = _mul_add_candidate(graph, bn, roof, self.apply_close)
+        result.candidates.append(candidate)
+        return _to_mul_add(graph, bn, s, t, candidate)
 
     def ensures(self, graph: gs.Graph, result: PassResult) -> None:
         broken = single_producers(graph)

@@ -124,12 +124,16 @@ def test_bn_before_gemm_folds_forward(rng):
 
 
 def test_bn_before_padded_conv_is_not_folded_forward(rng):
-    # Zero padding would read 0 where BN gives t: the border would be wrong. BN becomes Mul+Add instead.
+    # Zero padding would read 0 where BN gives t: the border would be wrong. The BN stays one kernel (Mul+Add does
+    # not pay on onnxruntime), or becomes Mul+Add when forced.
     inits = [("W", rng.standard_normal((3, 4, 3, 3)).astype(np.float32))] + bn_params(rng, 4, "bn")
     nodes = [oh.make_node("Relu", ["x"], ["r"]), _bn("r", "b", "bn"),
              oh.make_node("Conv", ["b", "W"], ["y"], pads=[1, 1, 1, 1])]
     model = make_model(nodes, [("x", ["N", 4, 6, 5])], [("y", None)], inits)
-    compiled, result = run_passes(model, "fold-bn")
+    kept, result = run_passes(model, "fold-bn")
+    assert not result.changed and op_counts(kept) == {"Relu": 1, "BatchNormalization": 1, "Conv": 1}
+    assert "pads its input" in result.skipped[0][1] and "kept as one kernel" in result.skipped[0][1]
+    compiled, result = run_passes(model, "fold-bn{force_mul_add=true}")
     assert op_counts(compiled) == {"Relu": 1, "Mul": 1, "Add": 1, "Conv": 1}
     assert "pads its input" in result.applied[0]
     assert_same_outputs(model, compiled, _feeds(rng, (2, 4, 6, 5)))
@@ -139,7 +143,9 @@ def test_conv_output_with_second_consumer_keeps_conv_weights(rng):
     model = _conv_bn_model(rng)
     model.graph.node.append(oh.make_node("Relu", ["c"], ["side"]))
     model.graph.output.append(oh.make_tensor_value_info("side", onnx.TensorProto.FLOAT, None))
-    compiled, result = run_passes(model, "fold-bn")
+    kept, _ = run_passes(model, "fold-bn")
+    assert op_counts(kept) == {"Conv": 1, "BatchNormalization": 1, "Relu": 1}
+    compiled, result = run_passes(model, "fold-bn{force_mul_add=true}")
     assert op_counts(compiled) == {"Conv": 1, "Mul": 1, "Add": 1, "Relu": 1}
     original_w = onnx.numpy_helper.to_array(model.graph.initializer[0])
     conv = next(n for n in compiled.graph.node if n.op_type == "Conv")
@@ -164,10 +170,20 @@ def test_shared_weight_is_cloned_not_modified(rng):
     assert_same_outputs(model, compiled, _feeds(rng, (2, 4, 6, 6)))
 
 
-def test_lone_bn_becomes_mul_add(rng):
+def test_lone_bn_stays_one_kernel_unless_forced(rng):
+    # DenseNet's BNs after a Concat: onnxruntime fuses neither Mul nor Add there, so Mul+Add is two kernels and an
+    # extra round trip of the activation; the cost model says it loses and the BN is kept, with the candidate.
     model = make_model([oh.make_node("Relu", ["x"], ["r"]), _bn("r", "y", "bn")],
                        [("x", ["N", 3, 4, 5])], [("y", None)], bn_params(rng, 3, "bn"))
-    compiled, _ = run_passes(model, "fold-bn")
+    kept, result = run_passes(model, "fold-bn")
+    assert not result.changed and op_counts(kept) == {"Relu": 1, "BatchNormalization": 1}
+    (candidate,) = result.candidates
+    assert candidate.verdict == "loses" and not candidate.applied and len(candidate.id) == 8
+    assert candidate.estimate["before"]["kernels"] == 1 and candidate.estimate["after"]["kernels"] == 2
+    # apply_close takes close calls only: a losing rewrite stays refused.
+    _, close_applied = run_passes(model, "fold-bn{apply_close=all}")
+    assert not close_applied.changed
+    compiled, _ = run_passes(model, "fold-bn{force_mul_add=true}")
     assert op_counts(compiled) == {"Relu": 1, "Mul": 1, "Add": 1}
     assert compiled.graph.output[0].name == "y"
     assert_same_outputs(model, compiled, _feeds(rng, (2, 3, 4, 5)))
@@ -204,7 +220,7 @@ def test_negative_non_constant_conv_weight_falls_back_to_mul_add(rng):
     model = _conv_bn_model(rng)
     model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == "W"))
     model.graph.input.append(oh.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [6, 4, 3, 2]))
-    compiled, result = run_passes(model, "fold-bn")
+    compiled, result = run_passes(model, "fold-bn{force_mul_add=true}")
     assert op_counts(compiled) == {"Conv": 1, "Mul": 1, "Add": 1}
     assert "not a float constant" in result.applied[0]
 
@@ -264,13 +280,13 @@ def test_random_conv_bn_graphs(data):
                         pads=list(pads), strides=list(strides), dilations=list(dilations))
     nodes = ([_bn("x", "p", "pre")] if bn_before else []) + [conv, _bn("c", "y", "bn")]
     model = make_model(nodes, [("x", ["N", cin, height, width])], [("y", None)], inits)
-    compiled, result = run_passes(model, "fold-bn")
+    compiled, result = run_passes(model, "fold-bn{force_mul_add=true}")  # a lone BN too: its maths is tested
     assert result.changed
     assert op_counts(compiled).get("BatchNormalization", 0) == 0
     onnx.checker.check_model(compiled, full_check=True)
     feeds = {"x": rng.standard_normal((batch, cin, height, width)).astype(np.float32)}
     assert_same_outputs(model, compiled, feeds, rtol=1e-4, atol=1e-5)
-    again, second = run_passes(compiled, "fold-bn")
+    again, second = run_passes(compiled, "fold-bn{force_mul_add=true}")
     assert not second.changed
 
 
