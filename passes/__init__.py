@@ -18,6 +18,11 @@ from cnnc.pipeline.contract import Pass
 from cnnc.pipeline.order import OrderConstraint
 
 
+def _simplify():
+    from cnnc.passes.simplify import Simplify
+    return Simplify
+
+
 def _fold_bn():
     from cnnc.passes.fold_bn import FoldBatchNorm
     return FoldBatchNorm
@@ -74,6 +79,7 @@ def _check_model():
 
 
 PASSES: dict[str, Callable[[], type[Pass]]] = {
+    "simplify": _simplify,
     "fold-bn": _fold_bn,
     "remove-skip": _remove_skip,
     "remove-skip-approx": _remove_skip_approx,
@@ -88,14 +94,19 @@ PASSES: dict[str, Callable[[], type[Pass]]] = {
     "check-model": _check_model,
 }
 
-# What `cnnc compile` runs when no --passes are given: the exact passes that do not trade speed for size.
-DEFAULT_PIPELINE: tuple[str, ...] = ("fold-bn", "remove-skip", "collapse", "schedule")
+# What `cnnc compile` runs when no --passes are given: the exact passes that do not trade speed for size, after
+# a general simplification by a library (onnxslim), so that cnnc's passes see the graph the tools users have leave.
+DEFAULT_PIPELINE: tuple[str, ...] = ("simplify", "fold-bn", "remove-skip", "collapse", "schedule")
 
 _REWRITING = ("fold-bn", "remove-skip", "remove-skip-approx", "collapse", "destride", "drop-blocks")
 _SKIP_BY_PATTERN = ("remove-skip recognises a zero skip weight as a Mul by a constant 0 feeding an Add; collapse "
                     "merges that Mul and Add into a Conv or Gemm, after which the skip and the shortcut that fed "
                     "only it can no longer be removed")
 ORDER_CONSTRAINTS: tuple[OrderConstraint, ...] = (
+    *(OrderConstraint("simplify", name, "simplify hands the whole graph to a library that knows nothing of cnnc's "
+                      "rewrites; run first, it clears the exporter's shape sub-graphs, Reshape/Transpose chains and "
+                      "casts before cnnc's passes look for their patterns, and it cannot re-order what schedule chose")
+      for name in (*_REWRITING, "schedule")),
     OrderConstraint("fold-bn", "collapse", "fold-bn folds each BatchNormalization in closed form; collapse "
                     "would have to prove a merged Conv or Gemm for every Conv+BN pair by float64 autograd"),
     OrderConstraint("remove-skip", "collapse", _SKIP_BY_PATTERN),

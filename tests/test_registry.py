@@ -66,7 +66,7 @@ def test_every_pass_round_trips_through_its_spec(name):
 
 
 def test_default_pipeline_is_registered_exact_and_respects_every_constraint():
-    assert DEFAULT_PIPELINE == ("fold-bn", "remove-skip", "collapse", "schedule")
+    assert DEFAULT_PIPELINE == ("simplify", "fold-bn", "remove-skip", "collapse", "schedule")
     assert all(get_pass(name).kind == "exact" for name in DEFAULT_PIPELINE)
     assert order_notes(DEFAULT_PIPELINE, ORDER_CONSTRAINTS) == []
 
