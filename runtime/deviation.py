@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from cnnc.io import target
+from cnnc.io.precision import is_float
 from cnnc.runtime.inputs import graph_inputs, make_input_batches
 from cnnc.runtime.session import make_session
 
@@ -35,7 +36,7 @@ def random_float_feeds(source: gs.Graph | onnx.ModelProto, n: int = 2, seed: int
     """Seeded uniform and normal feeds (batch 1, and 3 when the batch is dynamic); TypeError for non-float inputs."""
     model = as_model(source)
     for spec in graph_inputs(model):
-        if not np.issubdtype(spec.dtype, np.floating):
+        if not is_float(spec.dtype):  # bfloat16 included (numpy kind 'V')
             raise TypeError(f"input {spec.name} is tensor({spec.dtype.name}): no random float inputs for it")
     return make_input_batches(model, n=n, seed=seed)
 

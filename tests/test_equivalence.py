@@ -33,8 +33,8 @@ def test_identical_models_report_zero_error():
     report = check_equivalence(_add([0, 0, 0, 0]), _add([0, 0, 0, 0]))
     assert report.passed
     (out,) = report.as_dict()["outputs"]
-    assert out == {"name": "y", "max_abs": 0.0, "mean_abs": 0.0, "max_rel": 0.0, "needed_atol": 0.0,
-                   "nonfinite_mismatch": False, "passed": True}
+    assert out == {"name": "y", "dtype": "float32", "rtol": 1e-4, "atol": 1e-5, "max_abs": 0.0, "mean_abs": 0.0,
+                   "max_rel": 0.0, "needed_atol": 0.0, "nonfinite_mismatch": False, "passed": True}
     assert report.summary().startswith("equivalent on 4 input batch(es)")
 
 

@@ -10,8 +10,10 @@ _CHECK_OPTIONS = [
     click.option("--check-n", default=2, show_default=True, type=click.IntRange(1, 1000),
                  help="random input batches per batch size"),
     click.option("--seed", default=0, show_default=True, type=int, help="seed of the random check inputs"),
-    click.option("--rtol", default=1e-4, show_default=True, type=float, help="relative tolerance"),
-    click.option("--atol", default=1e-5, show_default=True, type=float, help="absolute tolerance"),
+    click.option("--rtol", default=None, type=click.FloatRange(min=0), help="relative tolerance for every output "
+                 "(default: per output dtype: float32 1e-4, float16 2e-2, bfloat16 5e-2, float64 1e-9, integers 0)"),
+    click.option("--atol", default=None, type=click.FloatRange(min=0), help="absolute tolerance for every output "
+                 "(default: per output dtype: float32 1e-5, float16 2e-3, bfloat16 5e-3, float64 1e-11, integers 0)"),
     click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
                  help="concrete shape for an input with symbolic dims (repeatable)"),
     click.option("--inputs", "inputs", multiple=True, metavar="NAME:FILE.npy",
@@ -20,7 +22,10 @@ _CHECK_OPTIONS = [
 
 
 def check_options(function):
-    """The equivalence-check options of `compile` and `verify`: check_n, seed, rtol, atol, input_shapes, inputs."""
+    """The equivalence-check options of `compile` and `verify`: check_n, seed, rtol, atol, input_shapes, inputs.
+
+    rtol and atol are None unless given: the check then takes each output's dtype's tolerance
+    (`cnnc.io.precision.TOLERANCES`); given, they apply to every output whatever its dtype."""
     for option in reversed(_CHECK_OPTIONS):
         function = option(function)
     return function

@@ -25,8 +25,8 @@ def verify_command(model_a, model_b, json_path, check_n, seed, rtol, atol, input
         if getattr(error, "report", None):
             write_json("--json", json_path, error.report)
         raise
-    rows = [(o["name"], f"{o['max_abs']:.3g}", f"{o['mean_abs']:.3g}", f"{o['max_rel']:.3g}") for o in
-            result["outputs"]]
-    click.echo(table(rows, ("output", "max abs", "mean abs", "max rel")))
+    rows = [(o["name"], o["dtype"], f"{o['rtol']:g} / {o['atol']:g}", f"{o['max_abs']:.3g}", f"{o['mean_abs']:.3g}",
+             f"{o['max_rel']:.3g}") for o in result["outputs"]]
+    click.echo(table(rows, ("output", "dtype", "rtol / atol", "max abs", "mean abs", "max rel")))
     click.echo(result["summary"])
     write_json("--json", json_path, {"equivalence": result})
