@@ -2,7 +2,8 @@
 
 Every graph input gets a concrete shape: fixed dims as declared; the leading symbolic dim is the batch (checked at
 batch 1 and at a second batch size); other symbolic dims must be given (`--input-shape name:d0,d1,...`).
-Float inputs alternate between uniform [0, 1) and normal N(0, 1) batches.
+Float inputs alternate between uniform [0, 1) and normal N(0, 1) batches. An input with a default (IR >= 4) is fed
+random values like any other, and one more feed omits it, so that both models run on their defaults too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import numpy as np
 import onnx
 
 from cnnc.errors import UsageError
+from cnnc.io.precision import is_float
+from cnnc.ir.graph import shadowed_input_names
 from cnnc.ir.shapes import concrete_shape, is_fixed
 
 SECOND_BATCH = 3  # an odd batch size: catches rewrites that hard-code batch 1 or an even batch
@@ -24,18 +27,22 @@ class InputSpec:
     name: str
     dtype: np.dtype
     dims: tuple  # ints, or strings for symbolic dims
+    has_default: bool = False  # an initializer of the same name is its default (IR >= 4): the input may be omitted
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller may feed: all graph inputs, including those with a default (IR >= 4); before IR 4 an
+    input that is also an initializer is a constant, not an input."""
     initializers = {init.name for init in model.graph.initializer}
+    with_default = set(shadowed_input_names(model.graph, model.ir_version))
     specs = []
     for value in model.graph.input:
-        if value.name in initializers:
+        if value.name in initializers and value.name not in with_default:
             continue
         tensor_type = value.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim)
-        specs.append(InputSpec(value.name, dtype, dims))
+        specs.append(InputSpec(value.name, dtype, dims, value.name in with_default))
     return specs
 
 
@@ -101,7 +108,7 @@ def has_dynamic_batch(specs: list[InputSpec]) -> bool:
 
 def random_array(rng: np.random.Generator, shape: tuple, dtype: np.dtype, normal: bool) -> np.ndarray:
     """Floats N(0, 1) (`normal`) or uniform [0, 1), booleans at random, integers in 0..3 (valid as small indices)."""
-    if np.issubdtype(dtype, np.floating):
+    if is_float(dtype):  # numpy's floats and ml_dtypes' bfloat16 (numpy kind 'V'): drawn in float64, rounded once
         values = rng.standard_normal(shape) if normal else rng.random(shape)
         return values.astype(dtype)
     if dtype == np.bool_:
@@ -115,10 +122,11 @@ def make_input_batches(model: onnx.ModelProto, n: int = 2, seed: int = 0, input_
     specs = graph_inputs(model)
     arrays = load_user_inputs(user_inputs)
     if arrays:
-        missing = [spec.name for spec in specs if spec.name not in arrays]
+        missing = [spec.name for spec in specs if spec.name not in arrays and not spec.has_default]
         if missing:
             raise UsageError(f"--inputs gives no array for input(s) {', '.join(missing)}")
-        return [{spec.name: arrays[spec.name].astype(spec.dtype, copy=False) for spec in specs}]
+        return [{spec.name: arrays[spec.name].astype(spec.dtype, copy=False) for spec in specs
+                 if spec.name in arrays}]
     given = parse_input_shapes(input_shapes)
     unknown = set(given) - {spec.name for spec in specs}
     if unknown:
@@ -131,4 +139,7 @@ def make_input_batches(model: onnx.ModelProto, n: int = 2, seed: int = 0, input_
         for index in range(max(n, 1)):
             normal = index % 2 == 1
             feeds.append({spec.name: random_array(rng, shapes[spec.name], spec.dtype, normal) for spec in specs})
+    if any(spec.has_default for spec in specs):  # and once with every default: the feed omits those inputs
+        feeds.append({name: value for name, value in feeds[0].items()
+                      if not next(spec for spec in specs if spec.name == name).has_default})
     return feeds

@@ -93,7 +93,7 @@ def test_a_failing_save_leaves_the_previous_file_and_no_temporary_files(tmp_path
         raise OSError("disk full")
 
     monkeypatch.setattr(onnx, "save_model", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ModelError, match=f"cannot write {out}: disk full"):  # the user's error, exit 2
         backend.save(_conv_model(rng), out)
     assert out.read_bytes() == b"previous contents"
     assert _listing(tmp_path) == ["model.onnx"]
@@ -130,7 +130,7 @@ def test_forced_external_data_moves_small_tensors_and_copes_with_none(tmp_path, 
     no_weights = make_model([oh.make_node("Relu", ["x"], ["y"])], [("x", [1, 4])], [("y", [1, 4])])
     assert backend.save(no_weights, tmp_path / "relu.onnx", external_data=True) == [tmp_path / "relu.onnx"]
     assert onnx.load(tmp_path / "relu.onnx") == no_weights
-    assert not any(p.name.endswith(".cnnc-tmp") for p in tmp_path.iterdir())
+    assert not any(p.name.startswith(".cnnc-") for p in tmp_path.iterdir())
 
 
 def test_external_data_is_chosen_automatically_above_the_threshold(tmp_path, rng, monkeypatch):
@@ -209,7 +209,7 @@ def test_a_kill_during_save_leaves_the_previous_model_intact(tmp_path, rng, layo
             assert time.monotonic() < deadline, "the saver never reached the pause"
             time.sleep(0.05)
         # The staged files exist now; the kill lands before anything is moved into place.
-        staged = [p for p in out_dir.iterdir() if p.name.endswith(".cnnc-tmp")]
+        staged = [p for p in out_dir.iterdir() if p.name.startswith(".cnnc-")]
         assert len(staged) == 1 and (staged[0] / "model.onnx").is_file()
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
@@ -218,7 +218,7 @@ def test_a_kill_during_save_leaves_the_previous_model_intact(tmp_path, rng, layo
             process.kill()
             process.wait()
     assert process.returncode == -signal.SIGKILL
-    after = {name: (out_dir / name).read_bytes() for name in _listing(out_dir) if not name.endswith(".cnnc-tmp")}
+    after = {name: (out_dir / name).read_bytes() for name in _listing(out_dir) if not name.startswith(".cnnc-")}
     assert after == before  # same files, same bytes: nothing partial at the final path
     reloaded = load_onnx(out)
     np.testing.assert_array_equal(_weights(reloaded)["W"], _weights(previous)["W"])

@@ -1,11 +1,12 @@
 """Backend: graphsurgeon graph -> checked ModelProto -> file, written atomically.
 
 - The emitted IR version and opset are ones the installed onnxruntime accepts (`cnnc.io.target`).
-- Every emitted model passes `onnx.checker.check_model(full_check=True)`.
+- Every emitted model passes onnx's checker at the level its input is held to (`validate.check_with_onnx`).
 - Writing never leaves a partial file at the destination: model (and data) go to a temporary folder beside the
-  target, are fsync'ed, and are moved in with `os.replace`. An external-data file always gets a name that no
-  existing file has, so the previous model at the destination keeps pointing at its own, intact data until the
-  instant the new model replaces it; the stale data file is removed afterwards.
+  target (`cnnc.io.temporaries`: a short name with the writer's pid; those of killed writers are removed), are
+  fsync'ed, and are moved in with `os.replace`. An external-data file always gets a name that no existing file has,
+  so the previous model at the destination keeps pointing at its own, intact data until the instant the new model
+  replaces it; the stale data file is removed afterwards.
 - Models over 2 GB (protobuf's limit) are written with external data `<out>.data` automatically.
 - Weights are never copied wholesale: checking and shape inference see a weightless copy (`cnnc.ir.weightless`), and
   external data is written tensor by tensor from the model itself, so a save holds at most one extra tensor.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,8 @@ from onnx import external_data_helper
 
 from cnnc import ir
 from cnnc.errors import ModelError
-from cnnc.io import target
+from cnnc.io import target, temporaries
+from cnnc.io.validate import check_with_onnx
 from cnnc.ir.weightless import copy_fields, serialized_size, tensor_nbytes, weightless_copy, without_data
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -73,6 +74,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
         for opset in template.opset_import:
             if opset.domain not in domains:
                 model.opset_import.append(opset)
+        _carry_input_defaults(model, template)
     # Always the newest IR onnxruntime accepts, never the input's: graphsurgeon keeps the imported IR version but
     # writes IR >= 4 structure (initializers not listed as graph inputs), which an IR 3 model may not have.
     model.ir_version = target.max_ir_version()
@@ -83,6 +85,16 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
     model.graph.value_info.extend(shaped)
     _fill_output_shapes(model)
     return model
+
+
+def _carry_input_defaults(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """The template's inputs with a default (an initializer of the same name, IR >= 4) are imported as plain inputs
+    (`ir.import_model`) so that no pass bakes the default in: give them their default back, as it was."""
+    shadowed = set(ir.shadowed_input_names(template.graph, template.ir_version))
+    present = {value.name for value in model.graph.input} - {tensor.name for tensor in model.graph.initializer}
+    for tensor in template.graph.initializer:
+        if tensor.name in shadowed and tensor.name in present:
+            model.graph.initializer.append(tensor)  # a copy: the template stays read-only
 
 
 def _fill_output_shapes(model: onnx.ModelProto) -> None:
@@ -100,12 +112,10 @@ def _fill_output_shapes(model: onnx.ModelProto) -> None:
             output.type.CopyFrom(found[output.name].type)
 
 
-def check(model: onnx.ModelProto) -> None:
-    """The full ONNX checker (with strict shape inference) on a weightless copy: any size, `model` untouched."""
-    try:
-        onnx.checker.check_model(weightless_copy(model), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ModelError(f"emitted model fails the ONNX checker: {str(error).strip().splitlines()[0]}") from error
+def check(model: onnx.ModelProto) -> str:
+    """The ONNX checker on an emitted model, by the rule its input was checked with (`validate.check_with_onnx`:
+    full, or plain where strict inference fails inside onnx's own function expansion); `model` untouched."""
+    return check_with_onnx(model, "emitted model")
 
 
 def _fsync_file(path: Path) -> None:
@@ -146,7 +156,7 @@ def _stale_data_of(path: Path) -> set[Path]:
         return set()
     try:
         old = onnx.load_model(str(path), load_external_data=False)
-    except Exception:  # not a readable model: it owns nothing we may delete
+    except Exception:  # noqa: BLE001 - not a readable model: it owns nothing we may delete
         return set()
     stale = set()
     for location in _external_locations(old):
@@ -201,18 +211,44 @@ def _write_with_external_data(model: onnx.ModelProto, model_path: Path, data_pat
     return True
 
 
-def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = None) -> list[Path]:
-    """Write `model` to `path` atomically; returns the files written. `external_data=None` decides by size."""
+def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = None,
+         notes: list[str] | None = None) -> list[Path]:
+    """Write `model` to `path` atomically; returns the files written. `external_data=None` decides by size.
+
+    Temporaries that a killed save left in the folder are removed first, with a line each in `notes`. An OSError
+    (read-only folder, full disk, a name over NAME_MAX) is the user's `ModelError` "cannot write PATH: reason";
+    the previous file at `path` is then intact and nothing is left behind."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelError(f"output folder {folder} does not exist")
-    if path.is_dir():
-        raise ModelError(f"output path {path} is a folder")
-    use_external = (external_data if external_data is not None
-                    else serialized_size(model) > EXTERNAL_DATA_THRESHOLD_BYTES)
-    stale = _stale_data_of(path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".cnnc-tmp", dir=folder))
+    try:
+        if not folder.is_dir():
+            raise ModelError(f"output folder {folder} does not exist")
+        if path.is_dir():
+            raise ModelError(f"output path {path} is a folder")
+        removed = temporaries.remove_stale(folder)
+        if notes is not None:
+            notes.extend(temporaries.stale_notes(removed))
+        use_external = (external_data if external_data is not None
+                        else serialized_size(model) > EXTERNAL_DATA_THRESHOLD_BYTES)
+        stale = _stale_data_of(path)
+        written = _save_staged(model, path, folder, use_external, external_data)
+    except OSError as error:
+        raise temporaries.cannot_write(path, error) from None
+    for old_data in stale - set(written):
+        try:
+            old_data.unlink(missing_ok=True)
+        except OSError:  # the new model is in place; an old data file left behind harms nothing
+            pass
+    return written
+
+
+def _save_staged(model: onnx.ModelProto, path: Path, folder: Path, use_external: bool,
+                 forced: bool | None) -> list[Path]:
+    """Stage the files in a fresh temporary folder beside `path`, fsync them and move them in (data first, under a
+    name nothing points at yet); on any failure, remove what was staged or moved."""
+    staging = folder / temporaries.temporary_name()
+    os.mkdir(staging)
+    moved_data = None
     try:
         staged_model = staging / path.name
         written = [path]
@@ -220,7 +256,7 @@ def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = 
         if use_external:
             data_name = _fresh_data_name(folder, path.name)
             # Forced external data moves every initializer out; above 2 GB only those over 1 KB need to go.
-            if _write_with_external_data(model, staged_model, staging / data_name, 0 if external_data else 1024):
+            if _write_with_external_data(model, staged_model, staging / data_name, 0 if forced else 1024):
                 _fsync_file(staging / data_name)
             else:  # no tensor qualified (a model without initializers): no data file
                 data_name = None
@@ -231,11 +267,15 @@ def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = 
             _before_replace()
         if data_name is not None:
             os.replace(staging / data_name, folder / data_name)  # a fresh name: nothing points at it yet
-            written.append(folder / data_name)
+            moved_data = folder / data_name
+            written.append(moved_data)
         os.replace(staged_model, path)
+        moved_data = None  # the new model points at it now
         _fsync_dir(folder)
+    except BaseException:
+        if moved_data is not None:
+            moved_data.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for old_data in stale - set(written):
-        old_data.unlink(missing_ok=True)
     return written

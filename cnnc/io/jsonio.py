@@ -1,7 +1,8 @@
 """Atomic writes of reports (JSON, Markdown, text): the one place cnnc writes a report file.
 
-A report is written to a temporary file beside its target, fsync'ed and moved in with `os.replace`, so a reader (or
-a CI step after a killed run) sees the previous file or the new one, never half of one. Errors are plain `OSError`s:
+A report is written to a temporary file beside its target (named by `cnnc.io.temporaries`), fsync'ed and moved in
+with `os.replace`, so a reader (or a CI step after a killed run) sees the previous file or the new one, never half
+of one. Errors are plain `OSError`s:
 the command line turns them into usage errors naming its option (`cnnc.cli.outputs`).
 """
 
@@ -12,13 +13,16 @@ import os
 import re
 from pathlib import Path
 
+from cnnc.io import temporaries
+
 
 def write_text(path: str | Path, text: str, make_parents: bool = False) -> Path:
     """Write `text` to `path` atomically (temporary file in the same folder, fsync, `os.replace`)."""
     target = Path(path)
     if make_parents:
         target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.cnnc-tmp")
+    temporaries.remove_stale(target.parent)
+    temporary = target.with_name(temporaries.temporary_name())  # short: a 255-byte target name stays writable
     try:
         with open(temporary, "w", encoding="utf-8") as handle:
             handle.write(text)

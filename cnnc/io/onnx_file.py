@@ -45,7 +45,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     validate_model(model, onnx_checker=False)
     load_external_data(model, path.parent)
     check_divisors(model)  # needs the weights, external ones included
-    check_with_onnx(model)  # only now: the checker would open external-data files itself, unchecked
+    check_with_onnx(model, f"input model {path}")  # only now: the checker would open external-data files itself, unchecked
     return model
 
 

@@ -45,7 +45,7 @@ def load_state_dict(path: str | Path) -> dict:
                 raise ModelError(f"{path} is a TorchScript archive; cnnc does not execute TorchScript files")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError, RuntimeError, EOFError...: all mean "not a safe state dict"
+    except Exception as error:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...: all mean "not a safe state dict"
         raise ModelError(f"{path} cannot be read with weights_only=True: {_torch_load_reason(error)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

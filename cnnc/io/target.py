@@ -44,7 +44,7 @@ def _runtime_accepts(ir_version: int, opset: int) -> bool:
     options.log_severity_level = 4
     try:
         ort.InferenceSession(_tiny_model(ir_version, opset), options, providers=["CPUExecutionProvider"])
-    except Exception:  # onnxruntime raises its own exception types for "unsupported"; any failure means no
+    except Exception:  # noqa: BLE001 - onnxruntime raises its own exception types for "unsupported"; any failure means no
         return False
     return True
 
@@ -97,3 +97,12 @@ def runnable(model: onnx.ModelProto) -> onnx.ModelProto:
     copy.CopyFrom(model)
     copy.ir_version = max_ir_version()
     return copy
+
+
+def stamp_notes(model: onnx.ModelProto) -> list[str]:
+    """What `runnable` changes about `model`, in words for the report (empty when it changes nothing)."""
+    if model.ir_version <= max_ir_version():
+        return []
+    return [(f"the model's IR version {model.ir_version} is newer than onnxruntime {ort.__version__} accepts; "
+             f"it was stamped down to IR {max_ir_version()}, the newest it loads, and compiled (the checker and the "
+             f"equivalence check saw the stamped copy)")]

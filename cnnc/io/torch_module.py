@@ -42,7 +42,7 @@ def _export_eval_module(module: torch.nn.Module, args: tuple, dynamic_batch: boo
     try:
         with torch.no_grad():
             outputs = module(*args)
-    except Exception as error:  # a wrong example shape (or a broken module) raises whatever torch raises
+    except Exception as error:  # noqa: BLE001 - a wrong example shape (or a broken module) raises whatever torch raises
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"the torch module fails on its example input: {message}") from None
     n_outputs = len(outputs) if isinstance(outputs, (tuple, list)) else 1

@@ -8,11 +8,14 @@ divide by. Custom-domain ops are allowed: cnnc passes them through untouched.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 
 from cnnc.errors import ModelError
 from cnnc.io import target
+from cnnc.ir.graph import shadowed_input_names
 from cnnc.ir.order import CycleError, topological_indices
 from cnnc.ir.weightless import weightless_copy
 
@@ -121,8 +124,11 @@ def validate_model(model: onnx.ModelProto, onnx_checker: bool = True) -> None:
         check_with_onnx(model)
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    found = {init.name: init for init in graph.initializer if init.data_location != onnx.TensorProto.EXTERNAL}
+def _constants(graph: onnx.GraphProto, ir_version: int) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant outputs; an input with a default (IR >= 4) is an input, not a constant."""
+    overridable = set(shadowed_input_names(graph, ir_version))
+    found = {init.name: init for init in graph.initializer
+             if init.data_location != onnx.TensorProto.EXTERNAL and init.name not in overridable}
     for node in graph.node:
         if node.op_type == "Constant" and node.output:
             for attr in node.attribute:
@@ -135,7 +141,7 @@ def check_divisors(model: onnx.ModelProto) -> None:
     """Refuse NaN or Inf where a pass would divide by it: any BatchNormalization parameter (fold-bn divides by
     √(σ²+ε), so also σ²+ε ≤ 0), and a constant float divisor of Div (which must also not be 0). Such a model
     computes NaN or Inf itself; refusing it names the cause instead of carrying NaN into the rewritten weights."""
-    constants = _constants(model.graph)
+    constants = _constants(model.graph, model.ir_version)
 
     def value(name: str) -> np.ndarray | None:
         return onnx.numpy_helper.to_array(constants[name]) if name in constants else None
@@ -157,11 +163,45 @@ def check_divisors(model: onnx.ModelProto) -> None:
                 raise ModelError(f"{where} divides by a constant that holds 0, NaN or Inf")
 
 
-def check_with_onnx(model: onnx.ModelProto) -> None:
-    """onnx's checker on a weightless copy (any size, no copy of the weights), its first line as a ModelError."""
+def check_with_onnx(model: onnx.ModelProto, what: str = "the input model") -> str:
+    """onnx's checker on a weightless copy (any size, no copy of the weights); its first line as a ModelError that
+    names `what` ("input model PATH", "emitted model"). Returns the level the model passed, "full" or "plain".
+
+    The one rule for input and output alike: the full checker (strict shape and type inference), except where
+    strict inference fails inside onnx's own expansion of a function op (`_fails_in_onnx_function`: e.g.
+    MeanVarianceNormalization at opset 13, whose body onnx cannot infer) or of an op without a default-domain
+    schema (a custom domain cnnc passes through): there the plain checker decides. So an output is never refused
+    at a level its input was not held to, and a real type error (a bfloat16 Conv at opset 17) is refused as the
+    input's, before any pass runs."""
+    light = weightless_copy(model)
     try:
-        # Not full_check: strict shape inference rejects custom-domain ops, which cnnc passes through.
-        onnx.checker.check_model(weightless_copy(model))
+        onnx.checker.check_model(light, full_check=True)
+        return "full"
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        if not _fails_in_onnx_function(str(error), model):
+            raise ModelError(f"{what} fails the ONNX checker: {_first_line(error)}") from None
+    try:
+        onnx.checker.check_model(light)
     except onnx.checker.ValidationError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"model fails the ONNX checker: {first_line}") from None
+        raise ModelError(f"{what} fails the ONNX checker: {_first_line(error)}") from None
+    return "plain"
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _fails_in_onnx_function(message: str, model: onnx.ModelProto) -> bool:
+    """Whether strict inference failed inside the body of a function op (the error names a node of the body after
+    the op: onnx's own expansion, not the model, is at fault) or on an op without a default-domain schema."""
+    ops = re.findall(r"\(op_type:([A-Za-z0-9_]+)", message)
+    if not ops:
+        return False
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        return True
+    try:
+        schema = onnx.defs.get_schema(ops[0], opset, "")
+    except onnx.defs.SchemaError:
+        return True  # a custom-domain op: strict inference has no schema for it
+    return len(ops) > 1 and (schema.has_function or schema.has_context_dependent_function)

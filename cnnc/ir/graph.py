@@ -192,6 +192,57 @@ def is_topologically_sorted(graph: gs.Graph) -> bool:
     return True
 
 
+def shadowed_input_names(graph: onnx.GraphProto, ir_version: int) -> list[str]:
+    """Graph inputs that also have an initializer, in input order: since IR 4 such an input is an input with a
+    default value (the initializer), which a caller may override; it is never a constant. Before IR 4 every
+    initializer had to be listed as an input too, and the pair is a constant: the result is then empty."""
+    if ir_version < 4:
+        return []
+    initializers = {tensor.name for tensor in graph.initializer}
+    return [value.name for value in graph.input if value.name in initializers]
+
+
+def import_model(model: onnx.ModelProto) -> gs.Graph:
+    """`gs.import_onnx(model)`, except that inputs shadowed by an initializer (`shadowed_input_names`) stay graph
+    inputs, as Variables: graphsurgeon drops them from the inputs and imports them as Constants, which every pass
+    (and its constant folding) would then bake in. Their defaults are the template's business at export
+    (`cnnc.io.backend.to_model`)."""
+    graph = gs.import_onnx(model)
+    shadowed = shadowed_input_names(model.graph, model.ir_version)
+    if not shadowed:
+        return graph
+    declared = {value.name: value for value in model.graph.input}
+    tensors = graph.tensors()
+    variables: dict[int, gs.Variable] = {}
+    inputs = []
+    for value in model.graph.input:
+        if value.name not in shadowed:
+            inputs.append(tensors[value.name] if value.name in tensors else
+                          next(t for t in graph.inputs if t.name == value.name))
+            continue
+        tensor_type = declared[value.name].type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim] \
+            if tensor_type.HasField("shape") else None
+        variable = gs.Variable(value.name, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type),
+                               shape=shape)
+        if value.name in tensors:
+            variables[id(tensors[value.name])] = variable
+        inputs.append(variable)
+    _rewire(graph, variables)
+    graph.outputs = [variables.get(id(t), t) for t in graph.outputs]
+    graph.inputs = inputs
+    return graph
+
+
+def _rewire(graph: gs.Graph, replacements: dict[int, gs.Tensor]) -> None:
+    """Every node of `graph` and of its subgraphs (which read outer tensors by reference) reads the replacement."""
+    for node in graph.nodes:
+        if any(id(t) in replacements for t in node.inputs):
+            node.inputs = [replacements.get(id(t), t) for t in node.inputs]
+        for subgraph in node.subgraphs():
+            _rewire(subgraph, replacements)
+
+
 def fold_constant_subgraphs(graph: gs.Graph) -> gs.Graph:
     """Evaluate the constant sub-graphs that exporters emit (torch's F.pad gives ConstantOfShape/Concat/Slice/
     Reshape chains) so that passes see plain constants. graphsurgeon evaluates them with onnxruntime's CPU provider.
@@ -223,7 +274,35 @@ def export_weightless(graph: gs.Graph, do_type_check: bool = False) -> tuple[onn
                 consumer.inputs = [declared if t is tensor else t for t in consumer.inputs]
             light.inputs.append(declared)
             large.append(tensor)
+    _detach_renamed_protos(light)  # after the large ones left: those are written field by field, never renamed
     return gs.export_onnx(light, do_type_check=do_type_check), large
+
+
+def _detach_renamed_protos(graph: gs.Graph) -> None:
+    """graphsurgeon exports an unread imported constant by writing the tensor's name into the imported TensorProto
+    itself (`onnx_tensor.name = tensor.name`): the caller's model would be renamed behind its back. A constant whose
+    name differs from its TensorProto's (a pass, or graphsurgeon's subgraph flattening, renamed it) gets a copy of
+    the proto instead, so export writes into the copy; the caller's model stays read-only."""
+    for tensor in _all_constants(graph):
+        values = tensor._values
+        source = getattr(values, "tensor", None)
+        if isinstance(source, onnx.TensorProto) and source.name != tensor.name:
+            detached = onnx.TensorProto()
+            detached.CopyFrom(source)
+            tensor._values = type(values)(detached)
+
+
+def _all_constants(graph: gs.Graph):
+    """The constants of `graph` and its subgraphs, node attributes (Constant's `value`) included."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            yield tensor
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Constant):
+                yield attr
+        for subgraph in node.subgraphs():
+            yield from _all_constants(subgraph)
 
 
 def refresh_shapes(graph: gs.Graph) -> gs.Graph:
