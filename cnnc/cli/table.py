@@ -41,6 +41,7 @@ def stats_rows(before: dict, after: dict | None) -> list[tuple[str, str, str]]:
     rows += [
         ("parameters", human(before["parameters"]), human(after["parameters"]) if after else ""),
         ("MACs (batch 1)", human(before["macs"]), human(after["macs"]) if after else ""),
+        ("depth (convs)", str(before.get("depth", "")), str(after.get("depth", "")) if after else ""),
         ("size (bytes)", human(before["size_bytes"]), human(after["size_bytes"]) if after else ""),
         ("IR / opset", f"{before['ir_version']} / {before['opsets'].get('ai.onnx', '-')}",
          f"{after['ir_version']} / {after['opsets'].get('ai.onnx', '-')}" if after else ""),

@@ -14,6 +14,10 @@ projection that fed only it (measured: 22 % faster ResNet-34, 46 % faster dense-
 Note on the paper's notation: its Eq. (66) writes t·x(i−1) + (1 − t)·x(j) but then says t = 0 removes the skips;
 cnnc uses the convention the text means (ARCHITECTURE.md): t weighs the shortcut, so t = 0 has no skip.
 
+Activations (`activations`: ActivationHomotopy) anneal the same way, t·σ(x) + (1 − t)·x with t → 0, so that the
+convs around each annealed activation merge into one (`pad_once` makes that exact at the borders; `plan` chooses the
+sites where the merged conv is cheaper). Both homotopies compose on one model under one `HomotopyCallback`.
+
 The package: `join` (HomotopyJoin, Residual), `fx_joins` (which adds of a torch.fx graph are residual joins: the
 rule of `cnnc.ir.residual_joins`, shared with `cnnc analyze`), `wrap` (SkipHomotopy: wrap, set t, export) and
 `schedules` (t over training, HomotopyCallback).
@@ -29,13 +33,17 @@ Usage with any training loop:
     onnx_model = homotopy.export(example_input, t=0.0)           # t baked in as a constant
 """
 
+from cnnc.homotopy.activations import ActivationHomotopy, ActivationSite
 from cnnc.homotopy.fx_joins import JoinMatch, find_joins
 from cnnc.homotopy.join import HomotopyJoin, Residual
+from cnnc.homotopy.pad_once import ChainLink, PadChange
+from cnnc.homotopy.plan import Plan, Segment, plan
 from cnnc.homotopy.schedules import (
     PAPER_SCHEDULE_FROM_0_5,
     PAPER_SCHEDULE_FROM_0_9,
     AccuracyStepSchedule,
     CosineSchedule,
+    Homotopy,
     HomotopyCallback,
     HomotopySchedule,
     LinearSchedule,
@@ -44,7 +52,25 @@ from cnnc.homotopy.schedules import (
 from cnnc.homotopy.wrap import SkipHomotopy
 
 __all__ = [
-    "PAPER_SCHEDULE_FROM_0_5", "PAPER_SCHEDULE_FROM_0_9", "AccuracyStepSchedule", "CosineSchedule", "HomotopyCallback",
-    "HomotopyJoin", "HomotopySchedule", "JoinMatch", "LinearSchedule", "ListSchedule", "Residual", "SkipHomotopy",
+    "PAPER_SCHEDULE_FROM_0_5",
+    "PAPER_SCHEDULE_FROM_0_9",
+    "AccuracyStepSchedule",
+    "ActivationHomotopy",
+    "ActivationSite",
+    "ChainLink",
+    "CosineSchedule",
+    "Homotopy",
+    "HomotopyCallback",
+    "HomotopyJoin",
+    "HomotopySchedule",
+    "JoinMatch",
+    "LinearSchedule",
+    "ListSchedule",
+    "PadChange",
+    "Plan",
+    "Residual",
+    "Segment",
+    "SkipHomotopy",
     "find_joins",
+    "plan",
 ]

@@ -1,4 +1,5 @@
-"""t as a function of training progress (seed 000 §5.3), and the callback that drives a `SkipHomotopy` with it.
+"""t as a function of training progress (seed 000 §5.3), and the callback that drives homotopies with it (a
+`SkipHomotopy`, an `ActivationHomotopy`, or both on one model).
 
 The paper anneals t from t0 to 0 with a value per epoch (`ListSchedule` of `PAPER_SCHEDULE_FROM_0_9` or
 `PAPER_SCHEDULE_FROM_0_5`); cnnc adds linear and cosine annealing and the paper's step-down on validation accuracy.
@@ -11,8 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-from cnnc.homotopy.wrap import SkipHomotopy
+from typing import Protocol
 
 # The paper's per-epoch lists (seed 000 §5.3). The text prints the second as {..., 0.01, 0.05, 0}: 0.05 after 0.01
 # breaks the monotone decrease of every other list in the paper and is read as a typo for 0.005.
@@ -112,29 +112,55 @@ class AccuracyStepSchedule(HomotopySchedule):
             self.level += 1
 
 
+class Homotopy(Protocol):
+    """What a callback drives: `SkipHomotopy` and `ActivationHomotopy` both are one."""
+
+    @property
+    def t(self) -> float | dict[str, float]: ...
+
+    def set_t(self, value: float) -> None: ...
+
+
 @dataclass
 class HomotopyCallback:
-    """Drives a `SkipHomotopy` from any training loop; `history` records every t that was set."""
+    """Drives one homotopy, or several on one model (skips and activations), from any training loop.
 
-    homotopy: SkipHomotopy
-    schedule: HomotopySchedule
-    history: list[tuple[int, float, float]] = field(default_factory=list)  # (epoch, fraction, t)
+    `schedule` is one schedule for all of them, or one per homotopy (in the same order): e.g. the skips annealed in
+    the first half of training and the activations in the second. `history` records every value set: (epoch,
+    fraction, t) with t a float for one schedule, a tuple (one per homotopy) for several.
+    """
 
-    def on_epoch_start(self, epoch: int) -> float:
+    homotopy: Homotopy | Sequence[Homotopy]
+    schedule: HomotopySchedule | Sequence[HomotopySchedule]
+    history: list[tuple[int, float, float | tuple[float, ...]]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._homotopies = list(self.homotopy) if isinstance(self.homotopy, Sequence) else [self.homotopy]
+        self._schedules = list(self.schedule) if isinstance(self.schedule, Sequence) else \
+            [self.schedule] * len(self._homotopies)
+        if len(self._schedules) != len(self._homotopies):
+            raise ValueError(f"{len(self._schedules)} schedules for {len(self._homotopies)} homotopies: give one "
+                             "schedule, or one per homotopy")
+
+    def on_epoch_start(self, epoch: int) -> float | tuple[float, ...]:
         return self._set(epoch, 0.0)
 
-    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> float:
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> float | tuple[float, ...]:
         return self._set(epoch, step / max(steps_per_epoch, 1))
 
     def on_validation_end(self, epoch: int, accuracy: float) -> None:
-        self.schedule.observe(epoch, accuracy)
+        for schedule in {id(s): s for s in self._schedules}.values():  # a shared schedule steps once
+            schedule.observe(epoch, accuracy)
 
     @property
-    def t(self) -> float | dict[str, float]:
-        return self.homotopy.t
+    def t(self) -> float | dict[str, float] | list:
+        values = [homotopy.t for homotopy in self._homotopies]
+        return values[0] if len(values) == 1 else values
 
-    def _set(self, epoch: int, fraction: float) -> float:
-        value = self.schedule.at(epoch, fraction)
-        self.homotopy.set_t(value)
+    def _set(self, epoch: int, fraction: float) -> float | tuple[float, ...]:
+        values = tuple(schedule.at(epoch, fraction) for schedule in self._schedules)
+        for homotopy, value in zip(self._homotopies, values):
+            homotopy.set_t(value)
+        value = values[0] if len(values) == 1 else values
         self.history.append((epoch, fraction, value))
         return value

@@ -18,16 +18,19 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from cnnc.homotopy.activations import ActivationSite
 from cnnc.homotopy.fx_joins import find_joins
 from cnnc.homotopy.join import HomotopyJoin, Residual
 from cnnc.io.frontend import from_torch
 
 
 class _JoinTracer(fx.Tracer):
-    """Keeps homotopy joins and cnnc Residual blocks opaque, so that a second wrap never wraps them again."""
+    """Keeps homotopy joins, cnnc Residual blocks and activation sites opaque, so that a second wrap never wraps
+    them again and both homotopies compose."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (HomotopyJoin, Residual)) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, (HomotopyJoin, Residual, ActivationSite)) or super().is_leaf_module(
+            module, qualified_name)
 
 
 

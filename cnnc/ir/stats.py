@@ -54,6 +54,19 @@ def macs(model: onnx.ModelProto) -> int:
     return int(total)
 
 
+def depth(model: onnx.ModelProto) -> int:
+    """The longest path counted in conv and matrix ops (those with a MAC counter): a network's depth as the train-for-
+    collapse report states it (a collapsed chain of k convs counts 1)."""
+    weighted = {op for op in {n.op_type for n in model.graph.node} if facts(op).macs is not None}
+    at: dict[str, int] = {}  # tensor name -> depth of its producer
+    # The nodes of a valid ONNX graph are topologically sorted (the checker insists), so one sweep suffices.
+    for node in model.graph.node:
+        d = max((at.get(name, 0) for name in node.input), default=0) + (node.op_type in weighted)
+        for name in node.output:
+            at[name] = d
+    return max((at.get(o.name, 0) for o in model.graph.output), default=0)
+
+
 def model_stats(model: onnx.ModelProto) -> dict:
     def interface(values, skip=()):
         return {v.name: _dims(v) for v in values if v.name not in skip}
@@ -64,6 +77,7 @@ def model_stats(model: onnx.ModelProto) -> dict:
         "nodes": len(model.graph.node),
         "parameters": parameter_count(model),
         "macs": macs(model),
+        "depth": depth(model),
         "size_bytes": serialized_size(model),
         "ir_version": model.ir_version,
         "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
