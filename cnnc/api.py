@@ -18,15 +18,21 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
-from cnnc.errors import EquivalenceError, ModelError
+from cnnc.autotune import AutoSettings, autotune, resolve_device, with_provider
+from cnnc.errors import EquivalenceError, ModelError, UsageError
+from cnnc.export import ExportOptions, ExportResult, export_model
 from cnnc.io import backend
 from cnnc.io.frontend import load_model
-from cnnc.io.target import runnable
+from cnnc.io.precision import to_fp16
+from cnnc.io.target import runnable, stamp_notes
 from cnnc.ir.stats import model_stats
 from cnnc.passes import DEFAULT_PIPELINE, ORDER_CONSTRAINTS, parse_pipeline
 from cnnc.pipeline.contract import Pass
-from cnnc.pipeline.manager import check_model, run_pipeline
-from cnnc.runtime.equivalence import DEFAULT_ATOL, DEFAULT_RTOL, check_equivalence
+from cnnc.pipeline.manager import PipelineReport, VerifyHook, check_model, run_pipeline
+from cnnc.runtime.equivalence import check_equivalence
+from cnnc.threads import session_threads, with_compile_threads
+
+PRECISIONS = ("fp32", "fp16")  # what `compile(precision=...)` and `cnnc compile --precision` accept
 
 
 @dataclass
@@ -37,9 +43,20 @@ class CompileResult:
 
     def save(self, path: str | Path, external_data: bool | None = None) -> list[Path]:
         """Write the compiled model atomically; `external_data=None` uses external data above 2 GB only."""
-        written = backend.save(self.model, path, external_data=external_data)
+        written = backend.save(self.model, path, external_data=external_data,
+                               notes=self.report.setdefault("notes", []))
         self.report["written"] = [str(p) for p in written]
         return written
+
+    def export(self, format: str, path: str | Path, options: ExportOptions | None = None,
+               check: dict | None = None) -> ExportResult:
+        """Export the compiled model as `format` (`cnnc.export.FORMATS`) to `path`, proven on that format's runtime
+        against the original the compile started from (seeded inputs, per-dtype tolerance; `check`: n, seed, rtol,
+        atol, input_shapes, user_inputs); nothing is written when the proof fails (EquivalenceError)."""
+        result = export_model(self.model, format, path, options,
+                              reference=self.original if self.original is not None else self.model, check=check)
+        self.report.setdefault("exports", []).append(result.report)
+        return result
 
 
 def _equivalence(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: dict) -> dict:
@@ -47,19 +64,50 @@ def _equivalence(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: 
     return {**report.as_dict(), "summary": report.summary()}
 
 
+def _build(original: onnx.ModelProto, pipeline: list[Pass], verify: VerifyHook | None = None,
+           strict: bool = False) -> tuple[onnx.ModelProto, PipelineReport]:
+    """Run `pipeline` on a fresh graph of `original`; the emitted (checked) model and what the passes did."""
+    try:
+        graph = ir.import_model(original)  # inputs with a default stay inputs
+    except Exception as error:  # noqa: BLE001 - graphsurgeon raises assorted types on malformed graphs
+        raise ModelError(f"cannot import the model into the IR: {error}") from None
+    unread = ir.unread_constants(graph)
+    graph, pipeline_report = run_pipeline(graph, pipeline, verify=verify, strict=strict, constraints=ORDER_CONSTRAINTS)
+    ir.forget_loaded_values(graph, unread)  # export then reuses the original tensors: no copy of what passes read
+    compiled = backend.to_model(graph, template=original)
+    check_model(compiled, pipeline_report)
+    return compiled, pipeline_report
+
+
+@with_compile_threads  # torch and onnxruntime: one thread per physical core, restored after
 def compile(model: Any, passes: str | list | None = None, example_input: Any = None, *, check: bool = True,
-            check_n: int = 2, seed: int = 0, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+            check_n: int = 2, seed: int = 0, rtol: float | None = None, atol: float | None = None,
             input_shapes=None, inputs=None, verify_each: bool = False, state_dict: str | Path | None = None,
-            strict: bool = False) -> CompileResult:
+            strict: bool = False, auto: bool | AutoSettings = False, provider: str = "auto",
+            batches: tuple[int, ...] | list[int] = (1,), precision: str = "fp32",
+            keep_io_types: bool = True) -> CompileResult:
     """Compile `model` (ONNX path, ModelProto or nn.Module) with `passes` (default: `DEFAULT_PIPELINE`).
 
     With `check` (the default) the result is proven equivalent to the original on seeded inputs (ARCHITECTURE.md) and
     `EquivalenceError` is raised otherwise; `verify_each` checks after every pass and names the pass that broke it.
+    `provider` (auto, cpu, cuda; auto: CUDA when present) is what the cost model estimates for. With `auto` (True or
+    `AutoSettings`), the rewrites the cost model calls close are timed on that provider at `batches` and kept only
+    when faster with confidence, and the result is never slower than the input (`cnnc.autotune`; `report["auto"]`).
+    `precision="fp16"` converts the result to float16 after the passes (`cnnc.io.precision.to_fp16`; float32 inputs
+    and outputs with `keep_io_types`) and checks it against the float32 original at float16's tolerance.
     """
     started = time.perf_counter()
-    original = runnable(load_model(model, example_input, state_dict=state_dict))
-    pipeline: list[Pass] = parse_pipeline(passes if passes is not None else DEFAULT_PIPELINE)
-    check_options = dict(n=check_n, seed=seed, rtol=rtol, atol=atol, input_shapes=input_shapes, user_inputs=inputs)
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    device = resolve_device(provider)
+    batches = list(batches)
+    if not batches or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batches):
+        raise UsageError(f"batch sizes must be positive integers, got {batches!r}")
+    loaded = load_model(model, example_input, state_dict=state_dict)
+    original = runnable(loaded)
+    pipeline: list[Pass] = with_provider(parse_pipeline(passes if passes is not None else DEFAULT_PIPELINE), device)
+    check_options = {"n": check_n, "seed": seed, "rtol": rtol, "atol": atol, "input_shapes": input_shapes,
+                     "user_inputs": inputs}
     per_pass: dict[str, dict] = {}
 
     def verify_after(pass_: Pass, graph: gs.Graph) -> None:
@@ -74,16 +122,21 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
             raise EquivalenceError(f"pass {pass_.spec()} broke equivalence: {result['summary']}",
                                    {"equivalence": result, "failed_pass": pass_.spec()})
 
-    try:
-        graph = gs.import_onnx(original)
-    except Exception as error:  # graphsurgeon raises assorted types on malformed graphs
-        raise ModelError(f"cannot import the model into the IR: {error}") from None
-    unread = ir.unread_constants(graph)
-    graph, pipeline_report = run_pipeline(graph, pipeline, verify=verify_after if verify_each else None,
-                                          strict=strict, constraints=ORDER_CONSTRAINTS)
-    ir.forget_loaded_values(graph, unread)  # export then reuses the original tensors: no copy of what passes read
-    compiled = backend.to_model(graph, template=original)
-    check_model(compiled, pipeline_report)
+    compiled, pipeline_report = _build(original, pipeline, verify_after if verify_each else None, strict)
+    auto_report = None
+    if auto:
+        outcome = autotune(original, pipeline, compiled, pipeline_report,
+                           lambda variant: _build(original, variant, strict=strict), device=device, batches=batches,
+                           settings=auto if isinstance(auto, AutoSettings) else AutoSettings(seed=seed),
+                           input_shapes=input_shapes)
+        compiled, pipeline_report, auto_report = outcome.model, outcome.pipeline_report, outcome.report
+    precision_notes: list[str] = []
+    if precision == "fp16":  # deployment: after the exact passes, so that they fold and collapse in float64 first
+        compiled = to_fp16(compiled, keep_io_types=keep_io_types, notes=precision_notes)
+        precision_notes.append("converted to float16 after the passes (" + ("float32 inputs and outputs kept"
+                               if keep_io_types else "float16 inputs and outputs") + ")" + ("; checked against the "
+                               "float32 original at float16's tolerance" if check else ""))
+        check_options["compute_dtype"] = "float16"  # the check below: against the float32 original, fp16 tolerance
     report: dict = {
         "passes": pipeline_report.as_dict(),
         "housekeeping": pipeline_report.housekeeping_as_dict(),  # canonicalize, tidy, refresh-shapes, check-model
@@ -91,25 +144,32 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
         "canonicalize_seconds": round(pipeline_report.canonicalize_seconds, 6),
         "before": model_stats(original),
         "after": model_stats(compiled),
+        "notes": stamp_notes(loaded) + precision_notes,  # what cnnc changed about the input's versions (and save's)
+        "precision": {"precision": precision, "keep_io_types": keep_io_types if precision != "fp32" else None},
     }
+    if auto_report is not None:
+        report["auto"] = auto_report
     if verify_each:
         report["equivalence_per_pass"] = per_pass
     if check:
         report["equivalence"] = _equivalence(original, compiled, check_options)
         if not report["equivalence"]["passed"]:
-            raise EquivalenceError(f"compiled model is not equivalent: {report['equivalence']['summary']}", report)
+            clamped = "".join(f"; {note}" for note in precision_notes if "clamped" in note)  # --precision fp16
+            raise EquivalenceError(f"compiled model is not equivalent: {report['equivalence']['summary']}{clamped}",
+                                   report)
     else:
         report["equivalence"] = None
+    report["threads"] = session_threads()  # cnnc.threads: physical cores, or CNNC_THREADS
     report["seconds"] = round(time.perf_counter() - started, 3)
     return CompileResult(compiled, report, original)
 
 
-def verify(a: Any, b: Any, *, check_n: int = 2, seed: int = 0, rtol: float = DEFAULT_RTOL,
-           atol: float = DEFAULT_ATOL, input_shapes=None, inputs=None) -> dict:
+def verify(a: Any, b: Any, *, check_n: int = 2, seed: int = 0, rtol: float | None = None,
+           atol: float | None = None, input_shapes=None, inputs=None) -> dict:
     """Equivalence of two models (paths or ModelProtos); returns the report, raises EquivalenceError on mismatch."""
     reference, candidate = runnable(load_model(a)), runnable(load_model(b))
-    result = _equivalence(reference, candidate, dict(n=check_n, seed=seed, rtol=rtol, atol=atol,
-                                                     input_shapes=input_shapes, user_inputs=inputs))
+    result = _equivalence(reference, candidate, {"n": check_n, "seed": seed, "rtol": rtol, "atol": atol,
+                                                 "input_shapes": input_shapes, "user_inputs": inputs})
     if not result["passed"]:
         raise EquivalenceError(f"models are not equivalent: {result['summary']}", {"equivalence": result})
     return result

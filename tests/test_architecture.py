@@ -21,25 +21,32 @@ MAX_LINES = 400
 # cnnc.progress, the bottom layer.
 ALLOWED = {
     "cnnc.ir": set(),
+    "cnnc.threads": set(),  # bottom layer beside progress; raises cnnc.errors.UsageError
+    "cnnc.cost": {"cnnc.ir"},  # the cost model: core, priced on graphsurgeon nodes, micro-benchmarks on onnxruntime
     "cnnc.eval": {"cnnc.ir"},
     "cnnc.io": {"cnnc.ir"},
     "cnnc.linear": {"cnnc.ir", "cnnc.eval"},
     "cnnc.analysis": {"cnnc.ir", "cnnc.eval", "cnnc.linear"},
     "cnnc.pipeline": {"cnnc.ir", "cnnc.io"},
-    "cnnc.homotopy": {"cnnc.ir", "cnnc.io"},
-    "cnnc.zoo": {"cnnc.homotopy"},
+    "cnnc.homotopy": {"cnnc.ir", "cnnc.io", "cnnc.cost"},  # plan prices merges with the cost model
+    "cnnc.zoo": {"cnnc.homotopy", "cnnc.io"},  # cnnc.zoo.exports writes ONNX files through cnnc.io
     "cnnc.runtime": {"cnnc.ir", "cnnc.io"},
     "cnnc.passes": {"cnnc.ir", "cnnc.eval", "cnnc.io", "cnnc.linear", "cnnc.analysis", "cnnc.pipeline",
-                    "cnnc.runtime"},
-    "cnnc.api": {"cnnc.ir", "cnnc.io", "cnnc.pipeline", "cnnc.passes", "cnnc.runtime"},
+                    "cnnc.runtime", "cnnc.cost"},
+    "cnnc.autotune": {"cnnc.ir", "cnnc.io", "cnnc.pipeline", "cnnc.passes", "cnnc.runtime"},
+    "cnnc.export": {"cnnc.ir", "cnnc.io", "cnnc.runtime"},  # deployment formats, proven on their runtimes
+    "cnnc.api": {"cnnc.ir", "cnnc.io", "cnnc.pipeline", "cnnc.passes", "cnnc.runtime", "cnnc.autotune",
+                 "cnnc.export"},
     "cnnc.cli": {"cnnc.api", "cnnc.ir", "cnnc.eval", "cnnc.io", "cnnc.linear", "cnnc.analysis", "cnnc.pipeline",
-                 "cnnc.homotopy", "cnnc.zoo", "cnnc.passes", "cnnc.runtime"},
+                 "cnnc.homotopy", "cnnc.zoo", "cnnc.passes", "cnnc.runtime", "cnnc.cost",
+                 "cnnc.export"},
     "cnnc": {"cnnc.api"},  # the package itself re-exports the API
 }
-BOTTOM = {"cnnc.errors", "cnnc.progress"}
+BOTTOM = {"cnnc.errors", "cnnc.progress", "cnnc.threads"}
 # Imports that may stay inside a function: optional dependencies (extras), loaded only when their feature is asked
 # for, and the pass registry's lazy loaders (xDSL's get_all_passes(): loading a pass by name is the point).
-LAZY_ALLOWED = ("matplotlib", "onnxsim", "onnxslim")
+LAZY_ALLOWED = ("matplotlib", "onnxsim", "onnxslim", "torchvision", "timm", "openvino", "tritonclient",
+                "tensorrt")
 LAZY_LOADER_FILE = Path("passes/__init__.py")
 
 

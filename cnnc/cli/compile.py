@@ -11,10 +11,12 @@ import click
 import torch
 
 from cnnc import api
+from cnnc.cli.export import make_options, print_export
 from cnnc.cli.options import check_options, parse_batches
 from cnnc.cli.outputs import write_json
 from cnnc.cli.table import stats_rows, table
 from cnnc.errors import CnncError, UsageError
+from cnnc.export import FORMATS
 from cnnc.runtime import bench_report
 from cnnc.runtime.bench import bench_models
 from cnnc.runtime.inputs import parse_input_shapes
@@ -49,14 +51,39 @@ def print_compile_report(report: dict) -> None:
             click.echo(f"  + {line}")
         for skip in record["skipped"]:
             click.echo(f"  - skipped {skip['where']}: {skip['why']}")
-    for note in report.get("order_notes", []):
+    for note in report.get("order_notes", []) + report.get("notes", []):
         click.echo(f"note: {note}")
     if report.get("housekeeping"):
         click.echo("housekeeping: " + ", ".join(f"{r['pass']} {r['runs']}× {r['seconds'] * 1000:.1f} ms"
                                                  for r in report["housekeeping"]))
+    if report.get("auto"):
+        _print_auto(report["auto"])
     equivalence = report.get("equivalence")
     click.echo()
     click.echo(f"check: {equivalence['summary']}" if equivalence else "check: skipped (--no-check)")
+
+
+def _ratio_text(per_batch: dict) -> str:
+    return ", ".join(f"batch {batch} ×{r['ratio']:.3g} [{r['ci95'][0]:.3g}, {r['ci95'][1]:.3g}]"
+                     for batch, r in per_batch.items())
+
+
+def _print_auto(auto: dict) -> None:
+    """The decisions of --auto: latency ratios (< 1: faster) with their 95 % intervals."""
+    click.echo()
+    click.echo(f"auto on {auto['device']}, batch {','.join(map(str, auto['batches']))}, {auto['duration_s']:g} s per "
+               f"comparison and batch: {auto['close_candidates']} close candidate(s), {len(auto['kept'])} kept "
+               f"({auto['seconds']:.1f} s)")
+    for decision in auto["decisions"]:
+        click.echo(f"  {decision['decision']} {decision['pass']} {decision['id']} ({decision['where']}): "
+                   f"vs {decision['against']} {_ratio_text(decision['ratios'])}")
+    for skipped in auto["not_timed"]:
+        click.echo(f"  not timed {skipped['pass']} {skipped['id']}: {skipped['why']}")
+    for name, per_batch in auto["final"].items():
+        click.echo(f"  {name.replace('_', ' ')}: {_ratio_text(per_batch)}")
+    if auto.get("simplified_note"):
+        click.echo(f"  note: {auto['simplified_note']}")
+    click.echo(f"  emitted: {auto['emitted']} ({auto['why']})")
 
 
 def _bench_compiled(result, batch: str | None, provider: str, input_shapes: list[str]) -> None:
@@ -88,12 +115,34 @@ def _print_bench(report: dict) -> None:
               help="force or forbid external data (default: only above 2 GB)")
 @click.option("--bench", "bench", is_flag=True,
               help="also time the original against the compiled model (interleaved, ORT_ENABLE_ALL)")
-@click.option("--bench-batch", default=None, metavar="N[,N...]", help="batch size(s) for --bench")
+@click.option("--bench-batch", default=None, metavar="N[,N...]", help="batch size(s) for --bench and --auto "
+              "(--auto default: 1)")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
-              help="execution provider for --bench")
+              help="execution provider for --bench, --auto and the cost model (auto: CUDA when present)")
+@click.option("--auto", "auto", is_flag=True, help="time each rewrite the cost model calls close and keep it only "
+              "when faster with confidence; never emit a model slower than the input or the simplified graph")
+@click.option("--auto-seconds", default=0.5, show_default=True, type=click.FloatRange(min=0.01),
+              help="--auto: timed seconds per comparison and batch size")
+@click.option("--auto-budget", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="--auto: total seconds for the search (builds included); the final comparison always runs")
+@click.option("--precision", type=click.Choice(api.PRECISIONS), default="fp32", show_default=True,
+              help="fp16: convert the result to float16 after the passes and check it against the float32 original "
+              "at float16's tolerance (rtol 2e-2, atol 2e-3)")
+@click.option("--keep-io-types/--no-keep-io-types", default=True, show_default=True,
+              help="with --precision fp16: keep float32 inputs and outputs (Casts at the borders)")
+@click.option("--format", "export_format", type=click.Choice(FORMATS), default=None,
+              help="also export the result in this deployment format to -o (see `cnnc export`), proven on its runtime")
+@click.option("--triton-name", default=None, help="--format triton: the model's name (default: the output's stem)")
+@click.option("--export-batch", default=None, metavar="N[,N...]",
+              help="--format triton: preferred batch sizes (max_batch_size: the largest; default 8); tensorrt: the "
+              "optimisation profile's largest batch")
+@click.option("--triton-tensorrt-fp16", is_flag=True,
+              help="--format triton: onnxruntime's TensorRT accelerator in FP16; tensorrt: an FP16 engine")
 @check_options
 def compile_command(model, passes, output, json_path, no_check, verify_each, example, module_factory,
-                    external_data, bench, bench_batch, provider, check_n, seed, rtol, atol, input_shapes, inputs):
+                    external_data, bench, bench_batch, provider, auto, auto_seconds, auto_budget, precision,
+                    keep_io_types, export_format, triton_name, export_batch, triton_tensorrt_fp16, check_n, seed,
+                    rtol, atol, input_shapes, inputs):
     """Compile MODEL (ONNX, or a .pt state dict with --module) and prove the result equivalent."""
     if (model is None) == (example is None):
         raise UsageError("give either MODEL or --example NAME")
@@ -111,7 +160,10 @@ def compile_command(model, passes, output, json_path, no_check, verify_each, exa
     try:
         result = api.compile(source, passes=passes, example_input=example_input, check=not no_check,
                              check_n=check_n, seed=seed, rtol=rtol, atol=atol, input_shapes=list(input_shapes),
-                             inputs=list(inputs), verify_each=verify_each, state_dict=state_dict)
+                             inputs=list(inputs), verify_each=verify_each, state_dict=state_dict, provider=provider,
+                             auto=api.AutoSettings(duration_s=auto_seconds, budget_s=auto_budget, seed=seed)
+                             if auto else False, batches=parse_batches(bench_batch) or [1], precision=precision,
+                             keep_io_types=keep_io_types)
     except CnncError as error:
         report = getattr(error, "report", None)
         if report:
@@ -119,9 +171,20 @@ def compile_command(model, passes, output, json_path, no_check, verify_each, exa
         raise
     if bench:  # before saving: a failure here must not leave a model at -o behind a non-zero exit code
         _bench_compiled(result, bench_batch, provider, list(input_shapes))
-    result.save(output, external_data=external_data)
+    exported = None
+    if export_format is not None:  # proven on its runtime against the original, written only then
+        options = make_options(external_data, keep_io_types, triton_name or Path(output).name.split(".")[0],
+                               export_batch, triton_tensorrt_fp16)
+        exported = result.export(export_format, output, options, check={
+            "n": check_n, "seed": seed, "rtol": rtol, "atol": atol, "input_shapes": list(input_shapes),
+            "user_inputs": list(inputs)})
+    else:
+        result.save(output, external_data=external_data)
     print_compile_report(result.report)
     if bench:
         _print_bench(result.report["bench"])
-    click.echo(f"wrote {output}")
+    if exported is not None:
+        print_export(exported)
+    else:
+        click.echo(f"wrote {output}")
     write_json("--json", json_path, result.report)

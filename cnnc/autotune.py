@@ -1,0 +1,260 @@
+"""`--auto`: keep a rewrite only when it is measured faster, and never emit a model slower than the input.
+
+The default pipeline is conservative: the passes that consult the cost model (`cnnc.cost`) apply only the rewrites
+it says pay, and record the ones it calls *close* as `Candidate`s (`cnnc.pipeline.contract`). Auto decides those by
+measurement, on the chosen provider and at the user's batch sizes:
+
+1. Greedy search. The close candidates, most promising first (the cost model's estimated after/before time, where it
+   gives one), at most `max_candidates` of them: each is applied on top of the current best (the pipeline is rebuilt
+   from the original with the pass's `apply_close` naming the candidates kept so far plus this one) and timed
+   interleaved against the current best. It is kept when it is faster *with confidence*: at every batch size the
+   upper end of the 95 % bootstrap interval of the latency ratio (`cnnc.runtime.stats.ratio_to_first`) is below 1.
+2. Never slower. The best compiled model is timed in one interleaved comparison against the input and against the
+   simplified graph (the pipeline's `simplify` passes alone, when it has any). It is emitted only when it is faster
+   with confidence than both at every batch; otherwise the simplified graph is emitted when its median is not above
+   the input's at any batch, and else the input itself. Whatever is emitted is then proven equivalent to the
+   original by the API, as always.
+
+Bounds: each comparison runs `duration_s` seconds per batch size (after a warm-up); the greedy search stops when the
+total wall time `budget_s` (model builds included) would leave no room for the final comparison, and every candidate
+not timed is recorded with why. Timer and session factory are injectable (as in `cnnc.runtime.bench`), so tests
+decide latencies deterministically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import onnx
+
+from cnnc.errors import UsageError
+from cnnc.pipeline.contract import Pass
+from cnnc.pipeline.manager import PipelineReport
+from cnnc.runtime.bench import DEFAULT_WARMUP, SessionFactory, Timer, interleave, prepare
+from cnnc.runtime.session import cuda_available, first_line, make_session
+from cnnc.runtime.stats import ratio_to_first
+
+# Rebuild the model from the original with these passes: (model, what the passes did).
+Build = Callable[[list[Pass]], tuple[onnx.ModelProto, PipelineReport]]
+SIMPLIFY = "simplify"  # the name of the pipeline's simplification pass: the "simplified graph" baseline
+
+
+@dataclass(frozen=True)
+class AutoSettings:
+    """How long and how much auto measures. `duration_s`: timed seconds per comparison and batch size; `budget_s`:
+    total wall time of the search, builds included (the final comparison always runs); `max_candidates`: close
+    candidates tried at most; `warmup`: untimed rounds per comparison (None: the bench default per device)."""
+
+    duration_s: float = 0.5
+    budget_s: float = 60.0
+    max_candidates: int = 8
+    warmup: int | None = None
+    threads: int | None = None
+    seed: int = 0
+    timer: Timer = time.perf_counter
+    session_factory: SessionFactory = make_session
+
+    def __post_init__(self):
+        if not self.duration_s > 0 or not self.budget_s > 0 or self.max_candidates < 0:
+            raise UsageError(f"auto: duration ({self.duration_s}) and budget ({self.budget_s}) must be > 0 s and "
+                             f"max_candidates ({self.max_candidates}) >= 0")
+
+
+@dataclass
+class AutoOutcome:
+    """What auto emits: `model` (the best compiled model, the simplified graph or the input), the pipeline report of
+    the best compiled model, and `report` (JSON-able: every decision with its ratios)."""
+
+    model: onnx.ModelProto
+    pipeline_report: PipelineReport
+    report: dict
+
+
+def resolve_device(provider: str) -> str:
+    """"cpu" or "cuda" for a provider option ("auto": CUDA when onnxruntime can run it)."""
+    if provider not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown provider {provider!r}; use auto, cuda or cpu")
+    if provider == "cuda" and not cuda_available():
+        raise UsageError("--provider cuda: no CUDA device or CUDA provider available")
+    return "cuda" if provider == "cuda" or (provider == "auto" and cuda_available()) else "cpu"
+
+
+def with_provider(pipeline: Sequence[Pass], device: str) -> list[Pass]:
+    """The cost-model passes (those with a `provider` field) set to estimate for `device`, unless the user's spec
+    already chose another provider than the field's default."""
+    result = []
+    for pass_ in pipeline:
+        field = next((f for f in dataclasses.fields(pass_) if f.name == "provider"), None)
+        if field is not None and pass_.provider == field.default != device:
+            pass_ = dataclasses.replace(pass_, provider=device)
+        result.append(pass_)
+    return result
+
+
+def _promise(candidate: dict) -> float:
+    """The cost model's estimated time after / before for a candidate (smaller: more promising); inf when the
+    estimate gives no time pair, so that those keep the pass's own order after the ones that do."""
+    estimate = candidate.get("estimate") or {}
+    for key, before in estimate.items():
+        partner = key.replace("before", "after")
+        after = estimate.get(partner)
+        if partner != key and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (before, after)) \
+                and before > 0:
+            return after / before
+    return math.inf
+
+
+def close_candidates(records: list[dict]) -> list[dict]:
+    """The close candidates the passes left unapplied, most promising first: {pass index, pass, id, where, ...}."""
+    found = [{"index": index, "pass": record["pass"], **candidate}
+             for index, record in enumerate(records) for candidate in record.get("candidates", ())
+             if candidate["verdict"] == "close" and not candidate["applied"]]
+    return sorted(found, key=_promise)  # stable: equal promise keeps the pipeline's order
+
+
+def variant(pipeline: Sequence[Pass], chosen: dict[int, set[str]]) -> list[Pass]:
+    """`pipeline` with the pass at each index of `chosen` also applying those close candidates (`apply_close`)."""
+    result = []
+    for index, pass_ in enumerate(pipeline):
+        ids = chosen.get(index)
+        if ids and pass_.apply_close != "all":
+            merged = set(filter(None, pass_.apply_close.split("+"))) | ids
+            pass_ = dataclasses.replace(pass_, apply_close="+".join(sorted(merged)))
+        result.append(pass_)
+    return result
+
+
+def _applied(report: PipelineReport, index: int, candidate_id: str) -> bool:
+    return any(c.id == candidate_id and c.applied for c in report.records[index].result.candidates)
+
+
+class _Measure:
+    """Interleaved timing of several models at every batch size on one device."""
+
+    def __init__(self, settings: AutoSettings, device: str, batches: Sequence[int], input_shapes):
+        self.settings, self.device, self.batches, self.input_shapes = settings, device, list(batches), input_shapes
+        self.warmup = DEFAULT_WARMUP[device] if settings.warmup is None else settings.warmup
+
+    def samples(self, models: Sequence[onnx.ModelProto], labels: Sequence[str]) -> dict[str, list[list[float]]]:
+        """{batch: seconds per call of each model, in round order}, the models timed round-robin."""
+        s = self.settings
+        result = {}
+        for batch in self.batches:
+            prepared = [prepare(model, label, provider=self.device, batch=batch, input_shapes=self.input_shapes,
+                                threads=s.threads, seed=s.seed, timer=s.timer, session_factory=s.session_factory)
+                        for model, label in zip(models, labels)]
+            result[str(batch)] = interleave([p.run for p in prepared], warmup=self.warmup, duration=s.duration_s,
+                                            timer=s.timer, rewarm=1)
+            del prepared  # free the sessions before the next batch size
+        return result
+
+    def ratios(self, samples: dict[str, list[list[float]]], reference: int, other: int) -> dict[str, dict]:
+        """{batch: ratio of model `other` to model `reference`} (< 1: faster), with its paired 95 % interval."""
+        return {batch: {**ratio_to_first(times[reference], times[other], self.settings.seed),
+                        "rounds": len(times[other]), "median_ms": _median_ms(times[other]),
+                        "reference_median_ms": _median_ms(times[reference])}
+                for batch, times in samples.items()}
+
+
+def _median_ms(times: list[float]) -> float:
+    ordered = sorted(times)
+    middle = len(ordered) // 2
+    return 1e3 * (ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2)
+
+
+def faster_with_confidence(per_batch: dict[str, dict]) -> bool:
+    """At every batch size, the 95 % interval of the ratio (other / reference) lies below 1."""
+    return bool(per_batch) and all(record["ci95"][1] < 1.0 - 1e-9 for record in per_batch.values())  # not rounding
+
+
+def autotune(original: onnx.ModelProto, pipeline: Sequence[Pass], compiled: onnx.ModelProto,
+             pipeline_report: PipelineReport, build: Build, *, device: str, batches: Sequence[int],
+             settings: AutoSettings = AutoSettings(), input_shapes=None) -> AutoOutcome:
+    """Decide the close candidates of `pipeline_report` by measurement and choose what to emit (module docstring).
+
+    `compiled` / `pipeline_report`: the conservative pipeline's result; `build` rebuilds from the original."""
+    started = time.perf_counter()
+    measure = _Measure(settings, device, batches, input_shapes)
+    final_cost = settings.duration_s * len(measure.batches) * 1.5  # reserved: the final comparison always runs
+    pipeline = list(pipeline)
+    candidates = close_candidates(pipeline_report.as_dict())
+    report: dict = {"device": device, "batches": list(measure.batches), "duration_s": settings.duration_s,
+                    "budget_s": settings.budget_s, "max_candidates": settings.max_candidates,
+                    "rule": "kept when the 95 % interval of its latency ratio lies below 1 at every batch size",
+                    "close_candidates": len(candidates), "decisions": [], "not_timed": []}
+    best, best_report, chosen = compiled, pipeline_report, {}
+    for rank, candidate in enumerate(candidates):
+        decision = {"pass": candidate["pass"], "id": candidate["id"], "where": candidate["where"],
+                    "estimate": candidate.get("estimate", {})}
+        elapsed = time.perf_counter() - started
+        if rank >= settings.max_candidates:
+            why = f"cap of {settings.max_candidates} candidates reached"
+        elif elapsed + settings.duration_s * len(measure.batches) + final_cost > settings.budget_s:
+            why = f"total budget of {settings.budget_s:g} s spent ({elapsed:.1f} s used)"
+        elif "+" in candidate["id"]:
+            why = "its id contains '+', the separator of apply_close"
+        else:
+            why = None
+        if why:
+            report["not_timed"].append({**decision, "why": why})
+            continue
+        trial = {**chosen, candidate["index"]: chosen.get(candidate["index"], set()) | {candidate["id"]}}
+        try:
+            model, trial_report = build(variant(pipeline, trial))
+            if not _applied(trial_report, candidate["index"], candidate["id"]):
+                report["not_timed"].append({**decision, "why": "the pass did not apply it on top of the rewrites "
+                                                               "kept so far"})
+                continue
+            ratios = measure.ratios(measure.samples([best, model], ["best so far", candidate["id"]]), 0, 1)
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own hierarchy; a variant is never fatal
+            report["not_timed"].append({**decision, "why": f"could not be built or run: {first_line(error)}"})
+            continue
+        kept = faster_with_confidence(ratios)
+        report["decisions"].append({**decision, "decision": "kept" if kept else "dropped",
+                                    "against": "best so far", "ratios": ratios})
+        if kept:
+            best, best_report, chosen = model, trial_report, trial
+    report["kept"] = [d["id"] for d in report["decisions"] if d["decision"] == "kept"]
+    report["emitted"], model = _final(original, pipeline, best, build, measure, report)
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return AutoOutcome(model, best_report, report)
+
+
+def _final(original: onnx.ModelProto, pipeline: list[Pass], best: onnx.ModelProto, build: Build, measure: _Measure,
+           report: dict) -> tuple[str, onnx.ModelProto]:
+    """Time the best compiled model against the input and the simplified graph; return (what, model) to emit."""
+    simplify = [p for p in pipeline if p.name == SIMPLIFY]
+    models, labels = [original, best], ["input", "compiled"]
+    simplified = None
+    if simplify:
+        simplified, _ = build(simplify)
+        models.insert(1, simplified)
+        labels.insert(1, "simplified")
+    else:
+        report["simplified_note"] = f"the pipeline has no {SIMPLIFY} pass: compared with the input only"
+    samples = measure.samples(models, labels)
+    final = {"compiled_vs_input": measure.ratios(samples, 0, len(models) - 1)}
+    beats = faster_with_confidence(final["compiled_vs_input"])
+    if simplified is not None:
+        final["simplified_vs_input"] = measure.ratios(samples, 0, 1)
+        final["compiled_vs_simplified"] = measure.ratios(samples, 1, 2)
+        beats = beats and faster_with_confidence(final["compiled_vs_simplified"])
+    report["final"] = final
+    if beats:
+        report["why"] = "the compiled model is faster with confidence than the input" + (
+            " and the simplified graph" if simplified is not None else "")
+        return "compiled", best
+    if simplified is not None and all(r["ratio"] <= 1.0 for r in final["simplified_vs_input"].values()):
+        report["why"] = ("the compiled model is not faster with confidence than both baselines; the simplified graph "
+                         "is not slower than the input at its median")
+        return "simplified", simplified
+    report["why"] = ("the compiled model is not faster with confidence than both the input and the simplified "
+                     "graph, and the simplified graph is slower than the input at its median" if simplified is not None
+                     else "the compiled model is not faster with confidence than the input")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(original)
+    return "input", copy

@@ -1,0 +1,266 @@
+"""`--auto` (cnnc.autotune): close candidates kept only when measured faster, never an output slower than the input.
+
+The decisions are tested on a deterministic clock: a session factory wraps each real onnxruntime session so that one
+call advances a fake clock by a latency chosen from the model's nodes (`_latency_ms`). The passes are fakes with the
+cost-model interface (`provider`, `apply_close`, `Candidate` records), so that these tests do not depend on which
+rewrites the real cost model calls close. One CLI run at the end times a real model for real.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from helpers import bn_params, make_model, text_model
+
+import cnnc
+from cnnc import ir
+from cnnc.api import AutoSettings
+from cnnc.autotune import close_candidates, variant, with_provider
+from cnnc.cli import cli
+from cnnc.errors import UsageError
+from cnnc.pipeline.contract import Candidate, Pass, PassResult
+from cnnc.runtime.session import cuda_available, make_session
+
+# x -> Relu r1 -> Relu r2 -> Relu r3 -> Abs a -> Sigmoid y. A Relu after a Relu (r2, r3) and an Abs after a Relu (a)
+# are identities: the fake passes below remove them, exactly.
+MODEL = text_model('''
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 16] x) => (float[N, 16] y) {
+        r1 = Relu(x)
+        r2 = Relu(r1)
+        r3 = Relu(r2)
+        a = Abs(r3)
+        y = Sigmoid(a)
+    }''')
+
+# Milliseconds the fake clock advances per call: 10, less 3 without r2, plus 2 without r3, less 1.5 without a.
+BASE_MS, WITHOUT_MS = 10.0, {"r2": -3.0, "r3": 2.0, "a": -1.5}
+
+
+def _latency_ms(model: onnx.ModelProto) -> float:
+    present = {name for node in model.graph.node for name in node.output}
+    return BASE_MS + sum(delta for name, delta in WITHOUT_MS.items() if name not in present)
+
+
+def _drop(graph, node) -> None:
+    ir.replace_tensor(graph, node.outputs[0], node.inputs[0])
+    node.outputs.clear()  # dead: tidy removes it
+
+
+@dataclass(frozen=True)
+class FakeCostPass(Pass):
+    """Removes a Relu that follows a Relu. Its 'cost model': the ids in `pays` pay (applied by default), the others
+    are close (applied only when `apply_close` names them or is "all")."""
+
+    name: ClassVar[str] = "test-fake-cost"
+    summary: ClassVar[str] = "test pass with the cost-model interface"
+    provider: str = "cpu"
+    apply_close: str = ""
+    pays: str = ""
+    ESTIMATES: ClassVar[dict] = {"r2": {"seconds_before": 1.0, "seconds_after": 0.9},
+                                 "r3": {"seconds_before": 1.0, "seconds_after": 0.5}}  # r3 looks more promising
+
+    def run(self, graph) -> PassResult:
+        result = PassResult()
+        for node in list(graph.nodes):
+            source = node.inputs[0]
+            if node.op != "Relu" or not source.inputs or source.inputs[0].op != "Relu":
+                continue
+            cid = node.outputs[0].name
+            verdict = "pays" if cid in self.pays.split("+") else "close"
+            apply = verdict == "pays" or self.apply_close == "all" or cid in self.apply_close.split("+")
+            result.candidates.append(Candidate(cid, f"Relu {cid}", verdict, apply, f"estimated on {self.provider}",
+                                               dict(self.ESTIMATES.get(cid, {}))))
+            if apply:
+                _drop(graph, node)
+                result.did(f"removed Relu {cid}")
+        return result
+
+
+@dataclass(frozen=True)
+class FakeSimplify(Pass):
+    """Stands in for the `simplify` pass: removes an Abs that reads a Relu."""
+
+    name: ClassVar[str] = "simplify"
+    summary: ClassVar[str] = "test stand-in for simplify"
+
+    def run(self, graph) -> PassResult:
+        result = PassResult()
+        for node in list(graph.nodes):
+            if node.op == "Abs" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Relu":
+                _drop(graph, node)
+                result.did("removed Abs")
+        return result
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedSession:
+    """A real session whose every run advances the fake clock by the model's latency, with a small deterministic
+    wobble by call count (the same for every session, so that equal latencies give equal samples)."""
+
+    def __init__(self, session, clock: FakeClock, latency_s: float):
+        self._session, self._clock, self._latency_s, self._calls = session, clock, latency_s, 0
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def run_with_iobinding(self, binding):
+        self._session.run_with_iobinding(binding)
+        self._calls += 1
+        self._clock.now += self._latency_s * (1 + 0.01 * ((self._calls % 5) - 2))
+
+
+def _settings(**overrides) -> AutoSettings:
+    clock = FakeClock()
+
+    def factory(model, *args):
+        return TimedSession(make_session(model, *args), clock, _latency_ms(model) / 1e3)
+
+    return AutoSettings(**{"duration_s": 0.3, "warmup": 1, "timer": clock, "session_factory": factory, **overrides})
+
+
+def _outputs(model: onnx.ModelProto) -> set[str]:
+    return {name for node in model.graph.node for name in node.output}
+
+
+def _compile(passes, **settings):
+    return cnnc.compile(MODEL, passes=passes, auto=_settings(**settings), provider="cpu", batches=[1, 4])
+
+
+def test_keeps_a_faster_close_candidate_and_drops_a_slower_one():
+    result = _compile([FakeCostPass()])
+    auto = result.report["auto"]
+    # r3 is tried first (the cost model's estimate promises more) and is slower: 12 ms against 10.
+    assert [(d["id"], d["decision"]) for d in auto["decisions"]] == [("r3", "dropped"), ("r2", "kept")]
+    dropped, kept = auto["decisions"]
+    for batch in ("1", "4"):
+        assert dropped["ratios"][batch]["ratio"] == pytest.approx(1.2, rel=0.02)
+        assert dropped["ratios"][batch]["ci95"][0] > 1.0
+        assert kept["ratios"][batch]["ratio"] == pytest.approx(0.7, rel=0.02)
+        low, high = kept["ratios"][batch]["ci95"]
+        assert low <= kept["ratios"][batch]["ratio"] <= high < 1.0
+        assert auto["final"]["compiled_vs_input"][batch]["ci95"][1] < 1.0
+    assert auto["kept"] == ["r2"] and auto["emitted"] == "compiled" and auto["not_timed"] == []
+    assert "simplified_note" in auto  # no simplify pass in this pipeline
+    assert "r2" not in _outputs(result.model) and "r3" in _outputs(result.model)
+    assert result.report["passes"][0]["pass"] == "test-fake-cost{apply_close=r2}"
+    assert [c["applied"] for c in result.report["passes"][0]["candidates"]] == [True, False]
+    assert result.report["after"]["nodes"] == result.report["before"]["nodes"] - 1
+    assert result.report["equivalence"]["passed"]
+
+
+def test_falls_back_to_the_input_when_the_compiled_model_is_slower():
+    result = _compile([FakeCostPass(pays="r3")], max_candidates=0)  # the "paying" rewrite costs 2 ms
+    auto = result.report["auto"]
+    assert auto["emitted"] == "input" and auto["decisions"] == []
+    assert [(n["id"], n["why"]) for n in auto["not_timed"]] == [("r2", "cap of 0 candidates reached")]
+    assert auto["final"]["compiled_vs_input"]["1"]["ratio"] == pytest.approx(1.2, rel=0.02)
+    assert _outputs(result.model) == _outputs(MODEL)
+    assert result.report["equivalence"]["passed"]
+
+
+def test_emits_the_simplified_graph_when_the_compiled_model_does_not_beat_it():
+    result = _compile([FakeSimplify(), FakeCostPass(pays="r3")], max_candidates=0)
+    auto = result.report["auto"]
+    assert auto["emitted"] == "simplified"
+    final = auto["final"]
+    assert final["simplified_vs_input"]["4"]["ratio"] == pytest.approx(0.85, rel=0.02)
+    assert final["compiled_vs_simplified"]["4"]["ratio"] == pytest.approx(10.5 / 8.5, rel=0.02)
+    assert _outputs(result.model) == _outputs(MODEL) - {"a"}
+
+
+def test_equal_latency_is_not_faster_with_confidence():
+    result = _compile([FakeCostPass()], max_candidates=0)  # nothing applied: compiled runs as fast as the input
+    auto = result.report["auto"]
+    assert auto["final"]["compiled_vs_input"]["1"]["ci95"] == pytest.approx([1.0, 1.0])
+    assert auto["emitted"] == "input"
+
+
+def test_budget_leaves_candidates_untimed_and_says_why():
+    result = _compile([FakeCostPass()], duration_s=0.3, budget_s=0.5)  # 2 batches x 0.3 s cannot fit
+    auto = result.report["auto"]
+    assert auto["decisions"] == [] and len(auto["not_timed"]) == 2
+    assert all("total budget of 0.5 s" in n["why"] for n in auto["not_timed"])
+    assert "final" in auto  # the final comparison always runs
+
+
+def test_a_variant_that_cannot_run_is_recorded_not_fatal():
+    working = _settings()
+
+    def refuses_without_r2(model, *args):
+        if "r2" not in _outputs(model):
+            raise onnx.checker.ValidationError("refused by the test's session factory")
+        return working.session_factory(model, *args)
+
+    result = _compile([FakeCostPass()], session_factory=refuses_without_r2, timer=working.timer)
+    auto = result.report["auto"]
+    assert [(d["id"], d["decision"]) for d in auto["decisions"]] == [("r3", "dropped")]
+    assert auto["not_timed"][0]["id"] == "r2"
+    assert "could not be built or run: refused by the test's session factory" in auto["not_timed"][0]["why"]
+    assert auto["emitted"] == "input"
+
+
+def test_candidates_order_variants_and_provider():
+    records = [{"pass": "p", "candidates": [
+        {"id": "a", "where": "", "verdict": "close", "applied": False, "estimate": {}},
+        {"id": "b", "where": "", "verdict": "close", "applied": False,
+         "estimate": {"seconds_before": 2.0, "seconds_after": 1.0}},
+        {"id": "c", "where": "", "verdict": "pays", "applied": True, "estimate": {}},
+        {"id": "d", "where": "", "verdict": "close", "applied": True, "estimate": {}}]}]
+    assert [c["id"] for c in close_candidates(records)] == ["b", "a"]
+    pipeline = [FakeCostPass(apply_close="x"), FakeSimplify(), FakeCostPass(apply_close="all")]
+    merged = variant(pipeline, {0: {"y"}, 1: set(), 2: {"z"}})
+    assert [p.spec() for p in merged] == ["test-fake-cost{apply_close=x+y}", "simplify",
+                                          "test-fake-cost{apply_close=all}"]
+    assert with_provider([FakeCostPass(), FakeSimplify()], "cuda")[0].provider == "cuda"
+    assert with_provider([FakeCostPass(provider="cuda")], "cpu")[0].provider == "cuda"  # the user's choice stays
+
+
+def test_bad_auto_options_are_usage_errors():
+    with pytest.raises(UsageError, match="batch sizes"):
+        cnnc.compile(MODEL, passes=[], batches=[0])
+    with pytest.raises(UsageError, match="duration"):
+        AutoSettings(duration_s=0)
+    if not cuda_available():
+        with pytest.raises(UsageError, match="CUDA"):
+            cnnc.compile(MODEL, passes=[], provider="cuda")
+
+
+def test_cli_auto_times_a_real_model_and_writes_the_decisions(tmp_path):
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [onnx.helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+         onnx.helper.make_node("BatchNormalization", ["c", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["n"]),
+         onnx.helper.make_node("Relu", ["n"], ["y"])],
+        [("x", ["N", 3, 8, 8])], [("y", ["N", 4, 8, 8])],
+        [("W", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)), *bn_params(rng, 4, "bn")])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    report_path = tmp_path / "r.json"
+    run = CliRunner().invoke(cli, ["compile", str(path), "-o", str(tmp_path / "out.onnx"), "--auto", "--provider",
+                                   "cpu", "--bench-batch", "1,2", "--auto-seconds", "0.05", "--json",
+                                   str(report_path)])
+    assert run.exit_code == 0, (run.stdout, run.stderr)
+    assert "emitted:" in run.stdout and "compiled vs input: batch 1" in run.stdout
+    report = json.loads(report_path.read_text())
+    auto = report["auto"]
+    assert auto["device"] == "cpu" and auto["batches"] == [1, 2]
+    assert auto["emitted"] in ("compiled", "simplified", "input")
+    for per_batch in auto["final"].values():
+        assert set(per_batch) == {"1", "2"}
+        assert all(r["rounds"] >= 5 and r["ci95"][0] <= r["ratio"] <= r["ci95"][1] for r in per_batch.values())
+    assert report["equivalence"]["passed"]
+    assert (tmp_path / "out.onnx").is_file()
