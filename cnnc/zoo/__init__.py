@@ -6,7 +6,10 @@ built-in examples that `cnnc example` and `cnnc compile --example` build.
 - `cnnc.zoo.blocks`: the small residual blocks (the `resnet-bn` example's, seed 000's linear one, RepVGG's);
 - `cnnc.zoo.paper`: the papers' small networks (SkipCNN3, AllSkipCNN6, LeNet all-conv, VGG7, explain's ResNet-20);
 - `cnnc.zoo.builtin`: the models registered below;
-- `cnnc.zoo.batchnorm`: realistic BatchNorm statistics, drawn or calibrated (see there why both exist).
+- `cnnc.zoo.batchnorm`: realistic BatchNorm statistics, drawn or calibrated (see there why both exist);
+- `cnnc.zoo.vision`: `ZOO`, the torchvision and timm networks people ship, with seeded weights and calibrated BN
+  (torchvision and timm are the optional `zoo` extra, imported only when such a model is built);
+- `cnnc.zoo.exports`: those networks exported to ONNX by torch's exporters (fp32 and fp16), cached on disk.
 
 Each example is a torch module with seeded weights and drawn BatchNorm statistics (running means near 0, variances
 near 1, scales near 1): random deep nets with default statistics drift towards denormals and zeros, which would
@@ -23,8 +26,12 @@ import torch
 from cnnc.errors import UsageError
 from cnnc.zoo.batchnorm import calibrate_batchnorm, draw_batchnorm_statistics
 from cnnc.zoo.builtin import ResNetBN, linear_resnet34
+from cnnc.zoo.exports import EXPORTERS, export_zoo_model
+from cnnc.zoo.vision import ZOO, ZooModel, build_zoo_model, timm_reparameterized, vision_libraries
 
-__all__ = ["EXAMPLES", "Example", "build_example", "calibrate_batchnorm", "draw_batchnorm_statistics"]
+__all__ = ["EXAMPLES", "EXPORTERS", "ZOO", "Example", "ZooModel", "build_example", "build_zoo_model",
+           "calibrate_batchnorm", "draw_batchnorm_statistics", "export_zoo_model", "timm_reparameterized",
+           "vision_libraries"]
 
 
 @dataclass(frozen=True)
