@@ -9,6 +9,10 @@ Failures raise `cnnc.ModelError` (bad input), `cnnc.UsageError` (bad options) or
 
 from __future__ import annotations
 
+import gc
+import os
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +30,19 @@ from cnnc.io.frontend import load_model
 from cnnc.io.precision import to_fp16
 from cnnc.io.target import runnable, stamp_notes
 from cnnc.ir.stats import model_stats
+from cnnc.ir.weightless import tensor_nbytes
 from cnnc.passes import DEFAULT_PIPELINE, ORDER_CONSTRAINTS, parse_pipeline
 from cnnc.pipeline.contract import Pass
 from cnnc.pipeline.manager import PipelineReport, VerifyHook, check_model, run_pipeline
 from cnnc.runtime.equivalence import check_equivalence
+from cnnc.runtime.identity import same_model
 from cnnc.threads import session_threads, with_compile_threads
 
+# The equivalence report of a compile that changed nothing (`cnnc.runtime.identity.same_model`): no inputs, no run.
+UNCHANGED = {"passed": True, "unchanged": True, "feeds": 0, "outputs": [],
+             "summary": "unchanged: the compiled graph is the input graph (same nodes and initializers)"}
+# ru_maxrss is in KiB on Linux, in bytes on macOS.
+_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 PRECISIONS = ("fp32", "fp16")  # what `compile(precision=...)` and `cnnc compile --precision` accept
 
 
@@ -59,23 +70,63 @@ class CompileResult:
         return result
 
 
-def _equivalence(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: dict) -> dict:
-    report = check_equivalence(reference, candidate, **check)
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (getrusage's high-water mark; it never goes down)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_UNIT
+
+
+def _file_state(source: Any) -> tuple | None:
+    """(path, identity) of an ONNX file, for `_reference_path`; None for anything else."""
+    if not isinstance(source, (str, Path)) or Path(source).suffix.lower() != ".onnx":
+        return None
+    try:
+        state = os.stat(source)
+    except OSError:  # load_model says what is wrong with the path
+        return None
+    return str(source), (state.st_ino, state.st_size, state.st_mtime_ns)
+
+
+def _reference_path(state: tuple | None, loaded: onnx.ModelProto, original: onnx.ModelProto) -> str | None:
+    """The file the original was read from, for onnxruntime to read it itself (no serialized copy of the weights),
+    when `original` is that file as read (not stamped) and the file is still the one that was read."""
+    if state is None or original is not loaded:
+        return None
+    path, identity = state
+    try:
+        now = os.stat(path)
+    except OSError:
+        return None
+    return path if (now.st_ino, now.st_size, now.st_mtime_ns) == identity else None
+
+
+def _equivalence(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: dict,
+                 reference_path: str | None = None) -> dict:
+    report = check_equivalence(reference, candidate, **check, reference_path=reference_path)
     return {**report.as_dict(), "summary": report.summary()}
 
 
 def _build(original: onnx.ModelProto, pipeline: list[Pass], verify: VerifyHook | None = None,
-           strict: bool = False) -> tuple[onnx.ModelProto, PipelineReport]:
-    """Run `pipeline` on a fresh graph of `original`; the emitted (checked) model and what the passes did."""
+           strict: bool = False, rss: dict | None = None) -> tuple[onnx.ModelProto, PipelineReport]:
+    """Run `pipeline` on a fresh graph of `original`; the emitted (checked) model and what the passes did. `rss`
+    gets the peak resident bytes after the passes and after the emit."""
     try:
         graph = ir.import_model(original)  # inputs with a default stay inputs
     except Exception as error:  # noqa: BLE001 - graphsurgeon raises assorted types on malformed graphs
         raise ModelError(f"cannot import the model into the IR: {error}") from None
     unread = ir.unread_constants(graph)
     graph, pipeline_report = run_pipeline(graph, pipeline, verify=verify, strict=strict, constraints=ORDER_CONSTRAINTS)
+    if rss is not None:
+        rss["passes"] = peak_rss_bytes()
     ir.forget_loaded_values(graph, unread)  # export then reuses the original tensors: no copy of what passes read
     compiled = backend.to_model(graph, template=original)
+    # The arrays of the weights that passes made are in `compiled` now; the graph holding them too lives in
+    # graphsurgeon's reference cycles until the collector runs, which is worth its 0.1 s only for big weights.
+    del graph
+    if sum(tensor_nbytes(t) for t in compiled.graph.initializer) >= ir.GC_AFTER_BYTES:
+        gc.collect()
     check_model(compiled, pipeline_report)
+    if rss is not None:
+        rss["emit"] = peak_rss_bytes()
     return compiled, pipeline_report
 
 
@@ -96,15 +147,17 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
     `precision="fp16"` converts the result to float16 after the passes (`cnnc.io.precision.to_fp16`; float32 inputs
     and outputs with `keep_io_types`) and checks it against the float32 original at float16's tolerance.
     """
-    started = time.perf_counter()
+    started, start_rss = time.perf_counter(), peak_rss_bytes()
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     device = resolve_device(provider)
     batches = list(batches)
     if not batches or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batches):
         raise UsageError(f"batch sizes must be positive integers, got {batches!r}")
+    source_state = _file_state(model) if state_dict is None else None
     loaded = load_model(model, example_input, state_dict=state_dict)
     original = runnable(loaded)
+    rss = {"start": start_rss, "load": peak_rss_bytes()}  # high-water marks after each stage (report["peak_rss"])
     pipeline: list[Pass] = with_provider(parse_pipeline(passes if passes is not None else DEFAULT_PIPELINE), device)
     check_options = {"n": check_n, "seed": seed, "rtol": rtol, "atol": atol, "input_shapes": input_shapes,
                      "user_inputs": inputs}
@@ -122,7 +175,7 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
             raise EquivalenceError(f"pass {pass_.spec()} broke equivalence: {result['summary']}",
                                    {"equivalence": result, "failed_pass": pass_.spec()})
 
-    compiled, pipeline_report = _build(original, pipeline, verify_after if verify_each else None, strict)
+    compiled, pipeline_report = _build(original, pipeline, verify_after if verify_each else None, strict, rss)
     auto_report = None
     if auto:
         outcome = autotune(original, pipeline, compiled, pipeline_report,
@@ -151,14 +204,20 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
         report["auto"] = auto_report
     if verify_each:
         report["equivalence_per_pass"] = per_pass
-    if check:
-        report["equivalence"] = _equivalence(original, compiled, check_options)
+    if check and same_model(original, compiled):  # nothing changed: that is the proof, no run on made-up inputs
+        report["equivalence"] = dict(UNCHANGED)
+    elif check:
+        report["equivalence"] = _equivalence(original, compiled, check_options,
+                                             _reference_path(source_state, loaded, original))
         if not report["equivalence"]["passed"]:
             clamped = "".join(f"; {note}" for note in precision_notes if "clamped" in note)  # --precision fp16
             raise EquivalenceError(f"compiled model is not equivalent: {report['equivalence']['summary']}{clamped}",
                                    report)
     else:
         report["equivalence"] = None
+    rss["check"] = peak_rss_bytes()
+    report["peak_rss_bytes"] = rss["check"]  # the process's, since it started (ru_maxrss)
+    report["peak_rss"] = rss  # bytes, high-water mark at compile start and after load, passes, emit and check
     report["threads"] = session_threads()  # cnnc.threads: physical cores, or CNNC_THREADS
     report["seconds"] = round(time.perf_counter() - started, 3)
     return CompileResult(compiled, report, original)

@@ -12,7 +12,11 @@ so the resolvent factors either way round: they may run in any order or as one o
   attribute before.
 - Order. A topological order whose peak of live activation bytes is least (cnnc.linear.memory_order.min_peak_order: exact
   bottleneck search over the down-sets of the dependency order, greedy past a state limit); it replaces the input
-  order only when its peak is strictly lower, so a second run changes nothing.
+  order only when its peak is strictly lower, so a second run changes nothing. The exact search costs O(ops²/64)
+  (bitmask down-sets): above `exact_limit` ops (default 5,000) the best of the linear-time orders (stored, greedy,
+  onnxruntime's) is used instead, never worse than the input order, and the report says so. The decision is
+  recorded as a `Candidate` with the peak bytes before and after: a new order runs the same kernels on the same
+  bytes, so it costs nothing at run time and is applied whenever it lowers the peak.
 
 Cost model, per fusion group, in bytes of memory traffic (MACs are the same either way): n separate ops cost
 Σ (launch + reads + |Y_i|), the fused op launch + reads + Σ|Y_i|, plus launch + 2·Σ|Y_i| for the Split and
@@ -42,9 +46,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from cnnc import ir
+from cnnc.cost import candidate_id
 from cnnc.linear.hypergraph import Hypergraph
-from cnnc.linear.memory_order import min_peak_order, onnxruntime_default_order
-from cnnc.pipeline.contract import Pass, PassResult
+from cnnc.linear.memory_order import EXACT_LIMIT, min_peak_order, onnxruntime_default_order
+from cnnc.pipeline.contract import Candidate, Pass, PassResult
 
 # Activations onnxruntime folds into a preceding Conv (FusedConv) or Gemm; a fusion puts a Split between them.
 RUNTIME_FUSED_ACTIVATIONS = frozenset({"Relu", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "HardSigmoid"})
@@ -231,6 +236,12 @@ def _emit(graph: gs.Graph, view: Hypergraph, order: list[int]) -> None:
     graph.nodes = [n for n in nodes if n.op == "Constant" and id(n) not in placed] + emitted
 
 
+def _shapes_missing(graph: gs.Graph) -> bool:
+    """Whether some non-constant tensor has no inferred shape or dtype (then shape inference must run first)."""
+    return any(isinstance(t, gs.Variable) and (t.shape is None or t.dtype is None)
+               for node in graph.nodes for t in (*node.inputs, *node.outputs) if not ir.is_empty_input(t))
+
+
 def _figures(view: Hypergraph) -> dict:
     levels = view.levels()
     return {"ops": len(view.edges), "depth": len(levels) - 1, "level_widths": [lv.width for lv in levels],
@@ -253,13 +264,15 @@ class Schedule(Pass):
     launch_cost_bytes: int = 4096  # fixed cost of one kernel launch, in bytes of memory traffic (CPU-calibrated)
     min_fusion_gain: float = 0.0  # a fusion must save more than this fraction of the separate ops' modelled traffic
     state_limit: int = 100_000  # down-sets the exact order search may visit before it falls back to greedy
+    exact_limit: int = EXACT_LIMIT  # above this many ops, linear-time orders only (the exact search is quadratic)
     max_peak_increase: float = 0.0  # a fusion may raise the peak by this fraction of the input order's peak
 
     def run(self, graph: gs.Graph) -> PassResult:
         result = PassResult()
         if not ir.is_topologically_sorted(graph):
             graph.toposort()
-        ir.refresh_shapes(graph)
+        if _shapes_missing(graph):  # the manager refreshes after every change; a direct call may not have
+            ir.refresh_shapes(graph)
         view = Hypergraph.from_graph(graph, self.batch, infer_shapes=False)
         bound = view.peak_bytes()
         result.stats["before"] = _figures(view)
@@ -271,17 +284,35 @@ class Schedule(Pass):
             if any(any(True for _ in n.subgraphs()) for n in graph.nodes):
                 result.skip("node order", "the graph has ops with subgraphs, whose implicit inputs are not modelled")
             else:
-                order, proven = min_peak_order(view, self.state_limit)
-                current, best = view.peak_bytes(), view.peak_bytes(order)
-                kind = "least possible" if proven else "best found (search limit reached)"
-                if best < current:
-                    _emit(graph, view, order)
-                    view = Hypergraph.from_graph(graph, self.batch, infer_shapes=False)
-                    result.did(f"reordered {len(order)} ops: peak live activations {current} -> {best} bytes ({kind})")
-                else:
-                    result.skip("node order", f"the input order's peak of {current} bytes is already the {kind}")
+                view = self._reorder(graph, view, result)
         result.stats["after"] = _figures(view)
         return result
+
+    def _reorder(self, graph: gs.Graph, view: Hypergraph, result: PassResult) -> Hypergraph:
+        """Emit the least-peak order found when it beats the stored one; record the decision as a Candidate."""
+        order, proven = min_peak_order(view, self.state_limit, self.exact_limit)
+        current, best = view.peak_bytes(), view.peak_bytes(order)
+        if proven:
+            kind = "least possible"
+        elif len(view.edges) > self.exact_limit:
+            kind = (f"best linear-time order (the exact search is skipped above exact_limit={self.exact_limit} ops; "
+                    f"this graph has {len(view.edges)})")
+        else:
+            kind = f"best found (search limit of {self.state_limit} states reached)"
+        saves = best < current
+        reason = (f"peak live activations {current} -> {best} bytes ({kind}); the same kernels run on the same "
+                  "bytes, so a new order is free at run time" if saves else
+                  f"the input order's peak of {current} bytes is already the {kind}")
+        result.candidates.append(Candidate(
+            candidate_id(["schedule:node-order", *view.sinks]), "node order", "pays" if saves else "loses", saves,
+            reason, {"peak_bytes_before": current, "peak_bytes_after": best, "ops": len(view.edges),
+                     "proven_least": proven, "peak_is_lower_bound": bool(view.unsized)}))
+        if not saves:
+            result.skip("node order", reason)
+            return view
+        _emit(graph, view, order)
+        result.did(f"reordered {len(order)} ops: peak live activations {current} -> {best} bytes ({kind})")
+        return Hypergraph.from_graph(graph, self.batch, infer_shapes=False)
 
     def _try_fusion(self, graph: gs.Graph, members: list[gs.Node], sizes: dict, bound: int,
                     result: PassResult) -> None:
@@ -300,7 +331,7 @@ class Schedule(Pass):
         position = {id(n): i for i, n in enumerate(graph.nodes)}
         _fuse(trial, [trial.nodes[position[id(m)]] for m in members])
         view = Hypergraph.from_graph(trial, self.batch, infer_shapes=False)
-        order, _ = min_peak_order(view, self.state_limit)
+        order, _ = min_peak_order(view, self.state_limit, self.exact_limit)
         peak = min(view.peak_bytes(order), view.peak_bytes())
         if peak > bound * (1 + self.max_peak_increase):
             result.skip(where, f"fusion would raise the least peak live activations to {peak} bytes, above the "

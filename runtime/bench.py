@@ -44,10 +44,12 @@ import onnx
 import onnxruntime as ort
 
 from cnnc.errors import UsageError
+from cnnc.runtime.artefacts import OpenVinoIR, load_artefact
 from cnnc.runtime.environment import environment
 from cnnc.runtime.feeds import concrete_inputs, make_feeds, static_output_shapes
+from cnnc.runtime.openvino_cpu import prepare_ir
 from cnnc.runtime.peers import peer_models
-from cnnc.runtime.session import cuda_available, first_line, make_session, runnable_model
+from cnnc.runtime.session import cuda_available, first_line, make_session
 from cnnc.runtime.stats import ratio_to_first, summarize
 
 Timer = Callable[[], float]
@@ -114,8 +116,9 @@ class PreparedModel:
 
 def _session_options(threads: int | None, denormal_as_zero: bool, spinning: bool) -> dict:
     entries = {"session.set_denormal_as_zero": "1" if denormal_as_zero else "0"}
+    # Explicit either way: make_session turns intra-op spinning off unless told (cnnc.threads says why).
+    entries["session.intra_op.allow_spinning"] = "1" if spinning else "0"
     if not spinning:
-        entries["session.intra_op.allow_spinning"] = "0"
         entries["session.inter_op.allow_spinning"] = "0"
     return entries
 
@@ -150,7 +153,7 @@ def prepare(model: onnx.ModelProto, label: str, *, provider: str, batch: int | N
     CUDA provider, a capture failure) the plain CUDA session is used and `info["cuda_graph_note"]` says why.
     """
     shapes = concrete_inputs(model, batch, input_shapes)
-    feeds = make_feeds(shapes, seed)
+    feeds = make_feeds(shapes, seed, model)
     outputs = static_output_shapes(model, shapes)
     config = _session_options(threads, denormal_as_zero, spinning)
     info: dict = {"label": label, "requested_provider": provider, "notes": [],
@@ -216,6 +219,15 @@ def prepare(model: onnx.ModelProto, label: str, *, provider: str, batch: int | N
 # ------------------------------------------------------------------------------------------------- benchmark
 
 
+def _prepare_artefact(model, label: str, **options) -> PreparedModel:
+    """`prepare` for a ModelProto; an OpenVINO IR on OpenVINO's CPU plugin (a CPU row, whatever the provider)."""
+    if isinstance(model, OpenVinoIR):
+        run, info, keep_alive = prepare_ir(model.path, label, options["batch"], options["threads"],
+                                           options["seed"], options["timer"])
+        return PreparedModel(label, run, info, keep_alive)
+    return prepare(model, label, **options)
+
+
 def _comparison(prepared: list[PreparedModel], samples: list[list[float]], batch: int, seed: int) -> dict:
     entries = []
     first = prepared[0]
@@ -279,9 +291,11 @@ def bench_models(models: Sequence[onnx.ModelProto | str | Path], labels: Sequenc
     labels = list(labels)
     if len(labels) != len(models):
         raise UsageError(f"{len(models)} models but {len(labels)} labels")
-    protos = [runnable_model(m) for m in models]
+    protos = [load_artefact(m) for m in models]  # ONNX, a Triton model folder, or an OpenVINO .xml
     notes: list[str] = []
     if peers:
+        if isinstance(protos[0], OpenVinoIR):
+            raise UsageError("--peers simplifies the first model: give an ONNX model first")
         found, peer_notes = peer_models(protos[0])
         notes += peer_notes
         protos += [model for _, model in found]
@@ -301,7 +315,7 @@ def bench_models(models: Sequence[onnx.ModelProto | str | Path], labels: Sequenc
     env = environment(device_kind)
     comparisons = []
     for size in _batches(batch):
-        prepared = [prepare(model, label, provider=device_kind, batch=size, input_shapes=input_shapes,
+        prepared = [_prepare_artefact(model, label, provider=device_kind, batch=size, input_shapes=input_shapes,
                             threads=threads, cuda_graph=cuda_graph, cudnn_conv_algo_search=cudnn_conv_algo_search,
                             denormal_as_zero=denormal_as_zero, spinning=spinning, seed=seed, timer=timer,
                             session_factory=session_factory) for model, label in zip(protos, labels)]

@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from cnnc import threads as thread_counts
 from cnnc.errors import ModelError, UsageError
 from cnnc.io import backend, target
 from cnnc.io.onnx_file import load_onnx
@@ -27,11 +28,15 @@ OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
-# Larger serialized models cannot go through an in-memory protobuf; they are written to a temporary folder.
-_IN_MEMORY_LIMIT = 2**31 - 2**26
+SPINNING = "session.intra_op.allow_spinning"  # onnxruntime's config key; "1" (spin) is its default
+
+# Larger models are written to a temporary folder with external data, tensor by tensor, and opened by path:
+# `SerializeToString()` would make a full copy of the weights in Python (and fails past protobuf's 2 GB), and
+# onnxruntime would parse that copy into one more before it builds its own tensors.
+IN_MEMORY_LIMIT_BYTES = 64 << 20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_available() -> bool:
     """True when onnxruntime can actually run a session on its CUDA provider.
 
@@ -53,7 +58,7 @@ def cuda_available() -> bool:
     try:
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CUDAExecutionProvider"])
         return "CUDAExecutionProvider" in session.get_providers()
-    except Exception:  # onnxruntime raises its own hierarchy when no device answers
+    except Exception:  # noqa: BLE001 - onnxruntime raises its own hierarchy when no device answers
         return False
     finally:
         ort.set_default_logger_severity(2)
@@ -79,20 +84,24 @@ def make_session(model: onnx.ModelProto | str | Path, provider: str = "cpu", opt
     """An InferenceSession on `provider` at graph-optimisation level `optimization`.
 
     `extra_options` are session config entries (e.g. `session.set_denormal_as_zero`); `cuda_options` are CUDA
-    provider options (e.g. `enable_cuda_graph`), ignored when the session runs on the CPU.
+    provider options (e.g. `enable_cuda_graph`), ignored when the session runs on the CPU. `threads` defaults to
+    `cnnc.threads.session_threads()` (physical cores, or `CNNC_THREADS`), and intra-op spinning is off unless
+    `extra_options` set it: spinning threads of a check session steal the cores under contention (cnnc.threads).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    for key, value in (extra_options or {}).items():
+    # Fatal only: a failing kernel's error comes back as the exception (with the same text); logged as well, it
+    # would print onnxruntime's C++ signatures on stderr.
+    options.log_severity_level = 4
+    options.intra_op_num_threads = threads or thread_counts.session_threads()
+    entries = {SPINNING: "0", **(extra_options or {})}
+    for key, value in entries.items():
         options.add_session_config_entry(key, value)
     providers = resolve_provider(provider, cuda_options)
     try:
         if isinstance(model, onnx.ModelProto):
             # serialized_size, not ByteSize: protobuf serializes the whole model to compute ByteSize.
-            if serialized_size(model) > _IN_MEMORY_LIMIT:
+            if serialized_size(model) > IN_MEMORY_LIMIT_BYTES:
                 with tempfile.TemporaryDirectory(prefix="cnnc-session-") as folder:
                     path = os.path.join(folder, "model.onnx")
                     backend.save(model, path, external_data=True)  # tensor by tensor: no copy of the model

@@ -1,7 +1,8 @@
 """Execution orders of a hypergraph and their peak live activation memory (seed 002: the ops of one level are
 independent, so any topological order computes the same function; they differ in the bytes alive at once).
 
-`min_peak_order` finds an order of least peak (exact bottleneck search, greedy past a state limit);
+`min_peak_order` finds an order of least peak (exact bottleneck search, greedy past a state limit or above
+`EXACT_LIMIT` ops);
 `greedy_order` is its fallback; `onnxruntime_default_order` reproduces the order onnxruntime runs by default, to
 report the peak a model really sees. Live bytes are counted by `Hypergraph.memory_profile`.
 """
@@ -13,8 +14,12 @@ import math
 
 from cnnc.linear.hypergraph import Hypergraph
 
+# Above this many ops the exact least-peak search is not tried (its cost is quadratic in the ops; see min_peak_order).
+EXACT_LIMIT = 5_000
 
-def min_peak_order(hypergraph: Hypergraph, state_limit: int = 100_000) -> tuple[list[int], bool]:
+
+def min_peak_order(hypergraph: Hypergraph, state_limit: int = 100_000,
+                   exact_limit: int = EXACT_LIMIT) -> tuple[list[int], bool]:
     """An order of least peak live bytes: (order, proven_optimal).
 
     Exact search first. After running a set S of edges (a down-set of the dependency order) the live bytes depend on
@@ -23,10 +28,16 @@ def min_peak_order(hypergraph: Hypergraph, state_limit: int = 100_000) -> tuple[
     +. It visits only down-sets cheaper than the optimum, which for chains with skips (ResNet, DenseNet, U-Net) and
     narrow branching blocks (Inception) is a few per op. Past `state_limit` down-sets it gives up and returns the
     best of the greedy orders below, the stored order and the onnxruntime order instead (not proven optimal).
+
+    Cost. A down-set is a bitmask of `count` bits, so each step of the search costs O(count / 64) word operations and
+    a chain of n ops costs O(n²/64) in all (52 s for a 100k-op chain). Above `exact_limit` ops the search is not
+    tried and the linear-time heuristics below answer directly (`heuristic_order`); the caller says so.
     """
     count = len(hypergraph.edges)
     if count == 0:
         return [], True
+    if count > exact_limit:
+        return heuristic_order(hypergraph), False
     sizes = [sum(hypergraph.size(s) for s in e.outputs) for e in hypergraph.edges]
     pred_mask = [sum(1 << p for p in hypergraph.predecessors(i)) for i in range(count)]
     succ = [sorted(hypergraph.successors(i)) for i in range(count)]
@@ -75,9 +86,16 @@ def min_peak_order(hypergraph: Hypergraph, state_limit: int = 100_000) -> tuple[
             serial += 1
             # Ties go to the larger down-set (finish first) and then to the stored order (stay close to it).
             heapq.heappush(heap, (cost, -after.bit_count(), serial, after, step - freed, next_ready))
+    return heuristic_order(hypergraph), False
+
+
+def heuristic_order(hypergraph: Hypergraph) -> list[int]:
+    """The best, by peak, of the stored order (or its nearest topological order), `greedy_order` and onnxruntime's
+    default order: each is computed and measured in time linear in the ops (greedy: times the ready-set width)."""
+    count = len(hypergraph.edges)
     candidates = [list(range(count)) if hypergraph.is_topological(range(count)) else hypergraph.topological_order(),
                   greedy_order(hypergraph), onnxruntime_default_order(hypergraph)]
-    return min(candidates, key=hypergraph.peak_bytes), False
+    return min(candidates, key=hypergraph.peak_bytes)
 
 
 def greedy_order(hypergraph: Hypergraph) -> list[int]:

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from cnnc.pipeline.contract import Pass, PassResult, PreconditionError
 from cnnc.pipeline.housekeeping import CANONICALIZE, CHECK_MODEL, REFRESH_SHAPES, TIDY, Housekeeping
 from cnnc.pipeline.order import OrderConstraint, order_notes
+from cnnc.pipeline.snapshot import Snapshot
 
 # Called after each pass with (pass, graph); raises (e.g. EquivalenceError) to stop the pipeline.
 VerifyHook = Callable[[Pass, gs.Graph], None]
@@ -93,8 +94,8 @@ def run_pipeline(graph: gs.Graph, passes: list[Pass], verify: VerifyHook | None 
     report = PipelineReport(order_notes=order_notes([p.name for p in passes], constraints))
     _housekeep(report, CANONICALIZE, graph)
     for pass_ in passes:
-        # graph.copy() shares constant arrays; passes never mutate those in place (see cnnc.ir.make_constant).
-        snapshot = graph.copy() if not strict else None
+        # Object state, not a copy (cnnc.pipeline.snapshot): linear and cheap; passes never mutate constant arrays.
+        snapshot = Snapshot(graph) if not strict else None
         start = time.perf_counter()
         error, seconds = None, None
         try:
@@ -109,7 +110,7 @@ def run_pipeline(graph: gs.Graph, passes: list[Pass], verify: VerifyHook | None 
         except Exception as exc:
             if strict:
                 raise
-            graph = snapshot
+            graph = snapshot.restore()
             result = PassResult()
             result.skip("whole graph", f"pass failed and was rolled back: {type(exc).__name__}: {exc}")
             error = f"{type(exc).__name__}: {exc}"

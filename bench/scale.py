@@ -1,0 +1,124 @@
+"""Compile time against node count (issue 16, "Performance and scale"; issue 13, compile speed).
+
+    python bench/scale.py                               # 1k, 10k, 100k nodes, default pipeline (~5 min, 2 cores)
+    python bench/scale.py --nodes 1000,10000 --passes schedule
+
+The model is a chain of `Conv(1x1) -> Relu` pairs on a 1x2x4x4 tensor (2 channels: every tensor and weight is tiny,
+so the time measured is the compiler's per-node work, not arithmetic), built with onnx.helper. For each size it
+records the compile time with the equivalence check off (`cnnc.compile(check=False)`), the seconds of every pass and
+housekeeping step from the report, and the equivalence check timed apart (`runtime.equivalence.check_equivalence`
+on the same models, as `cnnc.compile` runs it). Near-linear scaling means that seconds per 1k nodes stay flat.
+Results: bench/results/scale-<date>.{json,md}, with the environment (load average included: the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+import cnnc
+from cnnc.io.jsonio import write_json, write_text
+from cnnc.runtime.environment import environment
+from cnnc.runtime.equivalence import check_equivalence
+from cnnc.threads import thread_count
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def chain_model(nodes: int, channels: int = 2, size: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """`nodes` ops: nodes // 2 pairs of Conv(1x1, seeded weights) -> Relu, at opset 17."""
+    rng = np.random.default_rng(seed)
+    graph_nodes, weights, previous = [], [], "x"
+    for i in range(nodes // 2):
+        weight = (rng.standard_normal((channels, channels, 1, 1)) / np.sqrt(channels)).astype(np.float32)
+        weights.append(nh.from_array(weight, f"w{i}"))
+        graph_nodes.append(oh.make_node("Conv", [previous, f"w{i}"], [f"c{i}"], name=f"conv{i}"))
+        graph_nodes.append(oh.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
+        previous = f"r{i}"
+    shape = [1, channels, size, size]
+    graph = oh.make_graph(graph_nodes, f"chain{nodes}", [oh.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [oh.make_tensor_value_info(previous, TensorProto.FLOAT, shape)], weights)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+def measure(nodes: int, passes: str | None) -> dict:
+    model = chain_model(nodes)
+    start = time.perf_counter()
+    result = cnnc.compile(model, passes=passes, check=False)
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    equivalence = check_equivalence(result.original, result.model)
+    check_seconds = time.perf_counter() - start
+    report = result.report
+    steps = {record["pass"]: record["seconds"] for record in report["passes"]}
+    housekeeping = {record["pass"]: {"runs": record["runs"], "seconds": record["seconds"]}
+                    for record in report["housekeeping"]}
+    notes = [f"{record['pass']}: {skip['why']}" for record in report["passes"] for skip in record["skipped"]
+             if "limit" in skip["why"]]
+    return {"nodes": nodes, "nodes_after": report["after"]["nodes"], "compile_seconds": round(compile_seconds, 3),
+            "seconds_per_1k_nodes": round(1000 * compile_seconds / nodes, 4),
+            "check_seconds": round(check_seconds, 3), "equivalent": equivalence.passed, "passes": steps,
+            "housekeeping": housekeeping, "threads": report.get("threads"), "limit_notes": notes}
+
+
+def markdown(payload: dict) -> str:
+    env = payload["environment"]
+    lines = [f"# Compile time against node count ({env['date_utc']})", "",
+             f"`{payload['command']}`", "",
+             (f"{env['cpu']}, {env['cpus_usable']} usable CPUs, cnnc threads {payload['threads']}, load average at "
+             f"start {env['loadavg_1_5_15']} (a shared machine: other processes compete for the cores), onnxruntime "
+             f"{env['onnxruntime']}, Python {env['python']}. Model: `Conv(1x1)->Relu` chain, 1x2x4x4."), "",
+             "| nodes | after | compile s (no check) | s / 1k nodes | check s | equivalent | slowest steps (s) |",
+             "|---:|---:|---:|---:|---:|:--:|---|"]
+    for row in payload["rows"]:
+        steps = {**row["passes"], **{k: v["seconds"] for k, v in row["housekeeping"].items()}}
+        slowest = ", ".join(f"{k} {v:.2f}" for k, v in sorted(steps.items(), key=lambda kv: -kv[1])[:4])
+        lines.append(f"| {row['nodes']} | {row['nodes_after']} | {row['compile_seconds']:.2f} | "
+                     f"{row['seconds_per_1k_nodes']:.3f} | {row['check_seconds']:.2f} | "
+                     f"{'yes' if row['equivalent'] else 'NO'} | {slowest} |")
+    lines += ["", "Every pass and housekeeping step, seconds:", ""]
+    names = list(dict.fromkeys(k for row in payload["rows"] for k in [*row["passes"], *row["housekeeping"]]))
+    lines += ["| step | " + " | ".join(str(row["nodes"]) for row in payload["rows"]) + " |",
+              "|---|" + "---:|" * len(payload["rows"])]
+    for name in names:
+        cells = [row["passes"].get(name, row["housekeeping"].get(name, {}).get("seconds")) for row in payload["rows"]]
+        lines.append(f"| {name} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    notes = sorted({note for row in payload["rows"] for note in row["limit_notes"]})
+    if notes:
+        lines += ["", "Limits that applied:", ""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", default="1000,10000,100000", help="comma-separated node counts")
+    parser.add_argument("--passes", default=None, help="pipeline spec (default: cnnc's default pipeline)")
+    parser.add_argument("--out", default=None, help="results stem (default bench/results/scale-<date>)")
+    args = parser.parse_args(argv)
+    rows = []
+    for nodes in (int(n) for n in args.nodes.split(",")):
+        row = measure(nodes, args.passes)
+        print(f"{nodes} nodes: compile {row['compile_seconds']:.2f} s, check {row['check_seconds']:.2f} s, "
+              f"{row['passes']}", flush=True)
+        rows.append(row)
+    payload = {"command": "python bench/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "environment": environment("cpu"), "threads": thread_count(), "passes": args.passes or "default",
+               "rows": rows}
+    stem = Path(args.out) if args.out else RESULTS / f"scale-{datetime.date.today().isoformat()}"
+    write_json(stem.with_suffix(".json"), payload)
+    write_text(stem.with_suffix(".md"), markdown(payload))
+    print(f"wrote {stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
