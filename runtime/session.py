@@ -20,6 +20,7 @@ from cnnc.errors import ModelError, UsageError
 from cnnc.io import backend, target
 from cnnc.io.onnx_file import load_onnx
 from cnnc.ir.weightless import serialized_size
+from cnnc.runtime.ort_errors import ort_reason
 
 OPTIMIZATION_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -111,7 +112,7 @@ def make_session(model: onnx.ModelProto | str | Path, provider: str = "cpu", opt
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented,
             ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as error:
-        raise ModelError(f"onnxruntime cannot load the model: {str(error).strip().splitlines()[0]}") from None
+        raise ModelError(f"onnxruntime cannot load the model: {ort_reason(error)}") from None
 
 
 def runnable_model(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:

@@ -89,10 +89,11 @@ def test_a_failing_save_leaves_the_previous_file_and_no_temporary_files(tmp_path
     out = tmp_path / "model.onnx"
     out.write_bytes(b"previous contents")
 
-    def fail(*args, **kwargs):
+    def fail(model, path):  # the disk fills up half way through the staged file
+        Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnx, "save_model", fail)
+    monkeypatch.setattr(backend, "_write_inline", fail)
     with pytest.raises(ModelError, match=f"cannot write {out}: disk full"):  # the user's error, exit 2
         backend.save(_conv_model(rng), out)
     assert out.read_bytes() == b"previous contents"

@@ -5,10 +5,11 @@ Where the copies went before: the checker and shape inference serialized the mod
 every pass that tested a weight for constness loaded it into numpy, export copied it again through protobuf's
 MergeFrom (which serializes, and fails for a tensor over 2 GB), and the save copied the whole model. Now checking
 and inference see a weightless copy, constness is tested without loading, export and save go tensor by tensor.
-What remains at the peak is the original model, the compiled one, and one tensor in flight: Python's protobuf
-copies a bytes field on every read and every write, so three copies of a one-weight model is the floor of a
-ModelProto-based pipeline (one copy would need the weights to stay external and lazy from input to output).
-The tests below measure the peak in a fresh process with getrusage and bound it by that.
+What remains at the peak of a compile is the original model and the compiled one: an imported weight is copied
+message to message (`CopyFrom`, no transient), a weight a pass made moves into the model and the graph then reads
+it from there. Saving reads each tensor's bytes once (Python's protobuf copies a bytes field on every read), so a
+one-weight model peaks at three copies while it is written. The tests below measure the peak in a fresh process
+with getrusage and bound it by that; bench/memory.py measures the default pipeline with the equivalence check.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from cnnc.io.frontend import load_onnx
 from cnnc.ir.stats import model_stats
 from cnnc.ir.weightless import WEIGHTLESS_MIN_BYTES, serialized_size, weightless_copy
 
-# Peak resident memory of compile + save, in copies of the weights, above the process before compile().
-PEAK_COPIES_BOUND = 3.4
+# Peak resident memory of compile and of compile + save, in copies of the weights, above the process before
+# compile() (measured 2026-11-30: 2.00 and 3.00; before: 3.35 for both).
+PEAK_COPIES_BOUND = {"compile": 2.2, "save": 3.1}
 
 
 def _write_gemm_model(folder: Path, k: int, n: int) -> Path:
@@ -46,8 +48,7 @@ def _write_gemm_model(folder: Path, k: int, n: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     columns = np.arange(n, dtype=np.int64)
     with open(folder / "weights.bin", "wb") as data:
-        for row in range(k):
-            data.write((((row + columns) % 7 - 3) / 8).astype(np.float32).tobytes())
+        data.writelines((((row + columns) % 7 - 3) / 8).astype(np.float32).tobytes() for row in range(k))
     weight = onnx.TensorProto(name="W", data_type=onnx.TensorProto.FLOAT, dims=[k, n],
                               data_location=onnx.TensorProto.EXTERNAL)
     for key, value in (("location", "weights.bin"), ("offset", "0"), ("length", str(k * n * 4))):
@@ -76,7 +77,13 @@ import onnx, onnx.helper as oh
 import cnnc
 
 def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: this process's own high-water mark. Linux carries ru_maxrss across exec, so a child of a big pytest
+    # process would start with pytest's resident size as its "peak" and hide what compile() adds.
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 # Warm up on a one-node model, so that imports and first-call allocations are not counted.
 tiny = oh.make_model(oh.make_graph([oh.make_node("Relu", ["x"], ["y"])], "tiny",
@@ -99,7 +106,7 @@ def _compile_and_save_in_a_fresh_process(model: Path, out: Path) -> dict:
     # cwd away from the repository: `python -c` puts the current folder first on sys.path, and the checkout's
     # cnnc/ has no mapped cnnc.passes (the installed package is what must be measured).
     done = subprocess.run([sys.executable, "-c", MEASURE, str(model), str(out)], capture_output=True, text=True,
-                          timeout=1200, cwd=model.parent)
+                          timeout=1200, cwd=model.parent, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -116,10 +123,10 @@ def _check_big_output(out: Path, k: int, n: int) -> None:
 def _assert_peak(figures: dict, weight_bytes: int) -> None:
     for stage in ("compile", "save"):
         copies = (figures[stage] - figures["before"]) / weight_bytes
-        assert copies <= PEAK_COPIES_BOUND, f"{stage}: peak {copies:.2f} copies of the weights"
+        assert copies <= PEAK_COPIES_BOUND[stage], f"{stage}: peak {copies:.2f} copies of the weights"
 
 
-def test_compile_and_save_hold_at_most_three_copies_of_the_weights(tmp_path):
+def test_compile_holds_two_copies_of_the_weights_and_save_three(tmp_path):
     k, n = 1024, 48 * 1024  # 192 MiB of weights: well above the noise of the interpreter's own allocations
     model = _write_gemm_model(tmp_path / "model", k, n)
     out = tmp_path / "out" / "compiled.onnx"
@@ -261,3 +268,103 @@ def test_save_writes_external_data_tensor_by_tensor_and_aligns_large_ones(tmp_pa
     for a, b in zip(reloaded.graph.initializer, model.graph.initializer):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
     assert os.path.getsize(tmp_path / "m.onnx") < 1024
+
+
+# --- memory: weights a pass made, the check's sessions, the report -------------------------------------------------
+
+def _graph_with_a_made_weight(model: onnx.ModelProto) -> tuple[gs.Graph, np.ndarray]:
+    """The graph of `model` with W replaced by a new constant 2·W, as fold-bn replaces a Conv's weight."""
+    graph = ir.import_model(model)
+    matmul = graph.nodes[0]
+    made = ir.make_constant("W_folded", ir.constant_value(matmul.inputs[1]) * 2, graph)
+    matmul.inputs = [matmul.inputs[0], made]
+    return ir.tidy(graph), np.array(made.values)
+
+
+def test_a_weight_a_pass_made_is_never_embedded_in_the_weightless_export(rng):
+    model = _model_with_a_large_and_a_small_weight(rng)
+    graph, _ = _graph_with_a_made_weight(model)
+    light, large = ir.export_weightless(graph)
+    assert [t.name for t in large] == ["W_folded"]  # Constant.copy() set _export_dtype: it was embedded
+    assert light.ByteSize() < 4096
+    assert "W_folded" in [v.name for v in light.graph.input]
+
+
+def test_emit_with_release_moves_a_made_weight_into_the_model(rng):
+    model = _model_with_a_large_and_a_small_weight(rng)
+    graph, made = _graph_with_a_made_weight(model)
+    compiled = backend.to_model(graph, template=model, release=True)
+    constant = graph.tensors()["W_folded"]
+    assert not isinstance(constant._values, np.ndarray)  # the graph reads it from the model now
+    stored = next(t for t in compiled.graph.initializer if t.name == "W_folded")
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(stored), made)
+    np.testing.assert_array_equal(constant.values, made)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(run_model(compiled, {"x": x})[0], 2 * run_model(model, {"x": x})[0], rtol=1e-5)
+
+
+def test_reading_an_imported_weight_does_not_cache_a_copy_in_the_graph(rng):
+    model = _model_with_a_large_and_a_small_weight(rng)
+    weight = ir.import_model(model).tensors()["W"]
+    value = ir.constant_value(weight)
+    assert not isinstance(weight._values, np.ndarray)
+    np.testing.assert_array_equal(value, onnx.numpy_helper.to_array(model.graph.initializer[1]))
+
+
+def test_an_inline_save_is_onnx_save_byte_for_byte_without_serializing_the_model(tmp_path, rng):
+    model = _model_with_a_large_and_a_small_weight(rng)
+    model.doc_string, model.producer_name = "doc", "cnnc-test"
+    model.metadata_props.add(key="k", value="v")
+    written = backend.save(model, tmp_path / "m.onnx", external_data=False)
+    assert written == [tmp_path / "m.onnx"]
+    assert (tmp_path / "m.onnx").read_bytes() == model.SerializeToString()
+
+
+def test_the_candidate_session_opens_only_after_the_reference_ran(rng):
+    from cnnc.runtime.equivalence import CandidateRunner, check_runner
+
+    model, calls = _conv_model(rng), []
+    runner = CandidateRunner(run=lambda feed: calls.append("run") or run_model(model, feed), output_names=["y"],
+                             input_types={"x": np.dtype(np.float32)}, output_types=["float32"],
+                             prepare=lambda: calls.append("prepare"))
+    assert check_runner(model, runner, n=2).passed
+    assert calls[0] == "prepare" and calls.count("prepare") == 1 and calls.count("run") >= 2
+
+
+def test_the_reference_is_read_from_its_file_only_while_that_file_is_unchanged(tmp_path, rng):
+    from cnnc.api import _file_state, _reference_path
+
+    source = tmp_path / "m.onnx"
+    onnx.save(_conv_model(rng), source)
+    state, loaded = _file_state(str(source)), load_onnx(source)
+    assert _reference_path(state, loaded, loaded) == str(source)
+    assert _reference_path(state, loaded, onnx.ModelProto()) is None  # a stamped copy is not the file
+    os.utime(source, ns=(1, 1))  # the file changed after it was read
+    assert _reference_path(state, loaded, loaded) is None
+    assert _file_state(loaded) is None and _file_state(str(tmp_path / "absent.onnx")) is None
+
+
+def test_compile_reports_peak_rss_per_stage_in_json(tmp_path, rng):
+    source = tmp_path / "m.onnx"
+    onnx.save(_conv_model(rng), source)
+    result = CliRunner().invoke(cli, ["compile", str(source), "-o", str(tmp_path / "out.onnx"), "--json",
+                                      str(tmp_path / "report.json")])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    stages = report["peak_rss"]
+    assert list(stages) == ["start", "load", "passes", "emit", "check"]
+    assert list(stages.values()) == sorted(stages.values()) and stages["start"] > 10 << 20  # bytes, not KiB
+    assert report["peak_rss_bytes"] == stages["check"]
+
+
+def test_unchanged_compares_weights_by_value_one_at_a_time(rng):
+    from cnnc.runtime.identity import same_model
+
+    model = _model_with_a_large_and_a_small_weight(rng)
+    same, changed = onnx.ModelProto(), onnx.ModelProto()
+    same.CopyFrom(model)
+    changed.CopyFrom(model)
+    values = onnx.numpy_helper.to_array(changed.graph.initializer[1]).copy()
+    values[-1, -1] += 1
+    changed.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(values, "W"))
+    assert same_model(model, same) and not same_model(model, changed)

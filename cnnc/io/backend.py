@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from cnnc import ir
 from cnnc.errors import ModelError
@@ -38,11 +39,14 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**26
 _before_replace = None
 
 
-def _export(graph: gs.Graph) -> onnx.ModelProto:
+def _export(graph: gs.Graph, release: bool = False) -> onnx.ModelProto:
     """graphsurgeon's export, except that each large constant is written into the model field by field: its
     export would go through protobuf's MergeFrom, which serializes the tensor (one more copy of it, and an error
-    for a tensor over 2 GB). An untouched imported weight is copied from its TensorProto, never through numpy."""
+    for a tensor over 2 GB). An untouched imported weight is copied from its TensorProto, never through numpy.
+    `release`: each large array a pass made is dropped once written; the graph's constant reads the model's
+    TensorProto instead (the same values), so the weights are held once, in the model."""
     model, large = ir.export_weightless(graph, do_type_check=True)
+    constants = graph.tensors() if release else {}
     names = {tensor.name for tensor in large}
     kept = [value for value in model.graph.input if value.name not in names]
     del model.graph.input[:]
@@ -54,15 +58,23 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
             proto.name, proto.data_type = tensor.name, onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
             proto.dims.extend(values.shape)
             proto.raw_data = np.ascontiguousarray(values).tobytes()
-        else:  # graphsurgeon's LazyValues: the imported TensorProto itself
-            copy_fields(values.tensor, proto)
+            if release:  # the copy in `large` and the graph's constant share the array: both let go of it
+                tensor._values = constants[tensor.name]._values = LazyValues(proto)
+            del values
+        else:  # graphsurgeon's LazyValues: the imported TensorProto itself. CopyFrom copies message to message
+            # (measured: no transient); reading `raw_data` into Python would make one more copy of the tensor.
+            proto.CopyFrom(values.tensor)
             proto.name = tensor.name
     return model
 
 
-def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """Export `graph` with an IR version and opset onnxruntime accepts, keeping the template's metadata."""
-    model = _export(graph)
+def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None, release: bool = False) -> onnx.ModelProto:
+    """Export `graph` with an IR version and opset onnxruntime accepts, keeping the template's metadata.
+
+    `release` (for a graph the caller is done with, or will only read): large weights that passes made move into
+    the model instead of being copied, and the graph's constants read them from there; the model must then not be
+    modified in place while the graph is in use."""
+    model = _export(graph, release)
     if template is not None:
         model.producer_name = template.producer_name or model.producer_name
         model.model_version = template.model_version
@@ -211,6 +223,43 @@ def _write_with_external_data(model: onnx.ModelProto, model_path: Path, data_pat
     return True
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _fields_by_number(message, low: int, high: int):
+    """A copy of `message` with only its fields numbered in [low, high) (no value of another field is read)."""
+    part = type(message)()
+    copy_fields(message, part, skip=tuple(f.name for f in message.DESCRIPTOR.fields if not low <= f.number < high))
+    return part
+
+
+def _write_inline(model: onnx.ModelProto, path: Path) -> None:
+    """`onnx.save_model(model, path)` byte for byte, without `SerializeToString()` of the whole model (a full copy of
+    the weights in Python, and one more inside protobuf): protobuf writes a message's fields in field-number order,
+    so the file is the model's fields before `graph` (7), the graph's tag and length, the graph's fields before
+    `initializer` (5), each initializer serialized on its own, the graph's fields after it, and the model's after
+    `graph`. Each initializer is serialized twice (its size first, for the graph's length), one at a time."""
+    graph = model.graph
+    initializer_tag, graph_tag = b"\x2a", b"\x3a"  # (5 << 3) | 2 and (7 << 3) | 2: length-delimited fields
+    before, after = _fields_by_number(graph, 0, 5), _fields_by_number(graph, 6, 1 << 29)
+    sizes = [len(tensor.SerializeToString()) for tensor in graph.initializer]
+    graph_size = before.ByteSize() + after.ByteSize() + sum(1 + len(_varint(n)) + n for n in sizes)
+    with open(path, "wb") as out:
+        out.write(_fields_by_number(model, 0, 7).SerializeToString())
+        out.write(graph_tag + _varint(graph_size) + before.SerializeToString())
+        for tensor, size in zip(graph.initializer, sizes):
+            out.write(initializer_tag + _varint(size))
+            out.write(tensor.SerializeToString())
+        out.write(after.SerializeToString())
+        out.write(_fields_by_number(model, 8, 1 << 29).SerializeToString())
+
+
 def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = None,
          notes: list[str] | None = None) -> list[Path]:
     """Write `model` to `path` atomically; returns the files written. `external_data=None` decides by size.
@@ -261,7 +310,7 @@ def _save_staged(model: onnx.ModelProto, path: Path, folder: Path, use_external:
             else:  # no tensor qualified (a model without initializers): no data file
                 data_name = None
         else:
-            onnx.save_model(model, staged_model)
+            _write_inline(model, staged_model)
         _fsync_file(staged_model)
         if _before_replace is not None:
             _before_replace()

@@ -9,13 +9,17 @@ graphsurgeon pitfalls this module exists to contain:
 from __future__ import annotations
 
 import gc
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from cnnc.ir.weightless import WEIGHTLESS_MIN_BYTES
+from cnnc.ir.fold_shapes import fold_shape_reads
+from cnnc.ir.library_log import routed_graphsurgeon_log
+from cnnc.ir.weightless import WEIGHTLESS_MIN_BYTES, tensor_nbytes
 
 # Tensors larger than this are never materialised by constant folding (a folded Tile or Expand could be huge).
 FOLD_SIZE_LIMIT_BYTES = 64 << 20
@@ -67,17 +71,23 @@ def conv_geometry(node: gs.Node) -> ConvGeometry:
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a tensor that is a constant (an initializer or the output of a Constant node), else None."""
+    """The value of a tensor that is a constant (an initializer or the output of a Constant node), else None. An
+    unloaded imported weight is read into a fresh array, never cached in the constant (`.values` would keep that
+    copy as long as the constant lives: in the rollback snapshot, for a whole pass even after a pass replaced it)."""
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return _read(tensor)
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         producer = tensor.inputs[0]
         attr = producer.attrs.get("value")
         if isinstance(attr, gs.Constant):
-            return np.asarray(attr.values)
+            return _read(attr)
         if isinstance(attr, np.ndarray):
             return attr
     return None
+
+
+def _read(constant: gs.Constant) -> np.ndarray:
+    return np.asarray(constant._values.load() if isinstance(constant._values, LazyValues) else constant.values)
 
 
 def is_constant(tensor: gs.Tensor) -> bool:
@@ -174,8 +184,9 @@ def tidy(graph: gs.Graph) -> gs.Graph:
     graphsurgeon's toposort regroups all nodes by depth level, so it is run only when the order is not already
     topological: an order that is valid (the exporter's, or the one the schedule pass chose for peak memory) is kept.
     """
-    graph.cleanup(remove_unused_graph_inputs=False)
-    return graph if is_topologically_sorted(graph) else graph.toposort()
+    with routed_graphsurgeon_log():
+        graph.cleanup(remove_unused_graph_inputs=False)
+        return graph if is_topologically_sorted(graph) else graph.toposort()
 
 
 def is_topologically_sorted(graph: gs.Graph) -> bool:
@@ -207,12 +218,13 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     inputs, as Variables: graphsurgeon drops them from the inputs and imports them as Constants, which every pass
     (and its constant folding) would then bake in. Their defaults are the template's business at export
     (`cnnc.io.backend.to_model`)."""
-    graph = gs.import_onnx(model)
+    with routed_graphsurgeon_log():  # e.g. "Model does not contain ONNX domain opset information!"
+        graph = gs.import_onnx(model)
     shadowed = shadowed_input_names(model.graph, model.ir_version)
     if not shadowed:
         return graph
     declared = {value.name: value for value in model.graph.input}
-    tensors = graph.tensors()
+    tensors = _tensors_in_every_scope(graph)  # an input read only inside an If branch is no tensor of the outer one
     variables: dict[int, gs.Variable] = {}
     inputs = []
     for value in model.graph.input:
@@ -243,12 +255,35 @@ def _rewire(graph: gs.Graph, replacements: dict[int, gs.Tensor]) -> None:
             _rewire(subgraph, replacements)
 
 
+def _tensors_in_every_scope(graph: gs.Graph) -> dict[str, gs.Tensor]:
+    """`graph.tensors()` and those of its subgraphs, by name (names are unique across scopes; the outer one wins)."""
+    found = dict(graph.tensors())
+    for node in graph.nodes:
+        for subgraph in node.subgraphs():
+            for name, tensor in _tensors_in_every_scope(subgraph).items():
+                found.setdefault(name, tensor)
+    return found
+
+
 def fold_constant_subgraphs(graph: gs.Graph) -> gs.Graph:
     """Evaluate the constant sub-graphs that exporters emit (torch's F.pad gives ConstantOfShape/Concat/Slice/
     Reshape chains) so that passes see plain constants. graphsurgeon evaluates them with onnxruntime's CPU provider.
+
+    Shape reads are folded by `cnnc.ir.fold_shapes` (graphsurgeon 0.6.1's own shape folds ignore Shape's start/end),
+    never by graphsurgeon. A constant-condition If is inlined only when no branch holds a node with a subgraph:
+    graphsurgeon leaves an inlined nested If out of topological order (onnx's affine_grid expansion).
     """
-    graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_SIZE_LIMIT_BYTES)
+    fold_shape_reads(graph)
+    with routed_graphsurgeon_log():
+        graph.fold_constants(fold_shapes=False, error_ok=True, size_threshold=FOLD_SIZE_LIMIT_BYTES,
+                             flatten_subgraphs=not _has_nested_subgraphs(graph))
     return tidy(graph)
+
+
+def _has_nested_subgraphs(graph: gs.Graph) -> bool:
+    """Whether a subgraph of `graph` (at any depth below the top) has a node with a subgraph of its own."""
+    return any(any(True for _ in inner.subgraphs()) for node in graph.nodes for subgraph in node.subgraphs()
+               for inner in subgraph.nodes)
 
 
 def _plain_values(constant: gs.Constant) -> bool:
@@ -264,18 +299,21 @@ def export_weightless(graph: gs.Graph, do_type_check: bool = False) -> tuple[onn
     """`graph` exported with its large constants declared as graph inputs, and those constants (which share their
     values with `graph`'s). Shape inference needs their types and shapes, not their values; exporting the values
     would copy every weight through protobuf's MergeFrom, which serializes it (see cnnc.ir.weightless)."""
+    # Constant.copy() sets `_export_dtype` on every copy, so that no array would be plain: judge the originals.
+    plain = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant) and _plain_values(t)}
     light = graph.copy()  # shares the constants' values, so the conversion below leaves `graph` alone
     large = []
     for tensor in list(light.tensors().values()):
         if isinstance(tensor, gs.Constant) and tensor._values.nbytes >= WEIGHTLESS_MIN_BYTES and \
-                not is_graph_output(light, tensor) and _plain_values(tensor):
+                not is_graph_output(light, tensor) and tensor.name in plain:
             declared = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
             for consumer in list(tensor.outputs):
                 consumer.inputs = [declared if t is tensor else t for t in consumer.inputs]
             light.inputs.append(declared)
             large.append(tensor)
     _detach_renamed_protos(light)  # after the large ones left: those are written field by field, never renamed
-    return gs.export_onnx(light, do_type_check=do_type_check), large
+    with routed_graphsurgeon_log():
+        return gs.export_onnx(light, do_type_check=do_type_check), large
 
 
 def _detach_renamed_protos(graph: gs.Graph) -> None:
@@ -323,21 +361,26 @@ def refresh_shapes(graph: gs.Graph) -> gs.Graph:
     return graph
 
 
-def unread_constants(graph: gs.Graph) -> list[tuple[gs.Constant, object]]:
-    """The constants whose values graphsurgeon has not loaded yet, each with its lazy loader (which holds the
-    model's TensorProto). Taken right after import, for `forget_loaded_values` before export."""
-    return [(t, t._values) for t in graph.tensors().values()
+def unread_constants(graph: gs.Graph) -> list[tuple[weakref.ref, object]]:
+    """The constants whose values graphsurgeon has not loaded yet, each (by weak reference: a constant that a pass
+    replaced must not keep its loaded array alive) with its lazy loader, which holds the model's TensorProto. Taken
+    right after import, for `forget_loaded_values` before export."""
+    return [(weakref.ref(t), t._values) for t in graph.tensors().values()
             if isinstance(t, gs.Constant) and not isinstance(t._values, np.ndarray)]
 
 
-def forget_loaded_values(graph: gs.Graph, unread: list[tuple[gs.Constant, object]]) -> None:
+def forget_loaded_values(graph: gs.Graph, unread: list[tuple[weakref.ref, object]]) -> None:
     """Give each constant that a pass read (`tensor.values` replaces the lazy loader with an array for good) its
     loader back, so that export reuses the model's TensorProto instead of copying the array into a new one (two
     copies of every weight a pass merely looked at). Passes never modify a constant's values (see make_constant);
     the values are compared with the loader's anyway, one tensor at a time, and kept if they differ."""
     alive = {id(t) for t in graph.tensors().values()}
-    restored_bytes = 0
-    for tensor, loader in unread:
+    imported_bytes = sum(tensor_nbytes(loader.tensor) for _, loader in unread
+                         if isinstance(getattr(loader, "tensor", None), onnx.TensorProto))
+    for reference, loader in unread:
+        tensor = reference()
+        if tensor is None:
+            continue
         values = tensor._values
         source = getattr(loader, "tensor", None)
         if id(tensor) not in alive or not isinstance(values, np.ndarray) or not isinstance(source, onnx.TensorProto):
@@ -345,16 +388,12 @@ def forget_loaded_values(graph: gs.Graph, unread: list[tuple[gs.Constant, object
         original = onnx.numpy_helper.to_array(source)
         if original.dtype == values.dtype and np.array_equal(original, values):
             tensor._values = loader
-            restored_bytes += values.nbytes
         del values, original
-    # Graph copies that passes made and dropped hold loaded arrays too, in graphsurgeon's reference cycles (a
-    # tensor and the lists of its readers point at each other), which only the cycle collector frees. A collection
-    # costs a tenth of a second with torch loaded: worth it only when it frees weights that matter.
-    if restored_bytes >= GC_AFTER_BYTES:
+    # Constants that passes replaced and graph copies they dropped hold loaded arrays in graphsurgeon's reference
+    # cycles (a tensor and its readers' lists), which only the collector frees: 0.1 s, worth it for big weights.
+    if imported_bytes >= GC_AFTER_BYTES:
         gc.collect()
 
 
 def tensor_rank(tensor: gs.Tensor) -> int | None:
-    if isinstance(tensor, gs.Constant):
-        return tensor.values.ndim
-    return len(tensor.shape) if tensor.shape is not None else None
+    return len(tensor.shape) if tensor.shape is not None else None  # a Constant's shape: from its loader, no load
