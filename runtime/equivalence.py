@@ -29,6 +29,8 @@ import onnx
 from cnnc.errors import EquivalenceError, ModelError
 from cnnc.io.precision import Tolerance, dtype_name, is_float, looser, precision_tolerance
 from cnnc.runtime.inputs import make_input_batches
+from cnnc.runtime.ort_errors import ort_reason
+from cnnc.runtime.parameter_inputs import parameter_roles, unknown_parameter_inputs
 from cnnc.runtime.session import make_session
 
 FLOAT16_OVERFLOW_HINT = "float16 holds no value beyond ±65504: an activation or weight overflows"
@@ -162,9 +164,24 @@ def _output_types(model: onnx.ModelProto) -> list[str | None]:
             if o.type.tensor_type.elem_type else None for o in model.graph.output]
 
 
+def check_input_failure(reference: onnx.ModelProto, error: Exception, given: bool) -> str:
+    """One sentence for an original that fails on its check input: onnxruntime's reason, and what the user can do
+    (the inputs whose valid values cnnc cannot derive from an op's constraints, named)."""
+    reason = ort_reason(error)
+    if given:
+        return f"the original model fails on the given inputs ({reason})"
+    unknown = unknown_parameter_inputs(reference, parameter_roles(reference))
+    if unknown:
+        return (f"the original model fails on made-up values of input {', '.join(unknown)}, whose valid values cnnc "
+                f"cannot derive ({reason}); give valid ones with inputs= (--inputs name:file.npy)")
+    return (f"the original model fails on its made-up check input ({reason}); give inputs it accepts with inputs= "
+            f"(--inputs name:file.npy)")
+
+
 def check_equivalence(reference: onnx.ModelProto, candidate: onnx.ModelProto, n: int = 2, seed: int = 0,
                       rtol: float | None = None, atol: float | None = None, input_shapes=None, user_inputs=None,
-                      compute_dtype: str | None = None, provider: str = "cpu") -> EquivalenceReport:
+                      compute_dtype: str | None = None, provider: str = "cpu",
+                      reference_path: str | None = None) -> EquivalenceReport:
     """Run both models on the same seeded inputs and compare every output, each at its dtype's tolerance.
 
     `rtol`/`atol` (when given) replace the per-dtype defaults for every output; `compute_dtype` ("float16") is the
@@ -172,16 +189,27 @@ def check_equivalence(reference: onnx.ModelProto, candidate: onnx.ModelProto, n:
     reference always runs on the CPU). Differing values are reported (`report.passed`), never raised; a structural
     mismatch (other output names or shapes, or a candidate that fails on an input the original accepts) raises
     EquivalenceError.
+
+    Memory: the candidate's session is opened only after the reference has run on every feed and its session is
+    gone, so that at most one of them holds the weights; `reference_path` (the file `reference` was read from,
+    unchanged) lets onnxruntime read the reference from disk instead of from a serialized copy of the proto.
     """
-    cand_session = make_session(candidate, provider, "disabled")
     cand_names = [o.name for o in candidate.graph.output]
-    fed = {i.name for i in cand_session.get_inputs() + cand_session.get_overridable_initializers()}
+    sessions = {}
+
+    def open_candidate() -> None:
+        sessions["candidate"] = make_session(candidate, provider, "disabled")
+
+    # What onnxruntime lets a caller feed: the graph inputs (with IR >= 4 an input with an initializer is an
+    # overridable one; before IR 4 every initializer is listed among the inputs and is a constant).
+    constants = {t.name for t in candidate.graph.initializer} if candidate.ir_version < 4 else set()
+    fed = {value.name for value in candidate.graph.input} - constants
     candidate_side = CandidateRunner(
-        run=lambda feed: cand_session.run(cand_names, feed), output_names=cand_names,
+        run=lambda feed: sessions["candidate"].run(cand_names, feed), output_names=cand_names,
         input_types={name: dtype for name, dtype in _input_types(candidate).items() if name in fed},
-        output_types=_output_types(candidate))
+        output_types=_output_types(candidate), prepare=open_candidate)
     return check_runner(reference, candidate_side, n=n, seed=seed, rtol=rtol, atol=atol, input_shapes=input_shapes,
-                        user_inputs=user_inputs, compute_dtype=compute_dtype)
+                        user_inputs=user_inputs, compute_dtype=compute_dtype, reference_path=reference_path)
 
 
 @dataclass
@@ -195,38 +223,45 @@ class CandidateRunner:
     output_names: list[str]
     input_types: dict[str, np.dtype | None]
     output_types: list[str | None]
+    prepare: Callable[[], None] | None = None  # called once before the first run (opens a session lazily)
 
 
 def check_runner(reference: onnx.ModelProto, candidate: CandidateRunner, n: int = 2, seed: int = 0,
                  rtol: float | None = None, atol: float | None = None, input_shapes=None, user_inputs=None,
-                 compute_dtype: str | None = None) -> EquivalenceReport:
+                 compute_dtype: str | None = None, reference_path: str | None = None) -> EquivalenceReport:
     """`check_equivalence` against a candidate that runs anywhere: the reference on onnxruntime's CPU provider with
-    optimisations off, the same seeded inputs (`make_input_batches`), the same per-dtype rules."""
+    optimisations off, the same seeded inputs (`make_input_batches`), the same per-dtype rules. The reference runs
+    on every feed first and its session is closed before `candidate.prepare`."""
     ref_names = [o.name for o in reference.graph.output]
     cand_names = list(candidate.output_names)
     if ref_names != cand_names:
         raise EquivalenceError(f"outputs differ: original {ref_names}, compiled {cand_names}")
     feeds = make_input_batches(reference, n=n, seed=seed, input_shapes=input_shapes, user_inputs=user_inputs)
-    ref_session = make_session(reference, "cpu", "disabled")
+    ref_session = make_session(reference_path if reference_path is not None else reference, "cpu", "disabled")
     compute = dtype_name(compute_dtype) if compute_dtype is not None else None
     report = EquivalenceReport(rtol=rtol, atol=atol, feeds=len(feeds), compute_dtype=compute)
     for name, ref_type, cand_type in zip(ref_names, _output_types(reference), candidate.output_types):
         tolerance = output_tolerance(ref_type or cand_type or "float32", cand_type or ref_type or "float32",
                                      compute, rtol, atol)
         report.outputs.append(OutputError(name, tolerance.dtype, tolerance.rtol, tolerance.atol))
-    for feed in feeds:
+    pairs = [_feed_pair(feed, candidate.input_types) for feed in feeds]
+    expected_per_feed = []
+    for feed, (ref_feed, _) in zip(feeds, pairs):
         report.shapes.append({name: list(value.shape) for name, value in feed.items()})
-        ref_feed, cand_feed = _feed_pair(feed, candidate.input_types)
         try:
-            expected = ref_session.run(ref_names, ref_feed)
+            expected_per_feed.append(ref_session.run(ref_names, ref_feed))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
-            raise ModelError(f"the original model fails on its check input: {str(exc).splitlines()[0]}") from None
+            raise ModelError(check_input_failure(reference, exc, bool(user_inputs))) from None
+    del ref_session  # its weights go before the candidate's come
+    if candidate.prepare is not None:
+        candidate.prepare()
+    for feed, (_, cand_feed), expected in zip(feeds, pairs, expected_per_feed):
         try:
             got = candidate.run(cand_feed)
         except Exception as exc:  # noqa: BLE001 - e.g. a rewrite that hard-codes batch 1 fails at batch 3
             shapes = {name: list(value.shape) for name, value in feed.items()}
             raise EquivalenceError(f"the compiled model fails on an input the original accepts ({shapes}): "
-                                   f"{str(exc).strip().splitlines()[0]}") from None
+                                   f"{ort_reason(exc)}") from None
         for error, a, b in zip(report.outputs, expected, got):
             _compare(error, np.asarray(a), np.asarray(b))
     return report

@@ -13,6 +13,7 @@ import onnx
 from cnnc.errors import UsageError
 from cnnc.ir.shapes import concrete_shape, is_fixed
 from cnnc.runtime.inputs import graph_inputs, parse_input_shapes, random_array, shape_hint
+from cnnc.runtime.parameter_inputs import draw_parameters, parameter_roles, static_shapes
 
 
 def concrete_inputs(model: onnx.ModelProto, batch: int | None, input_shapes=None) -> dict[str, tuple]:
@@ -43,10 +44,15 @@ def concrete_inputs(model: onnx.ModelProto, batch: int | None, input_shapes=None
     return result
 
 
-def make_feeds(shapes: dict[str, tuple], seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded N(0, 1) floats (unit-scale data: no subnormal inputs), small non-negative integers, random booleans."""
+def make_feeds(shapes: dict[str, tuple], seed: int = 0, model: onnx.ModelProto | None = None) -> dict[str, np.ndarray]:
+    """Seeded N(0, 1) floats (unit-scale data: no subnormal inputs), small non-negative integers, random booleans;
+    with `model`, inputs that are op parameters (axes, shapes, indices...) are drawn valid, as for the check."""
     rng = np.random.default_rng(seed)
-    return {name: random_array(rng, shape, dtype, normal=True) for name, (shape, dtype) in shapes.items()}
+    feeds = {name: random_array(rng, shape, dtype, normal=True) for name, (shape, dtype) in shapes.items()}
+    roles = parameter_roles(model) if model is not None else {}
+    if roles:
+        draw_parameters(roles, feeds, static_shapes(model), rng)
+    return feeds
 
 
 def static_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> dict[str, tuple] | None:
@@ -67,7 +73,7 @@ def static_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> di
     for output in inferred.graph.output:
         tensor_type = output.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-        if not tensor_type.HasField("shape") or any(d is None or d <= 0 for d in dims):
+        if not tensor_type.HasField("shape") or any(d is None for d in dims):  # 0 is a real, empty size
             return None
         result[output.name] = (tuple(dims), np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)))
     return result

@@ -2,7 +2,9 @@
 
 Every graph input gets a concrete shape: fixed dims as declared; the leading symbolic dim is the batch (checked at
 batch 1 and at a second batch size); other symbolic dims must be given (`--input-shape name:d0,d1,...`).
-Float inputs alternate between uniform [0, 1) and normal N(0, 1) batches. An input with a default (IR >= 4) is fed
+Float inputs alternate between uniform [0, 1) and normal N(0, 1) batches; integers are 0..3, except inputs that
+are op parameters (axes, shapes, indices, split sizes, divisors: `cnnc.runtime.parameter_inputs`), drawn within the
+op's constraints. Zero-size dims are real sizes; 0-d inputs are 0-d arrays. An input with a default (IR >= 4) is fed
 random values like any other, and one more feed omits it, so that both models run on their defaults too.
 """
 
@@ -18,6 +20,7 @@ from cnnc.errors import UsageError
 from cnnc.io.precision import is_float
 from cnnc.ir.graph import shadowed_input_names
 from cnnc.ir.shapes import concrete_shape, is_fixed
+from cnnc.runtime.parameter_inputs import draw_parameters, parameter_roles, static_shapes
 
 SECOND_BATCH = 3  # an odd batch size: catches rewrites that hard-code batch 1 or an even batch
 
@@ -98,8 +101,8 @@ def _concrete_shapes(specs: list[InputSpec], given: dict[str, tuple[int, ...]], 
 
 
 def shape_hint(name: str) -> str:
-    """How a user gives the symbolic dims of input `name` on the command line."""
-    return f"give it with --input-shape {name}:d0,d1,..."
+    """How a user gives the symbolic dims of input `name`: through the API and on the command line."""
+    return f"give it with input_shapes={{'{name}': (d0, d1, ...)}} (--input-shape {name}:d0,d1,... on the command line)"
 
 
 def has_dynamic_batch(specs: list[InputSpec]) -> bool:
@@ -110,10 +113,10 @@ def random_array(rng: np.random.Generator, shape: tuple, dtype: np.dtype, normal
     """Floats N(0, 1) (`normal`) or uniform [0, 1), booleans at random, integers in 0..3 (valid as small indices)."""
     if is_float(dtype):  # numpy's floats and ml_dtypes' bfloat16 (numpy kind 'V'): drawn in float64, rounded once
         values = rng.standard_normal(shape) if normal else rng.random(shape)
-        return values.astype(dtype)
+        return np.asarray(values).astype(dtype)
     if dtype == np.bool_:
-        return rng.random(shape) < 0.5
-    return rng.integers(0, 4, size=shape).astype(dtype)
+        return np.asarray(rng.random(shape) < 0.5)  # an array even at 0-d (onnxruntime takes no numpy scalar)
+    return np.asarray(rng.integers(0, 4, size=shape)).astype(dtype)
 
 
 def make_input_batches(model: onnx.ModelProto, n: int = 2, seed: int = 0, input_shapes=None,
@@ -133,12 +136,15 @@ def make_input_batches(model: onnx.ModelProto, n: int = 2, seed: int = 0, input_
         raise UsageError(f"--input-shape names unknown input(s) {', '.join(sorted(unknown))}")
     batches = [1, SECOND_BATCH] if has_dynamic_batch(specs) and not given else [None]
     rng = np.random.default_rng(seed)
+    roles = parameter_roles(model)  # inputs that are op parameters (axes, shapes, indices...): drawn valid
+    known = static_shapes(model) if roles else {}
     feeds = []
     for batch in batches:
         shapes = _concrete_shapes(specs, given, batch if batch is not None else 1)
         for index in range(max(n, 1)):
             normal = index % 2 == 1
             feeds.append({spec.name: random_array(rng, shapes[spec.name], spec.dtype, normal) for spec in specs})
+            draw_parameters(roles, feeds[-1], known, rng)
     if any(spec.has_default for spec in specs):  # and once with every default: the feed omits those inputs
         feeds.append({name: value for name, value in feeds[0].items()
                       if not next(spec for spec in specs if spec.name == name).has_default})
