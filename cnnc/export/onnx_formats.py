@@ -6,6 +6,9 @@
   shape computations kept float32 behind Casts; float32 inputs and outputs with `keep_io_types`). Proven against
   the float32 reference at float16's tolerance (rtol 2e-2, atol 2e-3: `compute_dtype="float16"`) on the CPU
   provider, and on the CUDA provider too when onnxruntime can run one: each provider has its own fp16 kernels.
+  The CPU provider computes most ops in float32 behind Casts, so it cannot see activations overflow float16:
+  `fp16_range` finds the float16 tensors beyond ±65504 on the seeded inputs, and a note in the report names them:
+  there a float16 runtime (CUDA, TensorRT) would produce inf.
 
 `backend.save` writes atomically, after the proof.
 """
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import onnx
 
+from cnnc.export.fp16_range import out_of_float16_range
 from cnnc.export.proof import require_proven
 from cnnc.io import backend
 from cnnc.io.precision import to_fp16
@@ -38,4 +42,10 @@ def export_onnx_fp16(model: onnx.ModelProto, reference: onnx.ModelProto, path: P
         proofs["onnxruntime CUDA"] = check_equivalence(reference, converted, compute_dtype="float16",
                                                        provider="cuda", **check)
     require_proven("onnx-fp16", proofs)
+    overflow = out_of_float16_range(model, converted, check)
+    if overflow:
+        worst, largest = next(iter(overflow.items()))
+        notes.append(f"{len(overflow)} float16 tensor(s) exceed ±65504 on the check's inputs (largest: '{worst}', "
+                     f"|v| = {largest:.3g}): proven on onnxruntime CPU, which computes them in float32, but a float16 "
+                     f"runtime (CUDA, TensorRT) gives inf there")
     return proofs, backend.save(converted, path, options.external_data, notes)
