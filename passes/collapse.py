@@ -16,6 +16,12 @@ from the machine's geometry alone before any Jacobian is probed:
 2. gemm (`cnnc.linear.affine_map`): anything else, including a whole linear network: Flatten/Concat -> Gemm -> Split/Reshape,
    W computed by batched reverse mode (rows as VJPs) when the output is smaller than the input, forward mode
    otherwise, with a progress bar. The batch axis stays dynamic; input and output names, shapes and order are kept.
+3. segments: a chain (`cnnc.linear.machines.conv_chain`: a path of three or more convs with per-channel ops between,
+   one input, one output) that neither form replaces whole, e.g. MobileNetV2's expand -> dw -> project running on
+   into the next block's expand conv (the linear bottleneck), is cut into consecutive segments by the dynamic
+   programme shared with `cnnc.homotopy.plan` (`cnnc.cost.segments`) over estimated seconds at batches 1 and 8: a
+   segment is one conv (allowed only when its inner convs do not pad and the cost model applies it) or its ops
+   kept. Only the chosen segments are probed and proven, each through strategy 1; close segments are recorded.
 
 Preconditions: every op of the machine is affine in its non-constant inputs and supported by the float64 evaluator;
 non-batch dims are static; the machine treats batch elements independently (proven: the replacement must reproduce
@@ -46,6 +52,7 @@ from cnnc import ir
 from cnnc.cost import Cost, Roofline, Verdict, candidate_id, chosen, compare, nodes_cost, roofline
 from cnnc.cost.segments import cheapest_segmentation
 from cnnc.cost.sketch import conv_sketch, gemm_sketch, region_cost, replacement_cost
+from cnnc.cost.verdict import REWRITE_BATCHES
 from cnnc.eval import SubgraphFunction, unsupported_reason
 from cnnc.linear.affine_map import dense_affine_map, verify_affine_map
 from cnnc.linear.conv_equivalent import extract_conv, machine_window
@@ -63,7 +70,7 @@ from cnnc.pipeline.match import MatchResult, fail, first_match, success
 
 ACTIVATION_BUDGET_BYTES = 4 << 30  # float64 activations kept for one batch of Jacobian probes
 MAX_RELATIVE_DEVIATION = 1e-9  # a true affine replacement matches to float64 rounding
-BATCHES = (1, 8)  # a rewrite must pay at both: latency (batch 1) and throughput (batch 8)
+BATCHES = REWRITE_BATCHES  # a rewrite must pay at both: latency (batch 1) and throughput (batch 8)
 
 
 def _per_sample_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
@@ -144,7 +151,8 @@ class _Weigher:
         return before, after, compare(before, after, self.roof, BATCHES), identifier
 
     def seconds(self, cost: Cost) -> float:
-        """What a segmentation minimises: estimated seconds per sample, summed over the batches a rewrite must pay at."""
+        """What a segmentation minimises: estimated seconds per sample, summed over the batches a rewrite must pay
+        at."""
         return sum(self.roof.seconds(cost, batch) / batch for batch in BATCHES)
 
     def weigh(self, machine: LinearMachine, form: str, sketch, produced, force: bool) -> tuple[Candidate, bool]:
@@ -233,7 +241,7 @@ class Collapse(Pass):
         if groups is None or len(groups) < 3:  # two convs: the whole chain or each conv alone, both weighed
             return why
         merged = self._segment(graph, machine, groups, weigher)
-        return None if merged else f"{why}; segments: none pays (the cheapest segmentation keeps every conv)"
+        return None if merged else f"{why}; segments: none pays and proves exact (every conv kept)"
 
     def _segment(self, graph: gs.Graph, machine: LinearMachine, groups: list[list[gs.Node]],
                  weigher: _Weigher) -> int:
@@ -253,8 +261,12 @@ class Collapse(Pass):
             sketched = _conv_sketch(piece) if piece is not None else "no boundary"
             if isinstance(sketched, str):
                 return None
-            _, _, verdict, identifier = weigher.price(piece, *sketched)
+            before, after, verdict, identifier = weigher.price(piece, *sketched)
             if not (force or chosen(verdict, identifier, weigher.apply_close)):
+                if verdict.kind == "close":  # recorded, so that --auto can measure it and name it in apply_close
+                    weigher.result.candidates.append(Candidate(
+                        identifier, f"{piece.describe()} as conv (a segment)", verdict.kind, False, verdict.reason,
+                        {"before": before.as_dict(), "after": after.as_dict(), "ratio": round(verdict.ratio, 4)}))
                 return None
             return weigher.seconds(nodes_cost(sketched[0].nodes))
 

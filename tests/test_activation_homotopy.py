@@ -22,6 +22,7 @@ from cnnc.homotopy import (
     SkipHomotopy,
     plan,
 )
+from cnnc.homotopy.pad_once import crop_border
 from cnnc.io.frontend import from_torch
 from cnnc.ir.stats import model_stats
 from cnnc.zoo.resnets import BasicBlock
@@ -222,3 +223,38 @@ def test_composes_with_skip_homotopy_under_one_callback():
 def test_depth_counts_the_longest_conv_path():
     stats = model_stats(from_torch(_three_convs(), torch.randn(1, 3, 8, 8)))
     assert stats["depth"] == 3
+
+
+def test_a_stem_read_by_an_identity_skip_is_a_link_when_the_skip_goes():
+    # The ResNet stem's activation feeds the first block's conv and its identity skip. The skip homotopy removes that
+    # read at t = 0, so the plan counts the link; pad-once gives the skip a centre crop of the padded stem output.
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(), BasicBlock(8, 8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    x = torch.randn(2, 1, 10, 10)
+    skips = SkipHomotopy.wrap(model, t=0.5, example_input=x)
+    chosen = plan(skips.model, x)
+    assert chosen.sites == ["_2", "_3_relu"] and "7x7/1 conv" in chosen.decisions["_2"]
+    activations = ActivationHomotopy.wrap(skips.model, sites=chosen.sites)
+    assert [(c.conv, c.new) for c in activations.pad_changes] == [("0", (3, 3)), ("3.conv1", (0, 0)),
+                                                                   ("3.conv2", (0, 0))]
+    crops = [n for n in activations.model.graph.nodes if n.target is crop_border]
+    assert len(crops) == 1 and crops[0].args[1] == (2, 2)  # e_0 = s_2·e_2 + p_2 + ... = 1 + 1
+    assert activations.model(x).shape == (2, 10)  # the skip still reads a 10x10 map
+    # The crop is exact: the centre of the padded conv output is the old conv output.
+    weight = torch.randn(8, 1, 3, 3)
+    np.testing.assert_allclose(crop_border(F.conv2d(x, weight, padding=3), (2, 2)), F.conv2d(x, weight, padding=1),
+                               rtol=1e-6, atol=1e-6)
+    skips.set_t(0.0)
+    activations.model.eval()
+    _, result = _compiled_ops(activations, x)
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 1 and next(a.ints for a in convs[0].attribute if a.name == "kernel_shape") == [7, 7]
+    assert result.report["after"]["depth"] == 2  # the merged conv and the head
+
+
+def test_plan_without_the_skip_homotopy_refuses_the_stem_read_twice():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(), BasicBlock(8, 8)).eval()
+    result = plan(model, torch.randn(1, 1, 10, 10))
+    assert "_2" not in result.sites and "read 2 times" in result.decisions["_2"]

@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from cnnc.cost.segments import best_segmentations, cheapest_segmentation
 from cnnc.io.frontend import from_torch
 from cnnc.zoo import draw_batchnorm_statistics
 from cnnc.zoo.blocks import RepVGGBlock
@@ -50,7 +51,7 @@ def test_linear_resnet34_collapses_to_one_gemm():
 
     module, example = build_example("linear-resnet34")
     model = from_torch(module, example)
-    compiled, result = run_passes(model, "collapse")
+    compiled, _result = run_passes(model, "collapse")
     counts = op_counts(compiled)
     assert counts.pop("Gemm") == 1 and set(counts) <= SHAPE_OPS, counts
     for batch in (1, 64):
@@ -89,7 +90,7 @@ class _MixedLinear(nn.Module):
 
 def test_mixed_linear_network_collapses_to_one_gemm():
     model = _export(_MixedLinear(), (1, 2, 10, 12))
-    compiled, result = run_passes(model, "collapse")
+    compiled, _result = run_passes(model, "collapse")
     counts = op_counts(compiled)
     assert counts.pop("Gemm") == 1 and set(counts) <= SHAPE_OPS, counts
     for batch in (1, 3):
@@ -124,10 +125,10 @@ def _chain(rng, inner_pads):
 
 def test_chain_where_only_the_first_conv_pads_becomes_one_conv(rng):
     model = _chain(rng, [0, 0, 0, 0])
-    compiled, result = run_passes(model, "collapse{gemm=off}")
+    compiled, _result = run_passes(model, "collapse{gemm=off}")
     assert op_counts(compiled) == {"Conv": 1, "Relu": 1}
     conv = next(n for n in compiled.graph.node if n.op_type == "Conv")
-    assert [a.ints for a in conv.attribute if a.name == "kernel_shape"][0] == [5, 5]
+    assert next(a.ints for a in conv.attribute if a.name == "kernel_shape") == [5, 5]
     feeds = {"x": rng.standard_normal((2, 3, 9, 11)).astype(np.float32)}
     assert_same_outputs(model, compiled, feeds, rtol=1e-5, atol=1e-5)
     # Border pixels, explicitly: the first and last rows and columns match as well as the centre.
@@ -160,7 +161,7 @@ def test_mixed_relu_network_changes_only_linear_machines():
 
     module = Net()
     model = _export(module, (1, 3, 12, 9))
-    compiled, result = run_passes(model, "collapse")
+    compiled, _result = run_passes(model, "collapse")
     assert op_counts(compiled) == {"Conv": 3, "Relu": 2, "Sigmoid": 1}
     assert [o.name for o in compiled.graph.output] == [o.name for o in model.graph.output]
     assert_same_outputs(model, compiled, _feeds(model, 2), rtol=1e-5, atol=1e-5)
@@ -209,7 +210,7 @@ def test_a_machine_with_two_outputs_becomes_one_gemm_and_a_split_at_any_opset(rn
     model = make_model(nodes, [("x", ["N", 6])], [("y1", ["N", 3]), ("y2", ["N", 4])],
                        [("a", rng.standard_normal((6, 4)).astype(np.float32)),
                         ("b", rng.standard_normal((4, 3)).astype(np.float32))], opset=opset)
-    compiled, result = run_passes(model, "collapse{gemm=force}")
+    compiled, _result = run_passes(model, "collapse{gemm=force}")
     assert op_counts(compiled) == {"Gemm": 1, "Split": 1, "Relu": 1}
     split = next(n for n in compiled.graph.node if n.op_type == "Split")
     assert list(split.output) == ["y1", "h"] or list(split.output) == ["h", "y1"]  # written directly, no copies
@@ -314,7 +315,7 @@ def _float64_reference(model, feeds):
 @given(_linear_graphs())
 def test_random_linear_graphs_collapse_to_one_gemm(case):
     model, batch, rng = case
-    compiled, result = run_passes(model, "collapse{gemm=force}")
+    compiled, _result = run_passes(model, "collapse{gemm=force}")
     counts = op_counts(compiled)
     assert counts.pop("Gemm") == 1 and set(counts) <= SHAPE_OPS, counts
     onnx.checker.check_model(compiled, full_check=True)
@@ -373,3 +374,69 @@ def test_text_negative_collapse_with_both_forms_off_keeps_the_machine(rng):
     run = run_passes(model, "collapse{conv=off,gemm=off}")
     assert_unchanged(model, run)
     assert run.result.skipped == [("machine of 3 ops (1×Add, 2×Conv) from ['x'] to ['y']", "conv: disabled; gemm: disabled")]
+
+
+INVERTED_RESIDUAL_CHAIN = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    expand_dw_project_expand (float[N, 16, 14, 14] x) => (float[N, 144, 7, 7] y)
+    <float[96, 16, 1, 1] We, float[96, 1, 3, 3] Wd, float[96] gamma, float[96] beta, float[96] mean, float[96] var,
+     float[24, 96, 1, 1] Wp, float[24] Bp, float[144, 24, 1, 1] Wn> {
+        [expand] e = Conv <pads = [1, 1, 1, 1]> (x, We)
+        [dw] d = Conv <group = 96, strides = [2, 2]> (e, Wd)
+        [bn] b = BatchNormalization (d, gamma, beta, mean, var)
+        [project] p = Conv (b, Wp, Bp)
+        [next_expand] n = Conv (p, Wn)
+        [relu] y = Relu (n)
+    }"""
+
+
+def _inverted_residual_weights(rng) -> dict:
+    gamma, beta, mean, var = (value for _, value in bn_params(rng, 96, "bn"))
+    return {"We": normal(rng, 96, 16, 1, 1, scale=0.25), "Wd": normal(rng, 96, 1, 3, 3, scale=0.25),
+            "gamma": gamma, "beta": beta, "mean": mean, "var": var, "Wp": normal(rng, 24, 96, 1, 1, scale=0.25),
+            "Bp": normal(rng, 24), "Wn": normal(rng, 144, 24, 1, 1, scale=0.25)}
+
+
+def test_inverted_residual_chain_that_loses_whole_is_split_into_a_paying_segment(rng):
+    # MobileNetV2 (expansion 6) at t = 0 with pad-once: the linear bottleneck runs on into the next block's expand
+    # conv. As one 3x3/2 conv 16 -> 144 the chain loses (1.02M MACs against 0.72M); expand -> dw -> project as one
+    # 3x3/2 conv 16 -> 24 pays (169k against 548k, and fewer weights), and the next expand is kept.
+    model = text_model(INVERTED_RESIDUAL_CHAIN, **_inverted_residual_weights(rng))
+    compiled, result = run_passes(model, "collapse")
+    assert op_counts(compiled) == {"Conv": 2, "Relu": 1}
+    merged, kept = (n for n in compiled.graph.node if n.op_type == "Conv")
+    assert list(merged.input[:1]) == ["x"] and list(merged.output) == ["p"] and list(kept.input[:1]) == ["p"]
+    assert initializer(compiled, merged.input[1]).shape == (24, 16, 3, 3)
+    assert initializer(compiled, kept.input[1]).shape == (144, 24, 1, 1)
+    whole = [c for c in result.candidates if "4×Conv" in c.where]
+    segment = [c for c in result.candidates if "3×Conv" in c.where and c.where.endswith("as conv")]
+    assert whole and all(c.verdict == "loses" and not c.applied for c in whole)
+    assert len(segment) == 1 and segment[0].verdict == "pays" and segment[0].applied
+    assert any("convs 0..2 of a chain of 4" in line for line in result.applied)
+    feeds = {"x": normal(rng, 2, 16, 14, 14)}
+    assert_same_outputs(model, compiled, feeds, rtol=1e-4, atol=1e-4)
+
+
+def test_segments_never_span_an_inner_padded_conv(rng):
+    # The same chain with the padding left on the depthwise conv (no pad-once): a segment through the dw conv would
+    # read the expand conv's bias at the border, so it is never priced nor probed; dw -> project alone (dense 3x3,
+    # more MACs) does not pay; every conv is kept and the reason says so.
+    text = INVERTED_RESIDUAL_CHAIN.replace("<pads = [1, 1, 1, 1]> (x, We)", "(x, We)").replace(
+        "<group = 96, strides = [2, 2]>", "<group = 96, strides = [2, 2], pads = [1, 1, 1, 1]>")
+    model = text_model(text, **_inverted_residual_weights(rng))
+    run = run_passes(model, "collapse")
+    assert_unchanged(model, run)
+    assert "segments: none pays" in run.result.skipped[0][1]
+    assert not [c for c in run.result.candidates if "from ['x'] to ['p']" in c.where and c.where.endswith("conv")]
+
+
+def test_shared_segmentation_dp_takes_a_merge_only_when_strictly_cheaper():
+    # Items 0..3 cost 1 each kept; merging 0..2 costs 1.5 (pays), 1..3 is refused (None), 0..1 costs exactly 2 (a tie).
+    merged = {(0, 2): 1.5, (0, 1): 2.0}
+    cost = lambda i, j: 1.0 if i == j else merged.get((i, j))
+    options = best_segmentations(4, cost)
+    assert options[0] == (4.0, []) and options[2] == (2.5, [(0, 2)]) and options[1] == (4.0, [(0, 1)])
+    assert cheapest_segmentation(4, cost) == (2.5, [(0, 2)])
+    assert cheapest_segmentation(2, cost) == (2.0, [])  # a tie keeps the convs apart
+    with pytest.raises(ValueError):
+        best_segmentations(1, lambda i, j: None)

@@ -18,6 +18,7 @@ from cnnc.cost.model import Cost
 
 WEIGHT_GROWTH = 0.01
 WIDE = 2.0
+REWRITE_BATCHES = (1, 8)  # a rewrite must pay at both, latency (batch 1) and throughput (batch 8): collapse and plan
 
 
 @dataclass(frozen=True)

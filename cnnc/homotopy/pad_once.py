@@ -15,6 +15,11 @@ Then every conv output of the run is its old output with e_j more pixels on each
 conv(k2, 0), the issue's form; at t = 0 the run is one conv of stride Π s_j and kernel k_0 + Σ_j (k_j − 1)·d_j·Π_(i<j) s_i
 (a stride-2 first conv: k1 + 2(k2 − 1)), which `fold-bn` + `collapse` compute and prove exactly. This changes the
 function at the borders (a different architecture, not an approximation): training adapts to it.
+
+Skip reads. A site whose output is also read as the *shortcut* of a `HomotopyJoin` (the ResNet stem feeding an
+identity skip) is still a link: the skip homotopy removes that read at t = 0, so the chain is linear there. During
+training the shortcut must keep its old size, so it reads a centre crop of e_j pixels per side: the padded output's
+centre is exactly the old output (the extra zero border only adds outer pixels), so the crop changes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import fx, nn
+
+from cnnc.homotopy.join import HomotopyJoin
 
 _BEFORE_SITE = (nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.Dropout2d)
 _AFTER_SITE = (nn.Identity, nn.Dropout, nn.Dropout2d)
@@ -38,6 +45,8 @@ class ChainLink:
     between: list[str] = field(default_factory=list)
     prefix: str = ""  # path of the traced module inside the model
     site_node: fx.Node | None = field(default=None, repr=False, compare=False)
+    # (value, join) pairs: skip reads of the site's output that the skip homotopy removes at t = 0 (module docstring)
+    skip_reads: list[tuple[fx.Node, fx.Node]] = field(default_factory=list, repr=False, compare=False)
 
     def as_dict(self) -> dict:
         return {"before": self.prefix + self.before, "site": self.site, "after": self.prefix + self.after,
@@ -73,6 +82,17 @@ def _conv_reason(root: nn.Module, node: fx.Node, calls: dict[str, int]) -> str |
     return None
 
 
+def _skip_read(root: nn.Module, user: fx.Node, value: fx.Node) -> bool:
+    """`user` reads `value` only as the shortcut of a homotopy join (forward(branch, skip)): gone at t = 0."""
+    return isinstance(_module(root, user), HomotopyJoin) and len(user.args) == 2 and user.args[1] is value \
+        and user.args[0] is not value and not user.kwargs
+
+
+def crop_border(x, border: tuple[int, int]):
+    """The centre of `x` without `border` pixels on each side of its two spatial axes (static slices)."""
+    return x[..., border[0]:(-border[0] or None), border[1]:(-border[1] or None)]
+
+
 def _link(root: nn.Module, site: fx.Node, calls: dict[str, int]) -> tuple[ChainLink | None, str]:
     between = []
     node = site.args[0] if site.args and isinstance(site.args[0], fx.Node) else None
@@ -86,11 +106,13 @@ def _link(root: nn.Module, site: fx.Node, calls: dict[str, int]) -> tuple[ChainL
     before = node
     if len(before.users) != 1:
         return None, f"conv {before.target}'s output is read {len(before.users)} times"
-    node = site
+    node, skip_reads = site, []
     while True:
-        if len(node.users) != 1:
-            return None, f"{node.name}'s output is read {len(node.users)} times (a branch or an output)"
-        node = next(iter(node.users))
+        users = [user for user in node.users if not _skip_read(root, user, node)]
+        skip_reads += [(node, user) for user in node.users if user not in users]
+        if len(users) != 1:
+            return None, f"{node.name}'s output is read {len(users)} times (a branch or an output)"
+        node = users[0]
         if not isinstance(_module(root, node), _AFTER_SITE):
             break
         between.append(node.target)
@@ -100,7 +122,7 @@ def _link(root: nn.Module, site: fx.Node, calls: dict[str, int]) -> tuple[ChainL
         why = _conv_reason(root, conv, calls)
         if why is not None:
             return None, why
-    return ChainLink(before.target, node.target, site.name, between, site_node=site), ""
+    return ChainLink(before.target, node.target, site.name, between, site_node=site, skip_reads=skip_reads), ""
 
 
 def find_links(traced: fx.GraphModule, is_site: Callable[[fx.Node], bool]
@@ -137,22 +159,34 @@ def runs(links: list[ChainLink]) -> list[list[ChainLink]]:
     return result
 
 
-def run_paddings(convs: list[nn.Conv2d]) -> list[tuple[int, int]]:
-    """New paddings of a run's convs: inner convs 0, the first p_0 + s_0·e_0 (module docstring)."""
-    extra = [0, 0]
+def run_borders(convs: list[nn.Conv2d]) -> list[tuple[int, int]]:
+    """e_j per conv of a run (old paddings): the extra border its output carries after pad-once (module docstring)."""
+    borders = [(0, 0)]
     for conv in reversed(convs[1:]):
         padding = conv_padding(conv)
-        extra = [conv.stride[a] * extra[a] + padding[a] for a in range(2)]
+        borders.insert(0, tuple(conv.stride[a] * borders[0][a] + padding[a] for a in range(2)))
+    return borders
+
+
+def run_paddings(convs: list[nn.Conv2d]) -> list[tuple[int, int]]:
+    """New paddings of a run's convs: inner convs 0, the first p_0 + s_0·e_0 (module docstring)."""
+    extra = run_borders(convs)[0]
     first = conv_padding(convs[0])
     return [tuple(first[a] + convs[0].stride[a] * extra[a] for a in range(2))] + [(0, 0)] * (len(convs) - 1)
 
 
 def pad_once(traced: fx.GraphModule, links: list[ChainLink], prefix: str = "") -> list[PadChange]:
     """Rewrite the paddings of every run of `links` in place (the conv modules); returns what changed."""
-    changes = []
+    changes, cropped = [], False
     for run in runs(links):
         names = [run[0].before] + [link.after for link in run]
         convs = [traced.get_submodule(name) for name in names]
+        for link, border in zip(run, run_borders(convs)):  # link j's site reads conv_j's output
+            for value, join in link.skip_reads if any(border) else ():
+                with traced.graph.inserting_before(join):
+                    crop = traced.graph.call_function(crop_border, (value, border))
+                join.replace_input_with(value, crop)
+                cropped = True
         for name, conv, new in zip(names, convs, run_paddings(convs)):
             old = conv_padding(conv)
             if old != new:
@@ -160,4 +194,7 @@ def pad_once(traced: fx.GraphModule, links: list[ChainLink], prefix: str = "") -
                 changes.append(PadChange(prefix + name, old, new))
         for link in run:
             link.prefix = prefix
+    if cropped:
+        traced.graph.lint()
+        traced.recompile()
     return changes

@@ -1,27 +1,31 @@
 """Which activations to anneal away: the sites whose conv chains merge into cheaper convs, by cost and measurement.
 
 Candidates. The links of `cnnc.homotopy.pad_once` (conv → BN → σ → conv, pad-once rewritable) grouped into chains
-conv_0 → conv_1 → … → conv_m. Annealing the sites of a contiguous *segment* conv_i..conv_j merges it, at t = 0,
-into one conv: kernel k_i + Σ_l (k_l − 1)·d_l·Π s (per axis), stride Π s, channels in_i → out_j, groups kept only
-when every conv of the segment has the same groups (a depthwise conv followed by a 1×1 becomes dense).
+conv_0 → conv_1 → … → conv_m. Plan on the model the skip homotopy wrapped: a site whose output is also the shortcut
+of a `HomotopyJoin` (the ResNet stem feeding an identity skip) is a link, because that read is gone at t = 0.
+Annealing the sites of a contiguous *segment* conv_i..conv_j merges it, at t = 0, into one conv: kernel k_i + Σ_l
+(k_l − 1)·d_l·Π s (per axis), stride Π s, channels in_i → out_j, groups kept only when every conv of the segment has
+the same groups (a depthwise conv followed by a 1×1 becomes dense).
 
 Cost. Each form is priced by the cost model (`cnnc.cost.Cost`: MACs, weight and activation bytes, kernels, at batch
 1) on the provider's roofline (`cnnc.cost.roofline(provider, measure=False)`: cached measured figures, else
-conservative built-in ones), and judged by `cnnc.cost.compare` at batch 1 and `batch` exactly as `collapse` will
-judge the merge at compile time: "pays", "loses" or "close". When `measure` is given (a callable `(unmerged, merged)
--> (seconds, seconds)` on two small ONNX models, e.g. `cnnc.runtime.bench` in the training script: this package
-does not run models), a close merge is measured and its estimate scaled by the measured ratio.
+conservative built-in ones), and judged by `cnnc.cost.compare` at `cnnc.cost.verdict.REWRITE_BATCHES` (1 and 8) and
+`batch`, exactly as `collapse` will judge the merge at compile time: "pays", "loses" or "close". When `measure` is
+given (a callable `(unmerged, merged) -> (seconds, seconds)` on two small ONNX models, e.g. `cnnc.runtime.bench` in
+the training script: this package does not run models), a close merge is measured and its estimate scaled by the
+measured ratio.
 
-Choice: dynamic programming over each chain, as LayerMerge does (`cnnc.cost.segments`, shared with `collapse`). best[j][m] is the cheapest cost of conv_0..conv_j
-using m annealed sites, over the last segment i..j: best[j][m] = min_i best[i−1][m − (j − i)] + cost(i..j). Chains
-are independent, so a knapsack over the per-chain tables gives the cheapest plan for every total number of sites.
-Then: `max_sites` → the cheapest plan with at most that many sites; `target_speedup` → the fewest sites whose
-estimated speed-up of the convs reaches it (else the cheapest plan, saying so); neither → the cheapest plan, fewest
-sites on ties. Only merges that pay, or that are close and were measured faster, enter the DP: a segment that costs
-more than its convs apart (two 3×3 at equal width → a 5×5 with 25/18 of the MACs) is never chosen, and a depthwise
-conv merged with a 1×1 (dense, more MACs, fewer bytes) only when it pays or measures faster. Sites that are not chain links (after a residual
-join, before a pooling or the head) only save an elementwise op and are not chosen; `all_sites` lists every
-activation, the budget at which the whole network becomes linear (Theorem 3.1's end point, one Gemm after collapse).
+Choice: dynamic programming over each chain, as LayerMerge does (`cnnc.cost.segments`, shared with `collapse`).
+best[j][m] is the cheapest cost of conv_0..conv_j using m annealed sites, over the last segment i..j: best[j][m] =
+min_i best[i−1][m − (j − i)] + cost(i..j). Chains are independent, so a knapsack over the per-chain tables gives the
+cheapest plan for every total number of sites. Then: `max_sites` → the cheapest plan with at most that many sites;
+`target_speedup` → the fewest sites whose estimated speed-up of the convs reaches it (else the cheapest plan, saying
+so); neither → the cheapest plan, fewest sites on ties. Only merges that pay, or that are close and were measured
+faster, enter the DP: a segment that costs more than its convs apart (two 3×3 at equal width → a 5×5 with 25/18 of
+the MACs) is never chosen, and a depthwise conv merged with a 1×1 (dense, more MACs, fewer bytes) only when it pays
+or measures faster. Sites that are not chain links (after a residual join, before a pooling or the head) only save
+an elementwise op and are not chosen; `all_sites` lists every activation, the budget at which the whole network
+becomes linear (Theorem 3.1's end point, one Gemm after collapse).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from cnnc.cost import Cost, compare, roofline
 from cnnc.cost.segments import best_segmentations
+from cnnc.cost.verdict import REWRITE_BATCHES
 from cnnc.homotopy.activations import activation_module, is_site_node, trace_model
 from cnnc.homotopy.pad_once import ChainLink, find_links, run_paddings, runs
 from cnnc.io.frontend import from_torch
@@ -192,7 +197,7 @@ class _Chains:
             merged = Cost(macs=_numel(out_shape) // convs[-1].out_channels * weights,
                           weight_bytes=FLOAT_BYTES * weights,
                           activation_bytes=FLOAT_BYTES * (_numel(in_shape) + _numel(out_shape)), kernels=1)
-            verdict = compare(apart, merged, self.roof, batches=sorted({1, self.batch}))
+            verdict = compare(apart, merged, self.roof, batches=sorted({*REWRITE_BATCHES, self.batch}))
             segment = Segment(chain, names, [link.site for link in self.chains[chain][i:j]], kernel, stride, groups,
                               apart.macs, merged.macs, self.seconds(apart), self.seconds(merged), verdict.kind,
                               verdict.reason, densified=groups == 1 and any(c.groups > 1 for c in convs))

@@ -202,3 +202,32 @@ def split_at_tensor(graph: gs.Graph, machine: LinearMachine, cut: gs.Tensor) -> 
     first = [n for n in machine.nodes if id(n) in before]
     second = [n for n in machine.nodes if id(n) not in before]
     return machine_from_nodes(graph, first), machine_from_nodes(graph, second)
+
+
+CHAIN_PASSENGERS = ("BatchNormalization", "Mul", "Add", "Sub", "Div", "Identity", "Dropout")
+
+
+def conv_chain(machine: LinearMachine) -> list[list[gs.Node]] | None:
+    """The machine as a path of convs, one group per Conv: the conv and the ops after it up to the next conv (ops
+    before the first conv join the first group). None unless the machine has one input and one output and every node
+    reads only the previous node's output (or the input) besides constants, and is a Conv or a per-channel/identity
+    op (`CHAIN_PASSENGERS`; whether its constants are per channel is checked by the conv form's geometry).
+
+    Consecutive groups i..j form a sub-machine with one input and one output: the segments `collapse` composes when
+    the whole chain does not pay as one conv (`cnnc.cost.segments`)."""
+    if len(machine.inputs) != 1 or len(machine.outputs) != 1:
+        return None
+    current, groups, leading = machine.inputs[0], [], []
+    for node in machine.nodes:
+        variables = [t for t in node.inputs if not constant_or_absent(t)]
+        if len(node.outputs) != 1 or len(variables) != 1 or variables[0] is not current:
+            return None
+        if node.op == "Conv":
+            groups.append(leading + [node])
+            leading = []
+        elif node.op in CHAIN_PASSENGERS:
+            (groups[-1] if groups else leading).append(node)
+        else:
+            return None
+        current = node.outputs[0]
+    return groups if groups and current is machine.outputs[0] else None
