@@ -352,6 +352,20 @@ def test_text_parallel_branches_become_one_conv(rng):
     assert_same_outputs(model, compiled, {"x": normal(rng, 2, 4, 7, 9)}, atol=1e-5)
 
 
+@pytest.mark.parametrize("height, width", [(1, 1), (2, 2), (1, 5)])
+def test_parallel_branches_on_a_map_too_small_for_an_interior_pixel_still_merge(rng, height, width):
+    # MobileOne/RepVGG's last stage runs on 2×2 (64 px input) or 1×1 (32 px) maps: no output pixel there has its
+    # whole 3×3 window inside the input. The kernel is read on a larger probe map (the machine is translation-
+    # invariant) and the form is proven at the real size, so the merge is kept at every input size.
+    text = REPVGG.replace("float[N, 4, 7, 9] x", f"float[N, 4, {height}, {width}] x").replace(
+        "float[N, 6, 7, 9] y", f"float[N, 6, {height}, {width}] y")
+    model = text_model(text, W3=normal(rng, 6, 4, 3, 3), B3=normal(rng, 6), W1=normal(rng, 6, 4, 1, 1))
+    compiled, result = run_passes(model, "collapse{gemm=off}")
+    assert result.changed and op_counts(compiled) == {"Conv": 1}
+    assert initializer(compiled, compiled.graph.node[0].input[1]).shape == (6, 4, 3, 3)
+    assert_same_outputs(model, compiled, {"x": normal(rng, 3, 4, height, width)}, atol=1e-5)
+
+
 def test_text_results_by_spec_after_fold_bn_then_collapse(rng):
     gamma, beta, mean, var = (value for _, value in bn_params(rng, 6, "bn"))
     model = text_model("""

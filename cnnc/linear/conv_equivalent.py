@@ -135,30 +135,30 @@ def extract_conv(function, nodes, source: gs.Tensor, target: gs.Tensor, chunk: i
     if window is None:
         return None, "machine output is not reached from its input"
     cin, cout = source.shape[1], target.shape[1]
-    pixel, end_pads = [], []
+    pixel, end_pads, probe_size = [], [], []
     for a in range(2):
         s, p, k, n, out = window.stride[a], window.pad[a], window.extent[a], in_size[a], out_size[a]
         o = -(-p // s)  # the first output pixel whose window starts inside the input
-        if o >= out or o * s - p + k > n:
-            return None, f"no interior output pixel to read a {k}-wide kernel from (input {n})"
-        pixel.append(o)
         end = max(0, (out - 1) * s + k - n - p)
         if (n + p + end - k) // s + 1 != out:
             return None, "output size does not match the composed geometry"
+        pixel.append(o)
         end_pads.append(end)
+        # The kernel is read off output pixel o, whose window needs the first o·s − p + k input pixels. The
+        # machine's ops are translation-invariant (machine_window admits no other), so a map of that size plus one
+        # stride reads the same kernel: cheaper than the real map when that is larger (a 32×32 map probed as 7×7 is
+        # 20× cheaper), and possible when the real map is too small to have an interior pixel (a 3×3 branch on a
+        # 2×2 map). The form is then proven at the real size, border pixels included (_conv_form_error).
+        probe_size.append(o * s - p + k + s)
     rows = slice(pixel[0] * window.stride[0] - window.pad[0], pixel[0] * window.stride[0] - window.pad[0]
                  + window.extent[0])
     cols = slice(pixel[1] * window.stride[1] - window.pad[1], pixel[1] * window.stride[1] - window.pad[1]
                  + window.extent[1])
-    # The kernel is read off one interior output pixel, whose window needs only the first rows.stop × cols.stop input
-    # pixels (plus one stride of margin): the machine's ops are translation-invariant (machine_window admits no
-    # other), so probing a map of that size reads the same kernel at a fraction of the cost (a 32×32 map probed as
-    # 7×7 is 20× cheaper). A machine that cannot run on the small map is probed at full size. Either way the form is
-    # then proven at the real size, border pixels included (_conv_form_error).
-    probe_size = tuple(min(n, stop + s) for n, stop, s in zip(in_size, (rows.stop, cols.stop), window.stride))
     try:
-        dense, bias = _read_kernel(function, cin, cout, probe_size, pixel, rows, cols, window.extent, chunk)
-    except (RuntimeError, ValueError, IndexError):  # the machine does not run on the small map
+        dense, bias = _read_kernel(function, cin, cout, tuple(probe_size), pixel, rows, cols, window.extent, chunk)
+    except (RuntimeError, ValueError, IndexError):  # the machine does not run on the probe map
+        if any(o * s - p + k > n for o, s, p, k, n in zip(pixel, window.stride, window.pad, window.extent, in_size)):
+            return None, f"no interior output pixel to read a {window.extent}-wide kernel from (input {in_size})"
         dense, bias = _read_kernel(function, cin, cout, in_size, pixel, rows, cols, window.extent, chunk)
     group = _largest_group(dense)
     weight = np.concatenate([dense[g * (cout // group):(g + 1) * (cout // group),
