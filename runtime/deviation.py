@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from cnnc.io import target
+from cnnc.io import backend, target
 from cnnc.io.precision import is_float
 from cnnc.runtime.inputs import graph_inputs, make_input_batches
 from cnnc.runtime.session import make_session
@@ -28,7 +28,9 @@ Feeds = list[dict[str, np.ndarray]]
 def as_model(source: gs.Graph | onnx.ModelProto) -> onnx.ModelProto:
     """A ModelProto onnxruntime accepts for `source` (a graph is exported; neither is modified)."""
     if isinstance(source, gs.Graph):
-        source = gs.export_onnx(source, do_type_check=False)
+        # backend's export: graphsurgeon's own writes renamed constants' names into the imported TensorProtos,
+        # i.e. into the caller's model (an If branch's weights, renamed when the If is inlined)
+        return backend.to_model(source)
     return target.runnable(source)
 
 

@@ -1,30 +1,35 @@
 """Random CNN graphs for differential fuzzing, and the differential check itself.
 
-`cnn_graphs()` is a hypothesis strategy; `random_case(seed)` builds the same kind of graph from a numpy seed (the
-long profile, bench/fuzz.py, uses it: no shrinking, but every failure is reproducible from its seed). Both go
-through one builder that draws every choice from a `Draw`, so hypothesis shrinks failing graphs towards fewer
-blocks and simpler geometry (the first option of every choice is the simplest).
+`cnn_graphs()` is a hypothesis strategy; `random_case(seed)` builds the same kind of graph from a numpy seed (the long
+profile, bench/fuzz.py, uses it: no shrinking, but every failure is reproducible from its seed). Both go through one
+builder that draws every choice from a `Draw`, so hypothesis shrinks failing graphs towards fewer blocks and simpler
+geometry (the first option of every choice is the simplest).
 
-Graphs (onnx.helper-built, opset 17, float32, NCHW): Conv (kernel 1-7, stride 1-4, explicit pads including
-asymmetric ones, auto_pad, dilation, groups and depthwise, bias or not), ConvTranspose, BatchNormalization, Relu,
-LeakyRelu, Tanh, residual Add skips (plain, with a projection, or as homotopy joins (1-t)·F + t·S), parallel
-branches summed or concatenated, convs sharing one weight (BN after only one of them), BN in front of a pad-free
-conv, Pad (constant, reflect, edge), AveragePool and MaxPool (ceil_mode, count_include_pad, dilation), Resize
-(nearest and linear, four coordinate modes; rarely cubic, which no pass rewrites), GlobalAveragePool, Flatten and
-Gemm heads. Input sizes are non-square, the batch is static (1-3) or symbolic, a graph may expose an inner tensor
-as a second output, and node names may be empty. Weights are scaled by 1/√fan_in so that values stay O(1) through
-a few layers. ceil_mode pooling is generated only where onnx's shape inference and onnxruntime agree (see
+Graphs (onnx.helper-built, opset 17-21, float32 or float16, NCHW): Conv (kernel 1-7, stride 1-4, explicit pads
+including asymmetric ones, auto_pad, dilation, groups and depthwise, bias or not), ConvTranspose, BatchNormalization,
+Relu, LeakyRelu, Tanh, residual Add skips (plain, with a projection, or as homotopy joins (1-t)·F + t·S), parallel
+branches summed or concatenated, convs sharing one weight (BN after only one of them), BN in front of a pad-free conv,
+Pad (constant, reflect, edge), AveragePool and MaxPool (ceil_mode, count_include_pad, dilation), Resize (nearest and
+linear, four coordinate modes; rarely cubic, which no pass rewrites), GlobalAveragePool, Flatten and Gemm heads, and
+issue 16's forms from fuzz_forms.py: constant-condition If around conv sub-graphs, Reduce* with axes as an input,
+Split with num_outputs, Pad with axes (opset >= 18), inputs with a default (shadowed by an initializer, fed a value
+other than the default), and whole float16 graphs. Input sizes are non-square, the batch is static (1-3) or symbolic,
+a graph may expose an inner tensor as a second output, and node names may be empty. Weights are scaled by 1/√fan_in so
+that values stay O(1) through a few layers. ceil_mode pooling is generated only where onnx's shape inference and
+onnxruntime agree (see
 test_fuzz_regressions.py::test_ceil_mode_pool_where_onnx_and_onnxruntime_disagree_is_refused_cleanly).
 
-The builder tracks shapes itself (onnxruntime's rules, including ceil_mode pooling); tests/test_fuzz.py checks
-them against onnxruntime.
+The builder tracks shapes itself (onnxruntime's rules, including ceil_mode pooling); tests/test_fuzz.py checks them
+against onnxruntime.
 
 `check_pass(case, spec)` runs one pipeline spec (`strict=True`, so a pass that raises is a crash, not a silent
-rollback), emits the model through the backend with the full checker, runs it on onnxruntime (CPU, optimisations
-off) and compares with the original. The verdict: max|got − ref| ≤ 1e-5·max(1, max|ref|). Where that fails and the
-float64 evaluator supports the graph, the float32 rounding of the original itself is measured against a float64
-evaluation, and the result passes when its own error against float64 is within that tolerance or at most
-`FLOAT64_ERROR_FACTOR` times the original's (a rewrite may round differently, never worse than a few times).
+rollback), emits the model through the backend with the full checker, runs it on onnxruntime (CPU, optimisations off)
+and compares with the original, after checking that the caller's ModelProto is unchanged and that the inputs (those
+with a default included) are the original's. The verdict: max|got − ref| ≤ 1e-5·max(1, max|ref|) for float32, the
+equivalence check's per-dtype tolerance otherwise (float16: 2e-3 + 2e-2·max|ref|). Where that fails and the float64
+evaluator supports the graph, the float32 rounding of the original itself is measured against a float64 evaluation,
+and the result passes when its own error against float64 is within that tolerance or at most `FLOAT64_ERROR_FACTOR`
+times the original's (a rewrite may round differently, never worse than a few times).
 """
 
 from __future__ import annotations
@@ -40,10 +45,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import fuzz_forms
 import numpy as np
 import onnx
 import onnx.helper as oh
-import onnx_graphsurgeon as gs
 from helpers import run_passes
 from hypothesis import strategies as st
 
@@ -125,6 +130,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _every_window_reads_input(size: int, kernel: int, stride: int, dilation: int, begin: int, end: int,
+                              ceil_mode: bool) -> bool:
+    """Whether each pooling window has a tap inside the input (with dilation one may fall wholly in the padding);
+    with undilated windows and pads below the kernel, every one has."""
+    count = pool_out(size, kernel, stride, begin, end, dilation, ceil_mode)
+    return all(any(0 <= i * stride - begin + dilation * j < size for j in range(kernel)) for i in range(count))
+
+
 # --- the builder ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -150,6 +163,7 @@ class GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self.shapes: dict[str, tuple[int, ...]] = {}  # per-sample shape (batch left out)
         self.blocks: list[str] = []
+        self.opset = OPSET
         self._count = 0
 
     def fresh(self, hint: str) -> str:
@@ -301,6 +315,8 @@ class GraphBuilder:
                 begin, end = self.draw.integer(0, k - 1), self.draw.integer(0, k - 1)
                 if size + begin + end < d * (k - 1) + 1:
                     d, k, begin, end = 1, min(k, size), min(begin, size - 1), min(end, size - 1)
+                if d > 1 and not _every_window_reads_input(size, k, s, d, begin, end, ceil_mode):
+                    d = 1  # a MaxPool window wholly in the padding gives -FLT_MAX (fuzz seed 3: NaN after GAP, Gemm)
             kernel.append(k)
             strides.append(s)
             dilations.append(d)
@@ -338,13 +354,19 @@ class GraphBuilder:
         channel = (self.draw.integer(0, 2), self.draw.integer(0, 2)) if mode == "constant" and self.draw.flag(
             0.2) else (0, 0)
         pads = [0, channel[0], spatial[0][0], spatial[1][0], 0, channel[1], spatial[0][1], spatial[1][1]]
+        axes = None
+        if self.opset >= 18 and channel == (0, 0) and self.draw.flag(0.5):  # Pad-18's axes: pads of those only
+            axes = self.draw.choice([[2, 3], [-2, -1], [3, 2]])
+            pads = [pads[a % 4] for a in axes] + [pads[a % 4 + 4] for a in axes]
         inputs = [x, self.constant("pads", np.array(pads, np.int64))]
         if mode == "constant" and self.draw.flag(0.5):
             inputs.append(self.constant("value", np.array(self.rng.choice([0.5, -1.0, 2.0]), np.float32)))
+        if axes is not None:
+            inputs += [""] * (3 - len(inputs)) + [self.constant("axes", np.array(axes, np.int64))]
         shape = (c + sum(channel), h + sum(spatial[0]), w + sum(spatial[1]))
         if shape[0] > MAX_CHANNELS or max(shape[1:]) > MAX_SIDE:
             return x
-        self.blocks.append(f"Pad {mode} {pads} on {(c, h, w)}")
+        self.blocks.append(f"Pad {mode} {pads}" + (f" axes={axes}" if axes else "") + f" on {(c, h, w)}")
         return self.node("Pad", inputs, shape, mode=mode)
 
     def resize(self, x: str) -> str:
@@ -494,7 +516,8 @@ class GraphBuilder:
         return self.node("Gemm", inputs, (n,), **attrs)
 
 
-BLOCKS = ("conv", "residual", "parallel", "pool", "pad", "resize", "bn", "activation")
+BLOCKS = ("conv", "residual", "parallel", "pool", "pad", "resize", "bn", "activation", "if")
+OPSET18_BLOCKS = ("reduce", "split")  # forms that need opset >= 18 (fuzz_forms.py)
 
 
 def build_case(draw: Draw) -> FuzzCase:
@@ -504,11 +527,13 @@ def build_case(draw: Draw) -> FuzzCase:
     cin, h, w = draw.integer(1, 4), draw.integer(1, 14), draw.integer(1, 14)
     symbolic_batch = draw.flag(0.5)
     batch = draw.integer(1, 3)
+    builder.opset = opset = draw.choice(fuzz_forms.OPSETS)
     builder.shapes["x"] = (cin, h, w)
     current = "x"
     inner: list[str] = []
+    kinds = BLOCKS + (OPSET18_BLOCKS if opset >= 18 else ())
     for _ in range(draw.integer(1, 5)):
-        kind = draw.choice(BLOCKS)
+        kind = draw.choice(kinds)
         if kind == "conv":
             current = builder.conv_block(current)
         elif kind == "residual":
@@ -523,6 +548,12 @@ def build_case(draw: Draw) -> FuzzCase:
             current = builder.resize(current)
         elif kind == "bn":
             current = builder.batch_norm(current)
+        elif kind == "if":
+            current = fuzz_forms.if_block(builder, current)
+        elif kind == "reduce":
+            current = fuzz_forms.reduce_gate(builder, current)
+        elif kind == "split":
+            current = fuzz_forms.split_block(builder, current)
         else:
             current = builder.activation(current)
         if current != "x":
@@ -540,11 +571,16 @@ def build_case(draw: Draw) -> FuzzCase:
     def info(name: str):
         return oh.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [batch_dim, *builder.shapes[name]])
 
-    graph = oh.make_graph(builder.nodes, "fuzz", [info("x")], [info(o) for o in outputs],
-                          initializer=builder.initializers)
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", OPSET)], producer_name="cnnc-fuzz")
-    model.ir_version = 8
     feeds = {"x": rng.standard_normal((batch, cin, h, w)).astype(np.float32)}
+    shadowed, defaults_overridden = fuzz_forms.shadow_inputs(builder, rng) if draw.flag(0.15) else ([], {})
+    feeds.update(defaults_overridden)
+    graph = oh.make_graph(builder.nodes, "fuzz", [info("x"), *shadowed], [info(o) for o in outputs],
+                          initializer=builder.initializers)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], producer_name="cnnc-fuzz")
+    model.ir_version = fuzz_forms.ir_version_for(opset)
+    if draw.flag(0.15):
+        fuzz_forms.to_float16(model, feeds)
+        builder.blocks.append("float16")
     return FuzzCase(model, feeds, builder.blocks)
 
 
@@ -555,6 +591,19 @@ def cnn_graphs(draw) -> FuzzCase:
 
 def random_case(seed: int) -> FuzzCase:
     return build_case(RandomDraw(np.random.default_rng(seed)))
+
+
+def case_forms(case: FuzzCase) -> list[str]:
+    """The issue-16 forms a case holds, for the long profile's counts."""
+    forms = [f"opset {case.model.opset_import[0].version}"]
+    forms += ["float16"] * (case.feeds["x"].dtype == np.float16)
+    forms += ["input with a default"] * (len(case.model.graph.input) > 1)
+    ops = case.op_types()
+    forms += [f"{op} ({why})" for op, why in (("If", "constant condition"), ("Split", "num_outputs"),
+                                              ("ReduceMean", "axes input"), ("ReduceMax", "axes input"),
+                                              ("ReduceSum", "axes input")) if ops[op]]
+    forms += ["Pad (axes)"] * any(n.op_type == "Pad" and len(n.input) > 3 for n in case.model.graph.node)
+    return forms
 
 
 # --- the differential check ----------------------------------------------------------------------------------------
@@ -583,12 +632,26 @@ def run_on_onnxruntime(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 def _float64_reference(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray] | None:
     from cnnc.eval import evaluate_graph, unsupported_reason
+    from cnnc.ir import import_model
 
-    graph = gs.import_onnx(model)
+    graph = import_model(model)  # inputs with a default stay inputs: the feeds override them
     if any(unsupported_reason(node) for node in graph.nodes):
         return None
     values = evaluate_graph(graph, feeds)
     return [values[o.name] for o in model.graph.output]
+
+
+def allowed_error(reference: np.ndarray) -> float:
+    """The verdict's bound on max|got − reference|: float32 1e-5·max(1, max|ref|) (this fuzzer's own, tighter than
+    the equivalence check's); other dtypes the equivalence check's per-dtype atol + rtol·max|ref|
+    (`cnnc.io.precision`: float16 2e-3 + 2e-2·max|ref|)."""
+    from cnnc.io.precision import precision_tolerance
+
+    peak = float(np.max(np.abs(reference.astype(np.float64)), initial=0.0))
+    if reference.dtype == np.float32:
+        return RELATIVE_TOLERANCE * max(1.0, peak)
+    tolerance = precision_tolerance(reference.dtype)
+    return tolerance.atol + tolerance.rtol * peak
 
 
 def check_pass(case: FuzzCase, spec: str, reference: list[np.ndarray] | None = None) -> Outcome:
@@ -602,10 +665,14 @@ def check_pass(case: FuzzCase, spec: str, reference: list[np.ndarray] | None = N
         if folder is not None:  # the case's input as a .npy, for passes that take sample inputs
             np.save(os.path.join(folder, "feeds.npy"), case.feeds["x"])
             spec = spec.replace("{feeds}", os.path.join(folder, "feeds.npy"))
+        original = case.model.SerializeToString()
         run = run_passes(case.model, spec)
         outcome.changed, compiled = run.changed, run.model
+        if case.model.SerializeToString() != original:  # the caller's model is read-only (issue 16, defect 2)
+            case.model.ParseFromString(original)  # as it was, for the specs that follow
+            raise AssertionError(f"{spec} modified the caller's ModelProto")
         got = run_on_onnxruntime(compiled, case.feeds)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - whatever a pass or onnxruntime raises is a crash to report
         outcome.status = "crash"
         outcome.detail = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=-6)}"
         outcome.seconds = time.perf_counter() - started
@@ -614,6 +681,10 @@ def check_pass(case: FuzzCase, spec: str, reference: list[np.ndarray] | None = N
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     outcome.seconds = time.perf_counter() - started
+    inputs = [i.name for i in case.model.graph.input]
+    if [i.name for i in compiled.graph.input] != inputs:  # an input with a default (shadowed) must stay an input
+        outcome.status, outcome.detail = "mismatch", f"inputs {[i.name for i in compiled.graph.input]} != {inputs}"
+        return outcome
     names = [o.name for o in case.model.graph.output]
     if [o.name for o in compiled.graph.output] != names:
         outcome.status, outcome.detail = "mismatch", f"outputs {[o.name for o in compiled.graph.output]} != {names}"
@@ -626,7 +697,8 @@ def check_pass(case: FuzzCase, spec: str, reference: list[np.ndarray] | None = N
         scale = max(1.0, float(np.max(np.abs(ref), initial=0.0)))
         error = float(np.max(np.abs(out.astype(np.float64) - ref), initial=0.0))
         outcome.max_abs, outcome.scale = max(outcome.max_abs, error), max(outcome.scale, scale)
-        if error <= RELATIVE_TOLERANCE * scale:
+        allowed = allowed_error(ref)
+        if error <= allowed:
             continue
         if float64 is None:
             float64 = _float64_reference(case.model, case.feeds) or []
@@ -635,14 +707,13 @@ def check_pass(case: FuzzCase, spec: str, reference: list[np.ndarray] | None = N
             own = float(np.max(np.abs(out - exact)))
             original = float(np.max(np.abs(ref - exact)))
             outcome.float64_judged = True
-            if own <= max(RELATIVE_TOLERANCE * scale, FLOAT64_ERROR_FACTOR * original):
+            if own <= max(allowed, FLOAT64_ERROR_FACTOR * original):
                 continue
-            extra = f"; against float64: {own:.3g}, the original's own float32 error {original:.3g}"
+            extra = f"; against float64: {own:.3g}, the original's own {ref.dtype} error {original:.3g}"
         else:
             extra = "; no float64 evaluation (unsupported op)"
         outcome.status = "mismatch"
-        outcome.detail = (f"output {names[index]}: max|diff| {error:.3g} > {RELATIVE_TOLERANCE:g}·{scale:.3g}"
-                          + extra)
+        outcome.detail = f"output {names[index]}: max|diff| {error:.3g} > {allowed:.3g} ({ref.dtype})" + extra
         return outcome
     return outcome
 

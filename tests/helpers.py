@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx.parser
-import onnx_graphsurgeon as gs
 
 from cnnc.io import backend
+from cnnc.ir import import_model
 from cnnc.passes import parse_pipeline
 from cnnc.pipeline.contract import Pass, PassResult
 from cnnc.pipeline.manager import run_pipeline
@@ -111,7 +111,7 @@ def run_passes(model: onnx.ModelProto | str, *specs: str | Pass, check: bool = T
     if isinstance(model, str):
         model = text_model(model)
     passes = parse_pipeline(list(specs))
-    graph, report = run_pipeline(gs.import_onnx(model), passes, strict=True)
+    graph, report = run_pipeline(import_model(model), passes, strict=True)  # as cnnc.compile: defaults stay inputs
     compiled = backend.to_model(graph, template=model)
     if check:
         backend.check(compiled)

@@ -21,6 +21,7 @@ from cnnc.cli.bench import bench_command
 from cnnc.cli.compile import compile_command
 from cnnc.cli.example import example_command
 from cnnc.cli.explain import explain_command
+from cnnc.cli.export import export_command
 from cnnc.cli.inspect import inspect_command
 from cnnc.cli.passes import passes_command
 from cnnc.cli.verify import verify_command
@@ -65,8 +66,8 @@ def cli(debug: bool) -> None:
     """cnnc: exact algebraic compilation of convolutional networks in ONNX."""
 
 
-for _command in (compile_command, passes_command, inspect_command, verify_command, example_command, bench_command,
-                 analyze_command, explain_command):
+for _command in (compile_command, export_command, passes_command, inspect_command, verify_command, example_command,
+                 bench_command, analyze_command, explain_command):
     cli.add_command(_command)
 
 
