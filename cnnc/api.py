@@ -66,6 +66,13 @@ class CompileResult:
         """Export the compiled model as `format` (`cnnc.export.FORMATS`) to `path`, proven on that format's runtime
         against the original the compile started from (seeded inputs, per-dtype tolerance; `check`: n, seed, rtol,
         atol, input_shapes, user_inputs); nothing is written when the proof fails (EquivalenceError)."""
+        check = dict(check or {})
+        if self.report.get("precision", {}).get("precision") == "fp16":
+            if format == "onnx-fp16":
+                raise UsageError("the model was compiled with --precision fp16 already: export it as 'onnx' (or "
+                                 "compile in fp32 and export as 'onnx-fp16')")
+            # Its weights are float16: proven against the float32 original at float16's tolerance, as compile was.
+            check.setdefault("compute_dtype", "float16")
         result = export_model(self.model, format, path, options,
                               reference=self.original if self.original is not None else self.model, check=check)
         self.report.setdefault("exports", []).append(result.report)

@@ -241,6 +241,11 @@ def check_runner(reference: onnx.ModelProto, candidate: CandidateRunner, n: int 
     compute = dtype_name(compute_dtype) if compute_dtype is not None else None
     report = EquivalenceReport(rtol=rtol, atol=atol, feeds=len(feeds), compute_dtype=compute)
     for name, ref_type, cand_type in zip(ref_names, _output_types(reference), candidate.output_types):
+        if compute is None and ref_type and cand_type and dtype_name(ref_type) != dtype_name(cand_type):
+            # A rewrite may not change an output's type: judging it at the looser dtype's tolerance would let a
+            # float32 output turned float16 pass. Only a deliberate conversion (compute_dtype) may.
+            raise EquivalenceError(f"output '{name}' is {dtype_name(cand_type)} in the compiled model, "
+                                   f"{dtype_name(ref_type)} in the original")
         tolerance = output_tolerance(ref_type or cand_type or "float32", cand_type or ref_type or "float32",
                                      compute, rtol, atol)
         report.outputs.append(OutputError(name, tolerance.dtype, tolerance.rtol, tolerance.atol))

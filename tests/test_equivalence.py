@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx.helper as oh
+import onnx.numpy_helper
 import pytest
 from click.testing import CliRunner
-from helpers import make_model
+from helpers import make_model, text_model
 
 from cnnc.cli import cli
 from cnnc.errors import EquivalenceError, ModelError, UsageError
 from cnnc.runtime.deviation import output_deviation, random_float_feeds
 from cnnc.runtime.equivalence import check_equivalence
+from cnnc.runtime.identity import same_model
 from cnnc.runtime.inputs import SECOND_BATCH, make_input_batches
 
 X = np.array([[1.0, -2.0, 4.0, 0.5]], np.float32)
@@ -197,3 +200,77 @@ def test_output_deviation_is_measured_on_onnxruntime_relative_to_each_outputs_sc
     largest = max(float(np.abs(feed["x"]).max()) for feed in feeds)
     assert measured["max_abs"] == pytest.approx(0.2 * largest, rel=1e-5)
     assert measured["max_rel"] == pytest.approx(0.1, rel=1e-5)
+
+
+# --- the "unchanged" proof (runtime.identity.same_model): every change that can alter the function is seen ---------
+
+_IDENTITY_MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 2, 5, 5] x) => (float[N, 3, 5, 5] y) <float[3, 2, 3, 3] W> {
+    c = Conv <pads = [1, 1, 1, 1]> (x, W)
+    y = LeakyRelu <alpha = 0.1> (c)
+}"""
+
+
+def _identity_model() -> onnx.ModelProto:
+    weights = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float32)
+    return text_model(_IDENTITY_MODEL, W=weights)
+
+
+def _set_alpha(m):
+    m.graph.node[1].attribute[0].f = 0.2
+
+
+def _set_pads(m):
+    m.graph.node[0].attribute[0].ints[:] = [0, 0, 0, 0]
+
+
+def _set_opset(m):
+    m.opset_import[0].version = 18
+
+
+def _set_input_type(m):
+    m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+
+
+def _set_op(m):
+    m.graph.node[1].op_type = "Relu"
+    del m.graph.node[1].attribute[:]
+
+
+def _set_weight(m):
+    values = onnx.numpy_helper.to_array(m.graph.initializer[0]).copy()
+    values[0, 0, 0, 0] += 1e-3
+    m.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(values, "W"))
+
+
+def _rewire(m):
+    m.graph.node[1].input[0] = "x"
+
+
+@pytest.mark.parametrize("change", [_set_alpha, _set_pads, _set_opset, _set_input_type, _set_op, _set_weight,
+                                    _rewire])
+def test_same_model_sees_every_change_that_can_alter_the_function(change):
+    reference, candidate = _identity_model(), _identity_model()
+    assert same_model(reference, candidate)
+    change(candidate)
+    assert not same_model(reference, candidate)
+
+
+def test_same_model_ignores_names_and_annotations():
+    reference, candidate = _identity_model(), _identity_model()
+    candidate.graph.node[0].name = "renamed"
+    candidate.doc_string = "documented"
+    candidate.ir_version = 9
+    assert same_model(reference, candidate)
+
+
+def test_an_output_whose_type_changed_is_not_equivalent():
+    reference = _identity_model()
+    candidate = _identity_model()
+    cast = onnx.helper.make_node("Cast", ["y16"], ["y"], to=onnx.TensorProto.FLOAT16)
+    candidate.graph.node[1].output[0] = "y16"
+    candidate.graph.node.append(cast)
+    candidate.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    with pytest.raises(EquivalenceError, match="float16 in the compiled model, float32 in the original"):
+        check_equivalence(reference, candidate)

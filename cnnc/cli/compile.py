@@ -160,7 +160,7 @@ def compile_command(model, passes, output, json_path, no_check, verify_each, exa
     try:
         result = api.compile(source, passes=passes, example_input=example_input, check=not no_check,
                              check_n=check_n, seed=seed, rtol=rtol, atol=atol, input_shapes=list(input_shapes),
-                             inputs=list(inputs), verify_each=verify_each, state_dict=state_dict, provider=provider,
+                             inputs=list(inputs) or None, verify_each=verify_each, state_dict=state_dict, provider=provider,
                              auto=api.AutoSettings(duration_s=auto_seconds, budget_s=auto_budget, seed=seed)
                              if auto else False, batches=parse_batches(bench_batch) or [1], precision=precision,
                              keep_io_types=keep_io_types)
