@@ -496,3 +496,17 @@ def test_with_matplotlib_every_plot_is_a_valid_png(command, tmp_path, rng):
     assert image[..., :3].std() > 0.01  # not a blank canvas
     for name in _PLOTTING[command][1]:
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_cli_compile_of_a_model_no_pass_changes_is_proven_unchanged_without_a_run(tmp_path):
+    # The API and the CLI take the same proof: the CLI's empty --inputs is no input, not "inputs given".
+    model = oh.make_model(oh.make_graph([oh.make_node("Relu", ["x"], ["y"])], "g",
+                                        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+                                        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])]),
+                          opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "relu.onnx")
+    result = CliRunner().invoke(cli, ["compile", str(tmp_path / "relu.onnx"), "-o", str(tmp_path / "out.onnx"),
+                                      "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    equivalence = json.loads((tmp_path / "r.json").read_text())["equivalence"]
+    assert equivalence["passed"] and equivalence.get("unchanged") and equivalence["feeds"] == 0
