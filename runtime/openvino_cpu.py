@@ -76,10 +76,16 @@ def run_ir(compiled) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
     return run
 
 
-def ir_candidate(compiled) -> CandidateRunner:
-    """`compiled` as the candidate of `cnnc.runtime.equivalence.check_runner`."""
+def ir_candidate(compiled, expected_names: list[str] | None = None) -> CandidateRunner:
+    """`compiled` as the candidate of `cnnc.runtime.equivalence.check_runner`. A port has a set of names (the
+    converter may add its own, e.g. a Cast's output name beside the ONNX output's); with `expected_names` (the
+    reference's outputs, in order) a port answers to the expected name when it carries it."""
     output_types = [np.dtype(port.get_element_type().to_dtype()).name for port in compiled.outputs]
-    return CandidateRunner(run=run_ir(compiled), output_names=ir_outputs(compiled),
+    names = ir_outputs(compiled)
+    if expected_names is not None and len(expected_names) == len(names):
+        names = [wanted if wanted in port.get_names() else name
+                 for wanted, name, port in zip(expected_names, names, compiled.outputs)]
+    return CandidateRunner(run=run_ir(compiled), output_names=names,
                            input_types=ir_input_types(compiled), output_types=output_types)
 
 

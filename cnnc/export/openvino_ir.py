@@ -10,6 +10,7 @@ is moved in, `.bin` first, then the `.xml` that points at it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import onnx
@@ -39,9 +40,20 @@ def export_openvino(model: onnx.ModelProto, reference: onnx.ModelProto, path: Pa
             ov.save_model(converted, str(staged_xml), compress_to_fp16=False)
         except Exception as error:  # noqa: BLE001 - OpenVINO's converter raises its own ovc Error and RuntimeError
             raise ModelError(f"OpenVINO cannot convert the model: {first_line(error)}") from None
-        proofs = {"OpenVINO CPU": check_runner(reference, ir_candidate(compile_ir(staged_xml)), **check)}
+        expected = [o.name for o in reference.graph.output]
+        proofs = {"OpenVINO CPU": check_runner(reference, ir_candidate(compile_ir(staged_xml), expected), **check)}
         require_proven("openvino", proofs)
         bin_path = path.with_suffix(".bin")
-        move_in(staged_xml.with_suffix(".bin"), bin_path)
-        move_in(staged_xml, path)
+        # The .xml and .bin are one unit: the old pair is kept aside until the new one is in, and put back if the
+        # second move fails, so a reader never finds a new .bin beside an old .xml.
+        old_bin = staged_xml.with_name("previous.bin")
+        if bin_path.exists():
+            os.replace(bin_path, old_bin)
+        try:
+            move_in(staged_xml.with_suffix(".bin"), bin_path)
+            move_in(staged_xml, path)
+        except BaseException:
+            if old_bin.exists():
+                os.replace(old_bin, bin_path)
+            raise
     return proofs, [path, bin_path]
