@@ -154,21 +154,28 @@ def extract_conv(function, nodes, source: gs.Tensor, target: gs.Tensor, chunk: i
                  + window.extent[0])
     cols = slice(pixel[1] * window.stride[1] - window.pad[1], pixel[1] * window.stride[1] - window.pad[1]
                  + window.extent[1])
-    try:
-        dense, bias = _read_kernel(function, cin, cout, tuple(probe_size), pixel, rows, cols, window.extent, chunk)
-    except (RuntimeError, ValueError, IndexError):  # the machine does not run on the probe map
-        if any(o * s - p + k > n for o, s, p, k, n in zip(pixel, window.stride, window.pad, window.extent, in_size)):
-            return None, f"no interior output pixel to read a {window.extent}-wide kernel from (input {in_size})"
-        dense, bias = _read_kernel(function, cin, cout, in_size, pixel, rows, cols, window.extent, chunk)
-    group = _largest_group(dense)
-    weight = np.concatenate([dense[g * (cout // group):(g + 1) * (cout // group),
-                                   g * (cin // group):(g + 1) * (cin // group)] for g in range(group)], axis=0)
-    form = ConvForm(weight, bias.copy(), window.stride, (window.pad[0], window.pad[1], end_pads[0], end_pads[1]),
-                    group)
-    error = _conv_form_error(function, form, source)
-    if error > 1e-9:
-        return None, f"no single conv reproduces it at the borders (max rel. deviation {error:.2g})"
-    return form, ""
+    interior = all(o * s - p + k <= n for o, s, p, k, n in zip(pixel, window.stride, window.pad, window.extent,
+                                                                 in_size))
+    pads = (window.pad[0], window.pad[1], end_pads[0], end_pads[1])
+    # The probe map first; the real map when the machine does not run on the probe map, or when the form read there
+    # fails the proof (a padding that depends on the map size, as auto_pad SAME with a stride, shifts the kernel).
+    sizes = [tuple(probe_size)] + ([tuple(in_size)] if interior and tuple(probe_size) != tuple(in_size) else [])
+    error = math.inf
+    for size in sizes:
+        try:
+            dense, bias = _read_kernel(function, cin, cout, size, pixel, rows, cols, window.extent, chunk)
+        except (RuntimeError, ValueError, IndexError):  # the machine does not run on a map of that size
+            continue
+        group = _largest_group(dense)
+        weight = np.concatenate([dense[g * (cout // group):(g + 1) * (cout // group),
+                                       g * (cin // group):(g + 1) * (cin // group)] for g in range(group)], axis=0)
+        form = ConvForm(weight, bias.copy(), window.stride, pads, group)
+        error = _conv_form_error(function, form, source)
+        if error <= 1e-9:
+            return form, ""
+    if math.isinf(error) and not interior:
+        return None, f"no interior output pixel to read a {window.extent}-wide kernel from (input {in_size})"
+    return None, f"no single conv reproduces it at the borders (max rel. deviation {error:.2g})"
 
 
 def _read_kernel(function, cin: int, cout: int, size: tuple[int, int], pixel, rows: slice, cols: slice, extent,
