@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 import pytest
 from helpers import make_model, run_model
@@ -18,6 +19,7 @@ from helpers import make_model, run_model
 from cnnc.errors import ModelError
 from cnnc.io import backend, target
 from cnnc.io.frontend import load_onnx
+from cnnc.runtime import session as session_module
 
 
 def _conv_model(rng, cout: int = 8, ir_version: int = 8) -> onnx.ModelProto:
@@ -223,3 +225,23 @@ def test_a_kill_during_save_leaves_the_previous_model_intact(tmp_path, rng, layo
     assert after == before  # same files, same bytes: nothing partial at the final path
     reloaded = load_onnx(out)
     np.testing.assert_array_equal(_weights(reloaded)["W"], _weights(previous)["W"])
+
+
+def test_a_model_opened_by_path_with_external_data_keeps_small_shape_tensors_inline(monkeypatch, tmp_path):
+    # Sessions of large models are opened from a temporary folder with external data (runtime.session); onnxruntime
+    # reads a Reshape's shape only from raw data, so tensors under 1 KB must stay inline, also when external data
+    # is forced (`--external-data`).
+    weight = onnx.numpy_helper.from_array(np.ones((4, 300), dtype=np.float32), "W")  # 4.8 KB: goes external
+    shape = onnx.numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "s")
+    graph = oh.make_graph([oh.make_node("Add", ["x", "W"], ["a"]), oh.make_node("Reshape", ["a", "s"], ["y"])],
+                          "g", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 300])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1200])], [weight, shape])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    monkeypatch.setattr(session_module, "IN_MEMORY_LIMIT_BYTES", 0)
+    out = session_module.make_session(model, "cpu", "disabled").run(None, {"x": np.zeros((4, 300), np.float32)})
+    assert out[0].shape == (1, 1200) and float(out[0].max()) == 1.0
+    written = backend.save(model, tmp_path / "m.onnx", external_data=True)
+    assert len(written) == 2
+    saved = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    kinds = {t.name: t.data_location for t in saved.graph.initializer}
+    assert kinds == {"W": onnx.TensorProto.EXTERNAL, "s": onnx.TensorProto.DEFAULT}

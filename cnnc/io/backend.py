@@ -280,7 +280,7 @@ def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = 
         use_external = (external_data if external_data is not None
                         else serialized_size(model) > EXTERNAL_DATA_THRESHOLD_BYTES)
         stale = _stale_data_of(path)
-        written = _save_staged(model, path, folder, use_external, external_data)
+        written = _save_staged(model, path, folder, use_external)
     except OSError as error:
         raise temporaries.cannot_write(path, error) from None
     for old_data in stale - set(written):
@@ -291,8 +291,7 @@ def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = 
     return written
 
 
-def _save_staged(model: onnx.ModelProto, path: Path, folder: Path, use_external: bool,
-                 forced: bool | None) -> list[Path]:
+def _save_staged(model: onnx.ModelProto, path: Path, folder: Path, use_external: bool) -> list[Path]:
     """Stage the files in a fresh temporary folder beside `path`, fsync them and move them in (data first, under a
     name nothing points at yet); on any failure, remove what was staged or moved."""
     staging = folder / temporaries.temporary_name()
@@ -304,8 +303,9 @@ def _save_staged(model: onnx.ModelProto, path: Path, folder: Path, use_external:
         data_name = None
         if use_external:
             data_name = _fresh_data_name(folder, path.name)
-            # Forced external data moves every initializer out; above 2 GB only those over 1 KB need to go.
-            if _write_with_external_data(model, staged_model, staging / data_name, 0 if forced else 1024):
+            # Tensors under 1 KB stay inline, forced or not (onnx's own size_threshold): onnxruntime reads a shape,
+            # axes or scales input only from raw data, so a Reshape whose shape is external fails to load.
+            if _write_with_external_data(model, staged_model, staging / data_name, 1024):
                 _fsync_file(staging / data_name)
             else:  # no tensor qualified (a model without initializers): no data file
                 data_name = None
