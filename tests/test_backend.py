@@ -229,8 +229,8 @@ def test_a_kill_during_save_leaves_the_previous_model_intact(tmp_path, rng, layo
 
 def test_a_model_opened_by_path_with_external_data_keeps_small_shape_tensors_inline(monkeypatch, tmp_path):
     # Sessions of large models are opened from a temporary folder with external data (runtime.session); onnxruntime
-    # reads a Reshape's shape only from raw data, so tensors under 1 KB must stay inline, also when external data
-    # is forced (`--external-data`).
+    # reads a Reshape's shape only from raw data, so small integer tensors stay inline, also when external data is
+    # forced (`--external-data`).
     weight = onnx.numpy_helper.from_array(np.ones((4, 300), dtype=np.float32), "W")  # 4.8 KB: goes external
     shape = onnx.numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "s")
     graph = oh.make_graph([oh.make_node("Add", ["x", "W"], ["a"]), oh.make_node("Reshape", ["a", "s"], ["y"])],

@@ -183,6 +183,11 @@ DATA_ALIGNMENT = 4096
 ALIGN_FROM_BYTES = 1 << 20
 
 
+_INTEGER_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16,
+                            onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,
+                            onnx.TensorProto.UINT32, onnx.TensorProto.UINT64})
+
+
 def _write_with_external_data(model: onnx.ModelProto, model_path: Path, data_path: Path, min_bytes: int) -> bool:
     """Write the initializers of at least `min_bytes` (and not empty) to `data_path` one by one, then the model
     pointing at them to `model_path`. The model itself is not modified and never copied with its weights.
@@ -195,7 +200,11 @@ def _write_with_external_data(model: onnx.ModelProto, model_path: Path, data_pat
     with open(data_path, "wb") as data:
         for tensor in model.graph.initializer:
             size = tensor_nbytes(tensor)
-            if size < max(min_bytes, 1) or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            # A small integer tensor stays inline whatever min_bytes says: onnxruntime reads shape-like inputs
+            # (Reshape's shape, axes, pads, split sizes) only from raw data, so a model with them external fails to
+            # load.
+            shape_like = tensor.data_type in _INTEGER_TYPES and size < 1024
+            if size < max(min_bytes, 1) or shape_like or tensor.data_location == onnx.TensorProto.EXTERNAL:
                 light.graph.initializer.append(tensor)
                 continue
             values = (tensor.raw_data if tensor.HasField("raw_data")
@@ -280,7 +289,7 @@ def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = 
         use_external = (external_data if external_data is not None
                         else serialized_size(model) > EXTERNAL_DATA_THRESHOLD_BYTES)
         stale = _stale_data_of(path)
-        written = _save_staged(model, path, folder, use_external)
+        written = _save_staged(model, path, folder, use_external, external_data)
     except OSError as error:
         raise temporaries.cannot_write(path, error) from None
     for old_data in stale - set(written):
@@ -291,7 +300,8 @@ def save(model: onnx.ModelProto, path: str | Path, external_data: bool | None = 
     return written
 
 
-def _save_staged(model: onnx.ModelProto, path: Path, folder: Path, use_external: bool) -> list[Path]:
+def _save_staged(model: onnx.ModelProto, path: Path, folder: Path, use_external: bool,
+                 forced: bool | None) -> list[Path]:
     """Stage the files in a fresh temporary folder beside `path`, fsync them and move them in (data first, under a
     name nothing points at yet); on any failure, remove what was staged or moved."""
     staging = folder / temporaries.temporary_name()
@@ -303,9 +313,8 @@ def _save_staged(model: onnx.ModelProto, path: Path, folder: Path, use_external:
         data_name = None
         if use_external:
             data_name = _fresh_data_name(folder, path.name)
-            # Tensors under 1 KB stay inline, forced or not (onnx's own size_threshold): onnxruntime reads a shape,
-            # axes or scales input only from raw data, so a Reshape whose shape is external fails to load.
-            if _write_with_external_data(model, staged_model, staging / data_name, 1024):
+            # Forced external data moves every initializer out; above 2 GB only those over 1 KB need to go.
+            if _write_with_external_data(model, staged_model, staging / data_name, 0 if forced else 1024):
                 _fsync_file(staging / data_name)
             else:  # no tensor qualified (a model without initializers): no data file
                 data_name = None
