@@ -238,8 +238,11 @@ def verify(a: Any, b: Any, *, check_n: int = 2, seed: int = 0, rtol: float | Non
            atol: float | None = None, input_shapes=None, inputs=None) -> dict:
     """Equivalence of two models (paths or ModelProtos); returns the report, raises EquivalenceError on mismatch."""
     reference, candidate = runnable(load_model(a)), runnable(load_model(b))
+    # Two models the user chose: their output types may differ (fp32 against its fp16 conversion), each output then
+    # judged at the looser dtype's tolerance.
     result = _equivalence(reference, candidate, {"n": check_n, "seed": seed, "rtol": rtol, "atol": atol,
-                                                 "input_shapes": input_shapes, "user_inputs": inputs})
+                                                 "input_shapes": input_shapes, "user_inputs": inputs,
+                                                 "dtype_change": True})
     if not result["passed"]:
         raise EquivalenceError(f"models are not equivalent: {result['summary']}", {"equivalence": result})
     return result

@@ -181,7 +181,7 @@ def check_input_failure(reference: onnx.ModelProto, error: Exception, given: boo
 def check_equivalence(reference: onnx.ModelProto, candidate: onnx.ModelProto, n: int = 2, seed: int = 0,
                       rtol: float | None = None, atol: float | None = None, input_shapes=None, user_inputs=None,
                       compute_dtype: str | None = None, provider: str = "cpu",
-                      reference_path: str | None = None) -> EquivalenceReport:
+                      reference_path: str | None = None, dtype_change: bool = False) -> EquivalenceReport:
     """Run both models on the same seeded inputs and compare every output, each at its dtype's tolerance.
 
     `rtol`/`atol` (when given) replace the per-dtype defaults for every output; `compute_dtype` ("float16") is the
@@ -209,7 +209,8 @@ def check_equivalence(reference: onnx.ModelProto, candidate: onnx.ModelProto, n:
         input_types={name: dtype for name, dtype in _input_types(candidate).items() if name in fed},
         output_types=_output_types(candidate), prepare=open_candidate)
     return check_runner(reference, candidate_side, n=n, seed=seed, rtol=rtol, atol=atol, input_shapes=input_shapes,
-                        user_inputs=user_inputs, compute_dtype=compute_dtype, reference_path=reference_path)
+                        user_inputs=user_inputs, compute_dtype=compute_dtype, reference_path=reference_path,
+                        dtype_change=dtype_change)
 
 
 @dataclass
@@ -228,7 +229,8 @@ class CandidateRunner:
 
 def check_runner(reference: onnx.ModelProto, candidate: CandidateRunner, n: int = 2, seed: int = 0,
                  rtol: float | None = None, atol: float | None = None, input_shapes=None, user_inputs=None,
-                 compute_dtype: str | None = None, reference_path: str | None = None) -> EquivalenceReport:
+                 compute_dtype: str | None = None, reference_path: str | None = None,
+                 dtype_change: bool = False) -> EquivalenceReport:
     """`check_equivalence` against a candidate that runs anywhere: the reference on onnxruntime's CPU provider with
     optimisations off, the same seeded inputs (`make_input_batches`), the same per-dtype rules. The reference runs
     on every feed first and its session is closed before `candidate.prepare`."""
@@ -241,9 +243,10 @@ def check_runner(reference: onnx.ModelProto, candidate: CandidateRunner, n: int 
     compute = dtype_name(compute_dtype) if compute_dtype is not None else None
     report = EquivalenceReport(rtol=rtol, atol=atol, feeds=len(feeds), compute_dtype=compute)
     for name, ref_type, cand_type in zip(ref_names, _output_types(reference), candidate.output_types):
-        if compute is None and ref_type and cand_type and dtype_name(ref_type) != dtype_name(cand_type):
+        if not (compute or dtype_change) and ref_type and cand_type and dtype_name(ref_type) != dtype_name(cand_type):
             # A rewrite may not change an output's type: judging it at the looser dtype's tolerance would let a
-            # float32 output turned float16 pass. Only a deliberate conversion (compute_dtype) may.
+            # float32 output turned float16 pass. Only a deliberate conversion (compute_dtype) may, or a comparison
+            # of two models the user chose (`cnnc verify`: dtype_change).
             raise EquivalenceError(f"output '{name}' is {dtype_name(cand_type)} in the compiled model, "
                                    f"{dtype_name(ref_type)} in the original")
         tolerance = output_tolerance(ref_type or cand_type or "float32", cand_type or ref_type or "float32",
