@@ -255,14 +255,18 @@ def test_export_reuses_weights_a_pass_only_read_and_keeps_new_ones(rng):
 
 def test_save_writes_external_data_tensor_by_tensor_and_aligns_large_ones(tmp_path, rng):
     model = _model_with_a_large_and_a_small_weight(rng)
+    # A small float tensor first (unused: forced external data moves it out), so that W must be aligned after it.
+    model.graph.initializer.insert(0, onnx.numpy_helper.from_array(np.ones(3, np.float32), "b"))
     before = model.SerializeToString()
     written = backend.save(model, tmp_path / "m.onnx", external_data=True)
     assert model.SerializeToString() == before  # the caller's model is not modified
     stored = onnx.load(tmp_path / "m.onnx", load_external_data=False)
     offsets = {t.name: int(next(e.value for e in t.external_data if e.key == "offset"))
-               for t in stored.graph.initializer}
-    weight_bytes = 4 * int(np.prod(model.graph.initializer[1].dims))
-    assert offsets == {"shape": 0, "W": backend.DATA_ALIGNMENT}  # W starts on the next 4 KiB boundary
+               for t in stored.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    weight_bytes = 4 * int(np.prod(model.graph.initializer[2].dims))
+    # The int64 shape stays inline (onnxruntime reads shape-like inputs only from raw data); W starts on the next
+    # 4 KiB boundary after b.
+    assert offsets == {"b": 0, "W": backend.DATA_ALIGNMENT}
     assert written[1].stat().st_size == backend.DATA_ALIGNMENT + weight_bytes
     reloaded = load_onnx(tmp_path / "m.onnx")
     for a, b in zip(reloaded.graph.initializer, model.graph.initializer):
