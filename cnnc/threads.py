@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,3 +99,15 @@ def with_compile_threads(function):
             return function(*args, **kwargs)
 
     return wrapper
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else the platform's): what the roofline cache and the bench
+    environment are keyed by, beside the core counts above."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -14,22 +14,13 @@ import platform
 import re
 from collections.abc import Sequence
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.capi import build_and_package_info as ort_build
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from cnnc.threads import cpu_model
 
 
 def _load_library(names: Sequence[str]):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import onnx.helper as oh
 import onnxruntime as ort
 
 from cnnc.errors import UsageError
+from cnnc.threads import cpu_model
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # Conservative figures: a modest core's fp32 rate, a low share of a memory channel, and onnxruntime's per-node cost.
@@ -58,18 +58,8 @@ def cache_path() -> Path:
     return Path(folder) / CACHE_NAME
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_key(provider: str) -> str:
-    return f"{_cpu_model()}|{os.cpu_count()} cores|onnxruntime {ort.__version__}|{provider}"
+    return f"{cpu_model()}|{os.cpu_count()} cores|onnxruntime {ort.__version__}|{provider}"
 
 
 def _read_cache() -> dict:
