@@ -184,23 +184,6 @@ def _fold_into_consumer(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarr
     return success(f"folded into the following {consumer.op} '{consumer.name}'")
 
 
-def _to_mul_add(graph: gs.Graph, bn: gs.Node, s: np.ndarray, t: np.ndarray) -> MatchResult:
-    x, y = bn.inputs[0], bn.outputs[0]
-    rank = ir.tensor_rank(x) or ir.tensor_rank(y)
-    if rank is None or rank < 2:
-        return fail("input rank is unknown, so the per-channel constants cannot be shaped")
-    dtype = x.dtype or y.dtype or ir.constant_value(bn.inputs[1]).dtype
-    scaled = gs.Variable(ir.unique_name(graph, bn.name + "_scaled"), dtype=dtype, shape=x.shape)
-    scale = ir.make_constant(bn.name + "_scale", _axis1(s, rank).astype(dtype), graph)
-    graph.nodes.append(gs.Node("Mul", ir.unique_name(graph, bn.name + "_mul"), inputs=[x, scale], outputs=[scaled]))
-    shift = ir.make_constant(bn.name + "_shift", _axis1(t, rank).astype(dtype), graph)
-    add = gs.Node("Add", ir.unique_name(graph, bn.name + "_add"), inputs=[scaled, shift], outputs=list(bn.outputs[:1]))
-    graph.nodes.append(add)
-    bn.outputs.clear()
-    bn.inputs.clear()
-    return success("rewritten as Mul+Add")
-
-
 def _mul_add_candidate(graph: gs.Graph, bn: gs.Node, roof, apply_close: str) -> Candidate:
     """The cost model's verdict on rewriting the lone `bn` as Mul + Add (priced with the node that reads it)."""
     x, y = bn.inputs[0], bn.outputs[0]
