@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from cnnc.homotopy.join import HomotopyJoin
+from cnnc.homotopy.join import HomotopyJoin, assign_t, common_t
 from cnnc.homotopy.pad_once import ChainLink, PadChange, find_links, pad_once
 from cnnc.io.frontend import from_torch
 
@@ -235,27 +235,14 @@ class ActivationHomotopy:
 
     @property
     def t(self) -> float | dict[str, float]:
-        values = self.t_per_site()
-        distinct = set(values.values())
-        return distinct.pop() if len(distinct) == 1 else values
+        return common_t(self.t_per_site())
 
     def t_per_site(self) -> dict[str, float]:
         return {name: float(site.t) for name, site in self.site_modules.items()}
 
-    @torch.no_grad()
     def set_t(self, value: float | Mapping[str, float]) -> None:
         """Set t for every site (a float) or for the named sites (a mapping; per-site t needs shared=False)."""
-        values = dict(value) if isinstance(value, Mapping) else {name: value for name in self.site_modules}
-        unknown = set(values) - set(self.site_modules)
-        if unknown:
-            raise KeyError(f"unknown activation sites: {', '.join(sorted(unknown))}")
-        if self.shared and len(set(values.values())) > 1:
-            raise ValueError("this homotopy shares one t between its sites; wrap with shared=False for per-site t")
-        for name, v in values.items():
-            if not 0.0 <= float(v) <= 1.0:
-                raise ValueError(f"t = {v} for site {name} is outside [0, 1]")
-        for name, v in values.items():
-            self.site_modules[name].t.fill_(float(v))
+        assign_t(self.site_modules, value, self.shared, "site", "activation sites")
 
     def export(self, example_input, t: float | None = 0.0, dynamic_batch: bool = True):
         """The model as ONNX through cnnc's torch frontend at activation weight `t` (None: as it is now); the

@@ -7,6 +7,8 @@ shortcut: t = 0 is a plain feed-forward network, whose skips `remove-skip` delet
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -39,3 +41,27 @@ class Residual(nn.Module):
         branch, skip = self.branch(x), self.shortcut(x)
         joined = branch + skip if self.join is None else self.join(branch, skip)
         return self.post(joined)
+
+
+def common_t(values: dict[str, float]) -> float | dict[str, float]:
+    """One float when every wrapped module has the same t, else t per module (a homotopy's `t` property)."""
+    distinct = set(values.values())
+    return distinct.pop() if len(distinct) == 1 else values
+
+
+@torch.no_grad()
+def assign_t(modules: Mapping[str, nn.Module], value: float | Mapping[str, float], shared: bool, what: str,
+             unknown_label: str) -> None:
+    """Set t on every module (a float) or on the named ones (a mapping; different values need shared=False).
+    `what` ("join", "site") and `unknown_label` ("joins", "activation sites") name them in the errors."""
+    values = dict(value) if isinstance(value, Mapping) else {name: value for name in modules}
+    unknown = set(values) - set(modules)
+    if unknown:
+        raise KeyError(f"unknown {unknown_label}: {', '.join(sorted(unknown))}")
+    if shared and len(set(values.values())) > 1:
+        raise ValueError(f"this homotopy shares one t between its {what}s; wrap with shared=False for per-{what} t")
+    for name, v in values.items():
+        if not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"t = {v} for {what} {name} is outside [0, 1]")
+    for name, v in values.items():
+        modules[name].t.fill_(float(v))

@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from cnnc.homotopy.activations import ActivationSite
 from cnnc.homotopy.fx_joins import find_joins
-from cnnc.homotopy.join import HomotopyJoin, Residual
+from cnnc.homotopy.join import HomotopyJoin, Residual, assign_t, common_t
 from cnnc.io.frontend import from_torch
 
 
@@ -160,27 +160,14 @@ class SkipHomotopy:
     @property
     def t(self) -> float | dict[str, float]:
         """The skip weight: one float when shared (or when every join has the same), else one per join."""
-        values = self.t_per_join()
-        distinct = set(values.values())
-        return distinct.pop() if len(distinct) == 1 else values
+        return common_t(self.t_per_join())
 
     def t_per_join(self) -> dict[str, float]:
         return {name: float(join.t) for name, join in self.joins.items()}
 
-    @torch.no_grad()
     def set_t(self, value: float | Mapping[str, float]) -> None:
         """Set t for every join (a float) or for the named joins (a mapping, per-join t only)."""
-        values = dict(value) if isinstance(value, Mapping) else {name: value for name in self.joins}
-        unknown = set(values) - set(self.joins)
-        if unknown:
-            raise KeyError(f"unknown joins: {', '.join(sorted(unknown))}")
-        if self.shared and len(set(values.values())) > 1:
-            raise ValueError("this homotopy shares one t between its joins; wrap with shared=False for per-join t")
-        for name, v in values.items():
-            if not 0.0 <= float(v) <= 1.0:
-                raise ValueError(f"t = {v} for join {name} is outside [0, 1]")
-        for name, v in values.items():
-            self.joins[name].t.fill_(float(v))
+        assign_t(self.joins, value, self.shared, "join", "joins")
 
     def export(self, example_input, t: float | None = 0.0, dynamic_batch: bool = True):
         """The model as ONNX through cnnc's torch frontend, with t baked in as constants (t=None: as it is now).
