@@ -510,3 +510,11 @@ def test_cli_compile_of_a_model_no_pass_changes_is_proven_unchanged_without_a_ru
     assert result.exit_code == 0, result.output
     equivalence = json.loads((tmp_path / "r.json").read_text())["equivalence"]
     assert equivalence["passed"] and equivalence.get("unchanged") and equivalence["feeds"] == 0
+
+
+def test_compile_format_triton_refuses_an_onnx_file_name_for_its_repository_folder(tmp_path):
+    result = CliRunner().invoke(cli, ["compile", "--example", "linear-resnet34", "--format", "triton",
+                                      "-o", str(tmp_path / "model.onnx")])
+    assert result.exit_code == 2
+    assert "writes a model repository folder: give -o a folder" in result.output
+    assert not any(tmp_path.iterdir())

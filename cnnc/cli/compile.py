@@ -38,6 +38,11 @@ def _load_torch_source(model: str, module_factory: str | None, input_shapes):
     return factory(), torch.zeros(*next(iter(shapes.values())))
 
 
+# The default -o per --format (None: the compiled ONNX model itself).
+_OUTPUT_SUFFIX = {None: ".cnnc.onnx", "onnx": ".cnnc.onnx", "onnx-fp16": ".cnnc.fp16.onnx", "openvino": ".cnnc.xml",
+                  "triton": ".cnnc-triton", "tensorrt": ".cnnc.plan"}
+
+
 def print_compile_report(report: dict) -> None:
     click.echo(table(stats_rows(report["before"], report["after"]), ("", "before", "after")))
     click.echo()
@@ -147,20 +152,24 @@ def compile_command(model, passes, output, json_path, no_check, verify_each, exa
     if (model is None) == (example is None):
         raise UsageError("give either MODEL or --example NAME")
     example_input, state_dict = None, None
+    if export_format == "triton" and output is not None and Path(output).suffix.lower() == ".onnx":
+        raise UsageError(f"--format triton writes a model repository folder: give -o a folder, not {output}")
+    suffix = _OUTPUT_SUFFIX[export_format]
     if example is not None:
         source, example_input = build_example(example)
-        output = output or f"{example}.cnnc.onnx"
+        output = output or f"{example}{suffix}"
     elif Path(model).suffix.lower() in (".pt", ".pth"):
         source, example_input = _load_torch_source(model, module_factory, input_shapes)
         state_dict, input_shapes = model, ()
-        output = output or str(Path(model).with_suffix(".cnnc.onnx"))
+        output = output or str(Path(model).with_suffix("")) + suffix
     else:
         source = model
-        output = output or str(Path(model).with_suffix("")) + ".cnnc.onnx"
+        output = output or str(Path(model).with_suffix("")) + suffix
     try:
         result = api.compile(source, passes=passes, example_input=example_input, check=not no_check,
                              check_n=check_n, seed=seed, rtol=rtol, atol=atol, input_shapes=list(input_shapes),
-                             inputs=list(inputs) or None, verify_each=verify_each, state_dict=state_dict, provider=provider,
+                             inputs=list(inputs) or None, verify_each=verify_each, state_dict=state_dict,
+                             provider=provider,
                              auto=api.AutoSettings(duration_s=auto_seconds, budget_s=auto_budget, seed=seed)
                              if auto else False, batches=parse_batches(bench_batch) or [1], precision=precision,
                              keep_io_types=keep_io_types)
