@@ -14,6 +14,7 @@ guess). That is what the passes use, so a compile is deterministic on a given ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -151,4 +152,5 @@ def roofline(provider: str = "cpu", *, measure: bool = True) -> Roofline:
         raise UsageError(f"onnxruntime here has no {PROVIDERS[provider]} to measure")
     roof = _measure(provider)
     _write_cache(key, roof)
-    return roof
+    # Passes read this cache from now on: say so where the constants are shown (`cnnc inspect --cost`).
+    return dataclasses.replace(roof, source=f"{roof.source}; cached in {cache_path()}, which later compiles use")
