@@ -23,9 +23,9 @@ rounds once more, as fold-bn does); this pass does not take that on trust. The l
 4. it has no more nodes than the input, its constants (initializers, Constant nodes) take at most the input's bytes
    + 1 % + 1 KiB, and it is smaller in one of the two (else there was nothing to simplify and the graph is left
    exactly as it was);
-5. (`check=True`, or a graph with custom-domain ops, which the library cannot see into; off by default otherwise,
-   because `cnnc.compile` proves the whole result on onnxruntime, and after this pass alone with `--verify-each`)
-   onnxruntime runs both on the seeded inputs of `cnnc.runtime.equivalence` (batch 1 and 3 when the batch is
+5. (`check=True`, a graph with custom-domain ops, which the library cannot see into, or constants up to
+   `prove_below_mb`, 16 MB by default; above that `cnnc.compile` still proves the whole result, without two more
+   copies of the weights here) onnxruntime runs both on the seeded inputs of `cnnc.runtime.equivalence` (batch 1 and 3 when the batch is
    symbolic) and every output agrees at the default tolerance.
 
 Memory. The pass holds up to two further copies of the weights on top of the graph's: its export, which the library
@@ -197,9 +197,12 @@ class Simplify(Pass):
     summary = ("general simplification by a library (shape sub-graphs, Reshape/Transpose chains, casts, dead and "
                "duplicated constants), checked on onnxruntime")
     backend: Literal["onnxslim", "onnxsim", "ort"] = "onnxslim"
-    # Condition 5 inside the pass. Off by default: `cnnc.compile` proves the whole result on onnxruntime anyway (and
-    # after this pass with --verify-each); on, it costs one more check and two more copies of the weights.
+    # Condition 5 inside the pass: always with `check`, else up to `prove_below_mb` of constants, where it costs a
+    # fraction of a second. Proven here, a library's mistake costs only this pass (skipped, with the reason), not the
+    # whole compile; above that size `cnnc.compile`'s own check still proves the result (and --verify-each names
+    # this pass), without two more copies of the weights.
     check: bool = False
+    prove_below_mb: float = 16.0
     max_weight_mb: float = 128.0  # above this many MB of constants the pass skips (see "Memory" above)
 
     def requires(self, graph: gs.Graph) -> None:
@@ -235,7 +238,8 @@ class Simplify(Pass):
         simplified.ir_version = before.ir_version  # what onnxruntime accepts (cnnc.io.target), as to_model stamps
         why_not = interface_change(before, simplified) or self._not_smaller(before, simplified, result)
         # A custom-domain op is opaque to the library: its rewrites around it are taken only when proven here.
-        if why_not is None and (self.check or any(n.domain not in ("", "ai.onnx") for n in before.graph.node)):
+        custom = any(n.domain not in ("", "ai.onnx") for n in before.graph.node)
+        if why_not is None and (self.check or custom or weight_mb <= self.prove_below_mb):
             why_not = self._prove(emit.to_model(graph), simplified, result)  # the graph is still the input here
         if why_not is not None:
             result.skip("whole graph", why_not)

@@ -198,3 +198,12 @@ def test_constants_above_max_weight_mb_are_left_to_the_cnn_passes():
     run = run_passes(leftovers(), "simplify{max_weight_mb=0.0001}")
     assert not run.result.changed
     assert any("max_weight_mb" in why for _, why in run.result.skipped)
+
+
+def test_a_wrong_library_result_on_a_small_model_is_refused_without_check(monkeypatch):
+    # Below prove_below_mb the pass proves the library's result itself: its mistake costs this pass, not the compile.
+    monkeypatch.setitem(simplify.RUNNERS, "onnxslim", _with(_wrong))
+    model = leftovers()
+    run = run_passes(model, "simplify")
+    assert_unchanged(as_the_pass_sees_it(model), run)
+    assert "not equivalent" in run.result.skipped[0][1], run.result.skipped
