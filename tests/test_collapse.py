@@ -26,6 +26,7 @@ from torch import nn
 
 from cnnc.cost.segments import best_segmentations, cheapest_segmentation
 from cnnc.io.frontend import from_torch
+from cnnc.linear import conv_equivalent
 from cnnc.zoo import draw_batchnorm_statistics
 from cnnc.zoo.blocks import RepVGGBlock
 
@@ -454,3 +455,34 @@ def test_shared_segmentation_dp_takes_a_merge_only_when_strictly_cheaper():
     assert cheapest_segmentation(2, cost) == (2.0, [])  # a tie keeps the convs apart
     with pytest.raises(ValueError):
         best_segmentations(1, lambda i, j: None)
+
+
+MOBILEONE_BLOCK = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    mobileone (float[N, 4, 6, 7] x) => (float[N, 4, 6, 7] y)
+    <float[4, 1, 3, 3] Wd, float[4] Bd, float[4, 1, 1, 1] Ws, float[1, 4, 1, 1] S,
+     float[4] gamma, float[4] beta, float[4] mean, float[4] var> {
+        [dw] a = Conv <group = 4, pads = [1, 1, 1, 1]> (x, Wd, Bd)
+        [scale] b0 = Conv <group = 4> (x, Ws)
+        [mul] b = Mul (b0, S)
+        [bn] c = BatchNormalization (x, gamma, beta, mean, var)
+        [s1] ab = Add (a, b)
+        [s2] y = Add (ab, c)
+    }"""
+
+
+def test_parallel_branches_compose_from_their_weights_without_probing(rng, monkeypatch):
+    # MobileOne's block: a depthwise 3×3, a depthwise 1×1 scale branch and an identity BN, summed. Its kernel is the
+    # sum of the padded branch kernels (cnnc.linear.parallel_branches); with the VJP reader disabled the merge must
+    # still happen, and it is still proven against the machine.
+    def no_probing(*args, **kwargs):
+        raise AssertionError("the kernel was probed")
+    monkeypatch.setattr(conv_equivalent, "_read_kernel", no_probing)
+    gamma, beta, mean, var = (value for _, value in bn_params(rng, 4, "bn"))
+    model = text_model(MOBILEONE_BLOCK, Wd=normal(rng, 4, 1, 3, 3), Bd=normal(rng, 4), Ws=normal(rng, 4, 1, 1, 1),
+                       S=normal(rng, 1, 4, 1, 1), gamma=gamma, beta=beta, mean=mean, var=var)
+    compiled, result = run_passes(model, "collapse{gemm=off}")
+    assert result.changed and op_counts(compiled) == {"Conv": 1}
+    conv = compiled.graph.node[0]
+    assert initializer(compiled, conv.input[1]).shape == (4, 1, 3, 3)  # still depthwise
+    assert_same_outputs(model, compiled, {"x": normal(rng, 2, 4, 6, 7)}, atol=1e-5)

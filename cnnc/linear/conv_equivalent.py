@@ -29,6 +29,7 @@ import torch
 
 from cnnc import ir
 from cnnc.eval import same_pads
+from cnnc.linear.parallel_branches import compose_parallel
 
 PER_CHANNEL_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
 
@@ -161,11 +162,19 @@ def extract_conv(function, nodes, source: gs.Tensor, target: gs.Tensor, chunk: i
     # fails the proof (a padding that depends on the map size, as auto_pad SAME with a stride, shifts the kernel).
     sizes = [tuple(probe_size)] + ([tuple(in_size)] if interior and tuple(probe_size) != tuple(in_size) else [])
     error = math.inf
-    for size in sizes:
-        try:
-            dense, bias = _read_kernel(function, cin, cout, size, pixel, rows, cols, window.extent, chunk)
-        except (RuntimeError, ValueError, IndexError):  # the machine does not run on a map of that size
-            continue
+    # Parallel branches off the machine input (RepVGG, MobileOne) compose from their weights with no probing; the
+    # result is proven below like any read kernel, and anything else is read by VJPs.
+    for size in [None] + sizes:
+        if size is None:
+            composed = compose_parallel(nodes, source, target, windows)
+            if composed is None:
+                continue
+            dense, bias = composed
+        else:
+            try:
+                dense, bias = _read_kernel(function, cin, cout, size, pixel, rows, cols, window.extent, chunk)
+            except (RuntimeError, ValueError, IndexError):  # the machine does not run on a map of that size
+                continue
         group = _largest_group(dense)
         weight = np.concatenate([dense[g * (cout // group):(g + 1) * (cout // group),
                                        g * (cin // group):(g + 1) * (cin // group)] for g in range(group)], axis=0)
