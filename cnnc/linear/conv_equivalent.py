@@ -9,8 +9,10 @@ spatial axis: output pixel o reads input rows [o·S − P, o·S − P + K). Comp
   and aligned, the RepVGG/DBB/ACNet merge; an identity branch is a delta kernel).
 Anything else (resampling, reshapes, spatially varying constants) has no single-conv form.
 
-Weights. The kernel is read off the machine itself: the vector-Jacobian product of one interior output pixel per
-output channel (seed 003's adjoint) gives W[o, :, :, :] on the window, and f(0) there gives the bias.
+Weights. Parallel branches off the machine input are composed from their weights (`cnnc.linear.parallel_branches`).
+Anything else is read off the machine itself: the vector-Jacobian product of one interior output pixel per output
+channel (seed 003's adjoint) gives W[o, :, :, :] on the window, and f(0) there gives the bias, on a probe map the
+size of that pixel's window (the machine is translation-invariant), or on the real map when that fails.
 
 Proof. A chain whose inner convs pad with zeros is *not* a conv at the border (the border reads 0 where the chain
 reads the inner bias; DBB issue 9 measured 0.11 max error), and the geometry rules above do not see that. So the
