@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     command = "python bench/destride_bench.py" + (f" --provider {args.provider}" if args.provider != "cpu" else "")
     Path(f"{stem}.json").write_text(json.dumps({"command": command, "entries": entries}, indent=2, default=str))
     lines = [f"# destride benchmarks, {date}, {slug}", "", f"Command: `{command}`", "",
-             f"Environment: {env['device']}, onnxruntime {env['onnxruntime']}, ORT_ENABLE_ALL, both models "
-             f"interleaved; load average at start {env['loadavg_1_5_15']}.", "",
+             (f"Environment: {env['device']}, onnxruntime {env['onnxruntime']}, ORT_ENABLE_ALL, both models "
+             f"interleaved; load average at start {env['loadavg_1_5_15']}."), "",
              "| case | passes | MACs before → after | batch | original p50 | destrided p50 | time ratio |",
              "|---|---|---|---|---|---|---|"]
     for e in entries:
@@ -99,8 +99,8 @@ def main(argv=None) -> int:
                          f"{e['macs_after'] / 1e6:.2f}M ({e['macs_after'] / e['macs_before']:.2f}×) | {t['batch']} | "
                          f"{t['original_p50_ms']:.3f} ms | {t['destrided_p50_ms']:.3f} ms | "
                          f"{t['destrided_p50_ms'] / t['original_p50_ms']:.2f}× |")
-    lines += ["", "A time ratio above 1 means the destrided model is slower. Every compiled model passed cnnc's "
-              "equivalence check (see the JSON)."]
+    lines += ["", ("A time ratio above 1 means the destrided model is slower. Every compiled model passed cnnc's "
+              "equivalence check (see the JSON).")]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     log(f"wrote {stem}.json, .md")
     return 0

@@ -174,14 +174,14 @@ SUMMARY_HEADERS = ("model", "input", "batch", "variant", "passes", "nodes", "MAC
 
 def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# cnnc bench suite: {report['device_slug']}", "",
-             f"Command: `{report['command']}` (git {report['git_commit']}{' + local changes' if report['git_dirty'] else ''},"
-             f" {report['wall_seconds'] / 60:.1f} min)", "",
+             (f"Command: `{report['command']}` (git {report['git_commit']}{' + local changes' if report['git_dirty'] else ''},"
+             f" {report['wall_seconds'] / 60:.1f} min)"), "",
              *[f"- {line}" for line in bench_report.environment_lines(report)], "",
-             "Each row: the model as exported (original) against cnnc's compile of it, timed interleaved at "
+             ("Each row: the model as exported (original) against cnnc's compile of it, timed interleaved at "
              "ORT_ENABLE_ALL on the same provider; speedup p50 = p50(original) / p50(compiled), speedup min = the "
              "same for the fastest call of each (the least disturbed by other processes; where the two disagree, "
              "the machine was busy). onnxruntime already folds Conv+BN at ORT_ENABLE_ALL, so passes that only do "
-             "that show about 1.00x.", "",
+             "that show about 1.00x."), "",
              bench_report.markdown_table(summary_rows(report), SUMMARY_HEADERS), "",
              "## Models", ""]
     for record in report["models"]:

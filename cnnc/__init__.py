@@ -33,9 +33,17 @@ if not (Path(__file__).parent / "passes").is_dir() and (_CHECKOUT / "pyproject.t
         and all((_CHECKOUT / name / "__init__.py").is_file() for name in ("passes", "runtime")):
     sys.meta_path.insert(0, _CheckoutPackages({f"cnnc.{name}": _CHECKOUT / name for name in ("passes", "runtime")}))
 
-from cnnc.api import CompileResult, compile, verify  # noqa: E402  (after the checkout finder above)
-from cnnc.errors import CnncError, EquivalenceError, ModelError, UsageError  # noqa: E402
+from cnnc.api import CompileResult, compile, verify
+from cnnc.errors import CnncError, EquivalenceError, ModelError, UsageError
 
 __version__ = "0.1.0"
-__all__ = ["CnncError", "CompileResult", "EquivalenceError", "ModelError", "UsageError", "compile", "verify",
-           "__version__"]
+__all__ = [
+    "CnncError",
+    "CompileResult",
+    "EquivalenceError",
+    "ModelError",
+    "UsageError",
+    "__version__",
+    "compile",
+    "verify",
+]

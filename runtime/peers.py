@@ -31,7 +31,7 @@ def peer_models(model: onnx.ModelProto) -> tuple[list[tuple[str, onnx.ModelProto
             peers.append(("onnxsim", runnable_model(simplified)))
             if not check_ok:
                 notes.append("onnxsim's own output check failed; its model is timed anyway")
-        except Exception as error:  # a third-party tool: report whatever it raises, do not stop the bench
+        except Exception as error:  # noqa: BLE001 — a third-party tool: report whatever it raises, do not stop the bench
             notes.append(f"peer onnxsim failed: {type(error).__name__}: {first_line(error)}")
     try:
         import onnxslim  # optional dependency: imported at call time, its absence is a note
@@ -40,6 +40,6 @@ def peer_models(model: onnx.ModelProto) -> tuple[list[tuple[str, onnx.ModelProto
     else:
         try:
             peers.append(("onnxslim", runnable_model(onnxslim.slim(_copy_of(model)))))
-        except Exception as error:  # a third-party tool: report whatever it raises, do not stop the bench
+        except Exception as error:  # noqa: BLE001 — a third-party tool: report whatever it raises, do not stop the bench
             notes.append(f"peer onnxslim failed: {type(error).__name__}: {first_line(error)}")
     return peers, notes

@@ -286,7 +286,7 @@ def test_random_conv_bn_graphs(data):
     onnx.checker.check_model(compiled, full_check=True)
     feeds = {"x": rng.standard_normal((batch, cin, height, width)).astype(np.float32)}
     assert_same_outputs(model, compiled, feeds, rtol=1e-4, atol=1e-5)
-    again, second = run_passes(compiled, "fold-bn{force_mul_add=true}")
+    _, second = run_passes(compiled, "fold-bn{force_mul_add=true}")
     assert not second.changed
 
 

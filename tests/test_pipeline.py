@@ -68,7 +68,7 @@ def test_call_runs_requires_run_ensures(rng):
 
 
 def test_a_precondition_failure_is_a_skip_of_the_whole_graph(rng):
-    graph, report = run_pipeline(gs.import_onnx(_conv_bn(rng)), [NeedsGemm(), FoldBatchNorm()], strict=True)
+    _, report = run_pipeline(gs.import_onnx(_conv_bn(rng)), [NeedsGemm(), FoldBatchNorm()], strict=True)
     skipped, folded = report.as_dict()
     assert skipped["skipped"] == [{"where": "whole graph", "why": "the graph has no Gemm"}]
     assert not skipped["changed"] and skipped["error"] is None and folded["changed"]

@@ -52,7 +52,7 @@ class _CnncGroup(click.Group):
             if debug:
                 traceback.print_exc()
             _fail(str(error), error.exit_code)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 — the last resort: any other error is an internal error, exit 3
             if debug:
                 traceback.print_exc()
             _fail(f"internal error: {type(error).__name__}: {error} (run `cnnc --debug ...` for the traceback)", 3)

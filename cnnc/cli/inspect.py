@@ -22,7 +22,6 @@ from pathlib import Path
 
 import click
 import onnx
-import onnx_graphsurgeon as gs
 
 from cnnc import ir
 from cnnc.cli.levels_plot import plot_levels
@@ -51,7 +50,7 @@ def _megabytes(n: int) -> str:
 def schedule_section(model: onnx.ModelProto, batch: int = 1) -> tuple[dict, Hypergraph]:
     """(figures for JSON and `format_schedule`, the hypergraph they describe, for `plot_levels`) of `model`."""
     try:
-        graph = canonicalize(gs.import_onnx(model))  # folds exporter constants; keeps the stored order
+        graph = canonicalize(ir.import_model(model))  # folds exporter constants; keeps the stored order
     except (ValueError, TypeError, KeyError, RuntimeError, onnx.shape_inference.InferenceError) as error:
         raise ModelError(f"cannot build the hypergraph of the model: {error}") from None
     view = Hypergraph.from_graph(graph, batch, infer_shapes=False)
@@ -79,7 +78,7 @@ def cost_section(model: onnx.ModelProto, provider: str, batch: int = 1) -> dict:
     """The roofline of `provider` (cached or measured now) and the model's cost per op type at `batch`."""
     roof = roofline(provider, measure=True)
     try:
-        graph = ir.refresh_shapes(canonicalize(gs.import_onnx(model)))
+        graph = ir.refresh_shapes(canonicalize(ir.import_model(model)))
     except (ValueError, TypeError, KeyError, RuntimeError, onnx.shape_inference.InferenceError) as error:
         raise ModelError(f"cannot price the model: {error}") from None
     by_op: dict[str, Cost] = {}

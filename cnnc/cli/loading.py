@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from cnnc import ir
 from cnnc.analysis.samples import load_samples, sample_inputs
 from cnnc.errors import ModelError, UsageError
 from cnnc.io.frontend import load_model
@@ -24,8 +25,8 @@ def load_graph(model: str | Path | onnx.ModelProto, fold_bn: bool) -> gs.Graph:
     fold-bn pass when `fold_bn`; a BN that cannot be folded stays, and explain then refuses it by name."""
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
     try:
-        graph = gs.import_onnx(proto)
-    except Exception as error:
+        graph = ir.import_model(proto)
+    except Exception as error:  # noqa: BLE001 — graphsurgeon raises many types on untrusted models
         raise ModelError(f"cannot import the model into the IR: {error}") from None
     graph, _ = run_pipeline(graph, [FoldBatchNorm()] if fold_bn else [], strict=True)
     return graph

@@ -53,7 +53,7 @@ def _wrap_traced(module: nn.Module, prefix: str, context: _WrapContext, example_
     but has no residual add, or None when it does not trace."""
     try:
         graph = _JoinTracer().trace(module)
-    except Exception:  # fx raises many types for untraceable Python (data-dependent control flow, ...)
+    except Exception:  # noqa: BLE001 — fx raises many types for untraceable Python (data-dependent control flow, ...)
         return None
     traced = fx.GraphModule(module, graph, class_name=type(module).__name__)
     if example_input is not None:
@@ -63,7 +63,7 @@ def _wrap_traced(module: nn.Module, prefix: str, context: _WrapContext, example_
         try:
             with torch.no_grad():
                 ShapeProp(traced).propagate(*example_input)
-        except Exception as error:  # shapes only refine the test; the structural test still applies without them
+        except Exception as error:  # noqa: BLE001 — shapes only refine the test; the structural test still applies without them
             why = f"shape propagation failed ({type(error).__name__}: {error}); operand shapes were not compared"
             context.skipped.append((prefix or "model", why))
         finally:

@@ -36,7 +36,7 @@ def macs(model: onnx.ModelProto) -> int:
     """Multiply-accumulates of the conv and matrix ops at batch 1."""
     try:
         inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), strict_mode=False, data_prop=True)
-    except Exception:  # shape inference can fail on custom ops; count what it could not see as zero
+    except Exception:  # noqa: BLE001 — shape inference can fail on custom ops; count what it could not see as zero
         inferred = model
     graph = inferred.graph
     shapes = {v.name: _dims(v) for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
