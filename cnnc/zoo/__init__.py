@@ -9,6 +9,7 @@ built-in examples that `cnnc example` and `cnnc compile --example` build.
 - `cnnc.zoo.batchnorm`: realistic BatchNorm statistics, drawn or calibrated (see there why both exist);
 - `cnnc.zoo.vision`: `ZOO`, the torchvision and timm networks people ship, with seeded weights and calibrated BN
   (torchvision and timm are the optional `zoo` extra, imported only when such a model is built);
+- `cnnc.zoo.branch_damping`: their calibration (BN statistics measured in eval mode, residual branches damped);
 - `cnnc.zoo.exports`: those networks exported to ONNX by torch's exporters (fp32 and fp16), cached on disk.
 
 Each example is a torch module with seeded weights and drawn BatchNorm statistics (running means near 0, variances

@@ -13,7 +13,8 @@ network's BN normalises what reaches it; two set-ups imitate that:
   networks (ResNet-18/34/50 at 224×224).
 
 Both exist because committed results (bench/results, examples/results) were produced with each; one would change
-the other's weights.
+the other's weights. The torchvision / timm zoo uses a third, `cnnc.zoo.branch_damping.calibrate_damped`: the
+statistics measured in eval mode, layer after layer, and residual branches damped as in a trained network.
 """
 
 from __future__ import annotations

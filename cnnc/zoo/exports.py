@@ -17,9 +17,10 @@ statistics were calibrated in fp32, and then exported by the same exporter. This
 ONNX, and it runs on onnxruntime's CPU provider (a converted fp32 export would depend on the converter's choices
 instead). The variant is recorded in the model's metadata (`cnnc.zoo`).
 
-Cache: one file per (name, reparameterised or not, size, exporter, dtype, seed, torch version) in `directory`, by
-default `$CNNC_CACHE_DIR/zoo` or else `~/.cache/cnnc/zoo`; written atomically (`cnnc.io.backend.save`), so an
-interrupted export never leaves a truncated file behind that a later run would trust.
+Cache: one file per (name, reparameterised or not, size, exporter, dtype, seed, calibration rule
+(`cnnc.zoo.vision.CALIBRATION`: files of an older rule hold other weights and are never reused), torch version) in
+`directory`, by default `$CNNC_CACHE_DIR/zoo` or else `~/.cache/cnnc/zoo`; written atomically
+(`cnnc.io.backend.save`), so an interrupted export never leaves a truncated file behind that a later run would trust.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from cnnc.errors import UsageError
 from cnnc.io import backend
 from cnnc.io.target import runnable
 from cnnc.threads import compile_threads
-from cnnc.zoo.vision import build_zoo_model, example_input, timm_reparameterized
+from cnnc.zoo.vision import CALIBRATION, build_zoo_model, example_input, timm_reparameterized
 
 EXPORTERS = ("torchscript17", "torchscript13", "dynamo")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -58,7 +59,7 @@ def export_file_name(name: str, exporter: str, size: int, dtype: str, seed: int 
     """The cache file name: every parameter the file depends on, the torch version included."""
     variant = "-reparameterized" if reparameterized else ""
     version = torch.__version__.replace("+", "_")
-    return f"{name}{variant}-{size}px-{exporter}-{dtype}-seed{seed}-torch{version}.onnx"
+    return f"{name}{variant}-{size}px-{exporter}-{dtype}-seed{seed}-{CALIBRATION}-torch{version}.onnx"
 
 
 def _check_choice(kind: str, value: str, choices) -> None:
@@ -104,7 +105,7 @@ def export_zoo_model(name: str, exporter: str = "torchscript17", size: int = 64,
         example = example.half()
     model = export_module(module, example, exporter)
     record = {"name": name, "reparameterized": reparameterized, "size": size, "exporter": exporter, "dtype": dtype,
-              "seed": seed, "torch": torch.__version__,
+              "seed": seed, "calibration": CALIBRATION, "torch": torch.__version__,
               "fp16": "torch module.half() exported" if dtype == "fp16" else None}
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                         "cnnc.zoo": json.dumps(record, sort_keys=True)})
