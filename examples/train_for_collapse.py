@@ -2,6 +2,7 @@
 
     python examples/train_for_collapse.py            # 3 seeds; writes examples/results/train_for_collapse.*
     python examples/train_for_collapse.py --quick    # 1 seed, 2 epochs, short timing: <= 3 min
+    python examples/train_for_collapse.py --nets resnet   # rerun one net; the other's committed rows are kept
 
 scikit-learn's digits upsampled to 28x28 (no data set can be downloaded here; `homotopy_digits.load_digits_28`).
 Two networks: the small ResNet of `homotopy_digits.py` and a MobileNetV2-style inverted-residual net. Each is trained
@@ -10,7 +11,9 @@ Two networks: the small ResNet of `homotopy_digits.py` and a MobileNetV2-style i
 2. with the skip homotopy only (t: 0.5 -> 0, seed 000 §4);
 3. with skip and activation homotopy (activations t: 1 -> 0) on the sites of `cnnc.homotopy.plan` (cost model,
    DP, at most 2, 4 and 6 sites; a budget whose plan repeats a smaller one's sites is not trained again) and on all
-   sites, where the network becomes linear and collapses to one Gemm (Theorem 3.1). The plan counts the stem's
+   sites. The plan is made once per net and budget, for batch 1 and 64, with `measure`: onnxruntime (this script's
+   `OrtMeasure`, ORT_ENABLE_ALL, CPU, one thread) times the merges the cost model cannot settle (close, or losing
+   on MACs by <= 2x while removing kernels), and a timed merge is kept only when faster at both batch sizes; where the network becomes linear and collapses to one Gemm (Theorem 3.1). The plan counts the stem's
    activation although an identity skip reads it (the skip homotopy removes that read at t = 0), and `collapse`
    merges each planned segment even when the linear chain runs on past it (MobileNetV2's linear bottleneck).
 
@@ -32,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from homotopy_digits import SmallResNet, load_digits_28, onnx_accuracy
@@ -80,7 +84,42 @@ NETS = {"resnet": SmallResNet, "mobilenetv2": SmallMobileNetV2}
 VARIANTS = ("original", "skip", "skip+act plan<=2", "skip+act plan<=4", "skip+act plan<=6", "skip+act all")
 
 
-def build(net: str, variant: str, seed: int):
+BUDGETS = {"skip+act plan<=2": 2, "skip+act plan<=4": 4, "skip+act plan<=6": 6}
+PLAN_BATCHES = (1, 64)  # the latency table's batch sizes: a timed merge must pay at both
+
+
+class OrtMeasure:
+    """plan's `measure`: median onnxruntime time of the unmerged and the merged segment, interleaved (CPU, one
+    thread, ORT_ENABLE_ALL); cached by structure (the random timing weights differ between calls)."""
+
+    def __init__(self, duration: float):
+        self.duration, self.cache, self.timed = duration, {}, 0
+
+    @staticmethod
+    def _structure(model: onnx.ModelProto) -> tuple:
+        graph = model.graph
+        return (tuple((n.op_type, str(sorted((a.name, str(a)) for a in n.attribute))) for n in graph.node),
+                tuple(tuple(i.dims) for i in graph.initializer), str(graph.input[0].type))
+
+    def __call__(self, apart: onnx.ModelProto, merged: onnx.ModelProto) -> tuple[float, float]:
+        key = (self._structure(apart), self._structure(merged))
+        if key not in self.cache:
+            report = bench_models([apart, merged], ["apart", "merged"], provider="cpu", duration=self.duration,
+                                  threads=1)
+            self.cache[key] = tuple(m["stats"]["p50_ms"] / 1e3 for m in report["comparisons"][0]["models"])
+            self.timed += 1
+        return self.cache[key]
+
+
+def make_plans(net: str, measure) -> dict:
+    """variant -> the plan at its budget (made once per net: it depends on the architecture, not the weights)."""
+    torch.manual_seed(0)
+    skips = SkipHomotopy.wrap(NETS[net](), t=0.5, example_input=EXAMPLE)
+    return {variant: plan(skips.model, EXAMPLE, max_sites=budget, measure=measure, batch=PLAN_BATCHES)
+            for variant, budget in BUDGETS.items()}
+
+
+def build(net: str, variant: str, seed: int, plans: dict):
     """The model to train, the homotopies driving it (with one schedule each) and the plan used, if any."""
     torch.manual_seed(seed)
     model = NETS[net]()
@@ -89,8 +128,7 @@ def build(net: str, variant: str, seed: int):
     skips = SkipHomotopy.wrap(model, t=0.5, example_input=EXAMPLE)
     if variant == "skip":
         return skips.model, [skips], None
-    budget = {"skip+act plan<=2": 2, "skip+act plan<=4": 4, "skip+act plan<=6": 6}.get(variant)
-    chosen = plan(skips.model, EXAMPLE, max_sites=budget) if budget is not None else None
+    chosen = plans.get(variant)
     sites = chosen.sites if chosen is not None else None  # None: all sites
     if sites == []:
         return None, [], chosen  # the plan found no merge that pays: same as skip-only
@@ -129,8 +167,10 @@ def latency(original, compiled: dict, duration: float) -> dict:
     labels = ["original"] + list(compiled)
     report = bench_models([original] + list(compiled.values()), labels, batch=[1, 64], provider="cpu",
                           duration=duration, threads=1)
-    return {f"batch {c['batch']}": {m["label"]: (m["ratio_to_first"] or {}).get("speedup") for m in c["models"]}
-            for c in report["comparisons"]}
+    speedups = {f"batch {c['batch']}": {m["label"]: (m["ratio_to_first"] or {}).get("speedup") for m in c["models"]}
+                for c in report["comparisons"]}
+    load = {f"batch {c['batch']}": c.get("loadavg_1_5_15_after") for c in report["comparisons"]}
+    return speedups, load
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -166,6 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS),
+                        help="nets to run; the rows and plans of the others are kept from the existing results")
+    parser.add_argument("--no-measure", action="store_true", help="plan by the cost model alone (no timing)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = 1, 2
@@ -174,13 +217,22 @@ def main(argv=None) -> int:
     train_data, val_data = load_digits_28()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "train_for_collapse_quick" if args.quick else "train_for_collapse"
-    rows, plans = [], {}
+    rows, plans, kept = [], {}, {}
+    previous = args.out / f"{stem}.json"
+    if set(args.nets) != set(NETS) and previous.exists():
+        kept = json.loads(previous.read_text())
+    measure = None if args.no_measure else OrtMeasure(0.1 if args.quick else 0.3)
     for net in NETS:
+        if net not in args.nets:
+            rows += [r for r in kept.get("rows", []) if r["net"] == net]
+            plans.update({k: v for k, v in kept.get("plans", {}).items() if k.startswith(f"{net}, ")})
+            continue
         compiled_seed0, planned = {}, {}
+        net_plans = make_plans(net, measure)
         for variant in VARIANTS:
             accuracies, row = [], {"net": net, "variant": variant}
             for seed in range(args.seeds):
-                model, homotopies, chosen = build(net, variant, seed)
+                model, homotopies, chosen = build(net, variant, seed, net_plans)
                 if chosen is not None:
                     plans[f"{net}, {variant}"] = chosen.as_dict()
                     if seed == 0:
@@ -209,17 +261,27 @@ def main(argv=None) -> int:
                       f"(spread {100 * row['accuracy_spread']:.1f}), depth {row['depth_after']}, "
                       f"MACs {row['macs_after']}", flush=True)
             rows.append(row)
-        speedups = latency(compiled_seed0.pop("original"), compiled_seed0, 0.3 if args.quick else 2.0)
+        speedups, load = latency(compiled_seed0.pop("original"), compiled_seed0, 0.3 if args.quick else 2.0)
+        print(f"{net}: load average (1, 5, 15 min) after timing: {load}", flush=True)
         for row in rows:
             if row["net"] == net and "accuracy_mean" in row:
                 row["speedup"] = {batch: (values.get(row["variant"]) if row["variant"] != "original" else 1.0)
                                   for batch, values in speedups.items()}
-    report = {"command": "python examples/train_for_collapse.py " + " ".join(argv or sys.argv[1:]),
-              "seeds": args.seeds, "epochs": args.epochs, "rows": rows, "plans": plans,
-              "environment": {"onnxruntime": ort.__version__, "torch": torch.__version__,
-                              "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                              "load_average_at_end": os.getloadavg()},
-              "wall_seconds": round(time.perf_counter() - started, 1)}
+                row["load_average_after_timing"] = load  # 1, 5, 15 min, per batch size: the CPUs are shared
+    environment = {"onnxruntime": ort.__version__, "torch": torch.__version__, "python": platform.python_version(),
+                   "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg()}
+    command = "python examples/train_for_collapse.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = {"command": command, "seeds": args.seeds, "epochs": args.epochs, "rows": rows, "plans": plans,
+              "environment": environment, "wall_seconds": round(time.perf_counter() - started, 1),
+              "segments_timed": measure.timed if measure is not None else 0}
+    if kept:  # rows of nets not rerun: say which run they come from (the earliest, when kept twice)
+        origin = kept.get("kept_from_previous_run") or kept
+        if set(origin.get("nets", [])) != {n for n in NETS if n not in args.nets}:
+            origin = kept
+        report["kept_from_previous_run"] = {"nets": [n for n in NETS if n not in args.nets],
+                                            "command": origin.get("command"), "environment": origin.get("environment"),
+                                            "wall_seconds": origin.get("wall_seconds")}
+        kept = report["kept_from_previous_run"]
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["| net | variant | accuracy % (mean ± spread/2) | depth | MACs | nodes | speed-up b1 | speed-up b64 |",
              "|---|---|---|---|---|---|---|---|"]
@@ -231,6 +293,14 @@ def main(argv=None) -> int:
         lines.append(f"| {r['net']} | {r['variant']} | {100 * r['accuracy_mean']:.1f} ± "
                      f"{50 * r['accuracy_spread']:.1f} | {r['depth_after']} | {r['macs_after']} | {r['nodes_after']} "
                      f"| {s.get('batch 1') or 0:.2f} | {s.get('batch 64') or 0:.2f} |")
+    for net in NETS:
+        timed = next((r for r in rows if r["net"] == net and r.get("load_average_after_timing")), None)
+        if timed is not None:
+            lines.append(f"\n{net}: load average (1, 5, 15 min) after the interleaved timing on {os.cpu_count()} "
+                         f"CPUs: {timed['load_average_after_timing']}")
+        elif net not in args.nets and kept:
+            lines.append(f"\n{net}: kept from `{kept.get('command')}`; load average (1, 5, 15 min) at its end: "
+                         f"{[round(v, 2) for v in kept.get('environment', {}).get('load_average_at_end', [])]}")
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(rows, args.out / f"{stem}.png")
     print("\n".join(lines))

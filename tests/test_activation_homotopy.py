@@ -185,8 +185,8 @@ def test_plan_refuses_two_3x3_at_equal_width_and_is_json():
     restored = json.loads(json.dumps(result.as_dict()))
     assert restored["sites"] == [] and restored["estimated_speedup"] == pytest.approx(1.0)
     assert "_2" in result.table()
-    measured = plan(model, x, measure=lambda a, b: (1.0, 0.5))  # a loss by the model is not measured
-    assert measured.sites == []
+    # A loss on MACs (25/18) that removes a kernel is timed when a measure is given (tests/test_plan.py): slower, kept
+    assert plan(model, x, measure=lambda a, b: (1.0, 1.2)).sites == []
     with pytest.raises(ValueError):
         plan(model, x, max_sites=1, target_speedup=2.0)
 

@@ -20,6 +20,15 @@ Skip reads. A site whose output is also read as the *shortcut* of a `HomotopyJoi
 identity skip) is still a link: the skip homotopy removes that read at t = 0, so the chain is linear there. During
 training the shortcut must keep its old size, so it reads a centre crop of e_j pixels per side: the padded output's
 centre is exactly the old output (the extra zero border only adds outer pixels), so the crop changes nothing.
+
+Through a join. After a residual block the activation reads the join, conv_b2 → BN → join(branch, skip) → σ → conv,
+and at t = 0 the join is its branch (`HomotopyJoin`: (1 − t)·branch + t·skip), so the link runs through it (the
+branch read once, the join read once). Its output then carries the branch conv's border e_j, and the skip operand is
+fitted to it: a skip with border e_s (a site output of a run) is cropped by e_s − e_j, one with none (e_s = 0) is
+zero-padded by e_j. Both only shape what training sees: at t = 0 the skip is multiplied by 0 and `remove-skip`
+deletes it with its crop or pad. A projected shortcut (a downsampling 1×1 conv + BN, which remove-skip deletes
+too) reads a bordered map whose own border depends on the map size and stride: it is centre-cropped (or padded) to
+the branch's size at run time (`fit_to`), aligned to within a pixel; again only training sees it.
 """
 
 from __future__ import annotations
@@ -27,12 +36,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch.nn.functional as F
 from torch import fx, nn
 
 from cnnc.homotopy.join import HomotopyJoin
 
 _BEFORE_SITE = (nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.Dropout2d)
 _AFTER_SITE = (nn.Identity, nn.Dropout, nn.Dropout2d)
+_PROJECTION = (nn.Conv2d, nn.BatchNorm2d, nn.Identity)  # a shortcut projection: downsample conv + BN
 
 
 @dataclass
@@ -47,6 +58,8 @@ class ChainLink:
     site_node: fx.Node | None = field(default=None, repr=False, compare=False)
     # (value, join) pairs: skip reads of the site's output that the skip homotopy removes at t = 0 (module docstring)
     skip_reads: list[tuple[fx.Node, fx.Node]] = field(default_factory=list, repr=False, compare=False)
+    # joins between conv `before` and the site, read through their branch (module docstring: through a join)
+    joins: list[fx.Node] = field(default_factory=list, repr=False, compare=False)
 
     def as_dict(self) -> dict:
         return {"before": self.prefix + self.before, "site": self.site, "after": self.prefix + self.after,
@@ -82,24 +95,55 @@ def _conv_reason(root: nn.Module, node: fx.Node, calls: dict[str, int]) -> str |
     return None
 
 
-def _skip_read(root: nn.Module, user: fx.Node, value: fx.Node) -> bool:
-    """`user` reads `value` only as the shortcut of a homotopy join (forward(branch, skip)): gone at t = 0."""
-    return isinstance(_module(root, user), HomotopyJoin) and len(user.args) == 2 and user.args[1] is value \
-        and user.args[0] is not value and not user.kwargs
+def _skip_read(root: nn.Module, user: fx.Node, value: fx.Node) -> fx.Node | None:
+    """The homotopy join whose shortcut is all that `user` reads `value` for, or None. The shortcut is `value` itself
+    or a projection of it (conv, BN, Identity, each read once, as a downsampling shortcut is): gone at t = 0."""
+    while isinstance(_module(root, user), _PROJECTION) and user.args == (value,) and not user.kwargs \
+            and len(user.users) == 1:
+        value, user = user, next(iter(user.users))
+    if isinstance(_module(root, user), HomotopyJoin) and len(user.args) == 2 and user.args[1] is value \
+            and user.args[0] is not value and not user.kwargs:
+        return user
+    return None
 
 
 def crop_border(x, border: tuple[int, int]):
-    """The centre of `x` without `border` pixels on each side of its two spatial axes (static slices)."""
-    return x[..., border[0]:(-border[0] or None), border[1]:(-border[1] or None)]
+    """The centre of `x` without `border` pixels on each side of its two spatial axes (static slices); a negative
+    border adds that many zero pixels instead (a skip fitted to a padded branch: module docstring)."""
+    grow = [max(-b, 0) for b in border]
+    if any(grow):
+        x = F.pad(x, (grow[1], grow[1], grow[0], grow[0]))
+    crop = [max(b, 0) for b in border]
+    return x[..., crop[0]:(-crop[0] or None), crop[1]:(-crop[1] or None)]
+
+
+def fit_to(x, like):
+    """`x` centre-cropped or zero-padded to the spatial size of `like` (sizes read as Python ints: an export traces
+    static slices). Used on a projected shortcut, which only training reads (module docstring)."""
+    border = [(int(x.shape[a]) - int(like.shape[a])) for a in (-2, -1)]
+    grow = [max(-b, 0) for b in border]
+    if any(grow):
+        x = F.pad(x, (grow[1] // 2, grow[1] - grow[1] // 2, grow[0] // 2, grow[0] - grow[0] // 2))
+    crop = [max(b, 0) for b in border]
+    return x[..., crop[0] // 2:int(x.shape[-2]) - (crop[0] - crop[0] // 2),
+             crop[1] // 2:int(x.shape[-1]) - (crop[1] - crop[1] // 2)]
+
+
+def _branch_join(root: nn.Module, node: fx.Node) -> bool:
+    """`node` is a homotopy join forward(branch, skip) whose branch is another value (at t = 0 it is the branch)."""
+    return isinstance(_module(root, node), HomotopyJoin) and len(node.args) == 2 and not node.kwargs \
+        and all(isinstance(a, fx.Node) for a in node.args) and node.args[0] is not node.args[1]
 
 
 def _link(root: nn.Module, site: fx.Node, calls: dict[str, int]) -> tuple[ChainLink | None, str]:
-    between = []
+    between, joins = [], []
     node = site.args[0] if site.args and isinstance(site.args[0], fx.Node) else None
-    while node is not None and isinstance(_module(root, node), _BEFORE_SITE):
+    while node is not None and (isinstance(_module(root, node), _BEFORE_SITE) or _branch_join(root, node)):
         if len(node.users) != 1:
             return None, f"{node.target} is read {len(node.users)} times"
         between.insert(0, node.target)
+        if _branch_join(root, node):
+            joins.insert(0, node)
         node = node.args[0] if isinstance(node.args[0], fx.Node) else None
     if node is None or not isinstance(_module(root, node), nn.Conv2d):
         return None, "its input is not a conv (through BN, Identity, Dropout only)"
@@ -108,8 +152,9 @@ def _link(root: nn.Module, site: fx.Node, calls: dict[str, int]) -> tuple[ChainL
         return None, f"conv {before.target}'s output is read {len(before.users)} times"
     node, skip_reads = site, []
     while True:
-        users = [user for user in node.users if not _skip_read(root, user, node)]
-        skip_reads += [(node, user) for user in node.users if user not in users]
+        reads = {user: _skip_read(root, user, node) for user in node.users}
+        users = [user for user, join in reads.items() if join is None]
+        skip_reads += [(node, join) for join in reads.values() if join is not None]
         if len(users) != 1:
             return None, f"{node.name}'s output is read {len(users)} times (a branch or an output)"
         node = users[0]
@@ -122,7 +167,8 @@ def _link(root: nn.Module, site: fx.Node, calls: dict[str, int]) -> tuple[ChainL
         why = _conv_reason(root, conv, calls)
         if why is not None:
             return None, why
-    return ChainLink(before.target, node.target, site.name, between, site_node=site, skip_reads=skip_reads), ""
+    return ChainLink(before.target, node.target, site.name, between, site_node=site, skip_reads=skip_reads,
+                     joins=joins), ""
 
 
 def find_links(traced: fx.GraphModule, is_site: Callable[[fx.Node], bool]
@@ -177,16 +223,15 @@ def run_paddings(convs: list[nn.Conv2d]) -> list[tuple[int, int]]:
 
 def pad_once(traced: fx.GraphModule, links: list[ChainLink], prefix: str = "") -> list[PadChange]:
     """Rewrite the paddings of every run of `links` in place (the conv modules); returns what changed."""
-    changes, cropped = [], False
+    changes = []
+    value_border: dict[fx.Node, tuple[int, int]] = {}  # a site output read by a skip -> its border
+    join_border: dict[fx.Node, tuple[int, int]] = {}  # a join inside a run -> the border of its output
     for run in runs(links):
         names = [run[0].before] + [link.after for link in run]
         convs = [traced.get_submodule(name) for name in names]
         for link, border in zip(run, run_borders(convs)):  # link j's site reads conv_j's output
-            for value, join in link.skip_reads if any(border) else ():
-                with traced.graph.inserting_before(join):
-                    crop = traced.graph.call_function(crop_border, (value, border))
-                join.replace_input_with(value, crop)
-                cropped = True
+            value_border.update((value, border) for value, _ in link.skip_reads)
+            join_border.update((join, border) for join in link.joins)
         for name, conv, new in zip(names, convs, run_paddings(convs)):
             old = conv_padding(conv)
             if old != new:
@@ -194,7 +239,24 @@ def pad_once(traced: fx.GraphModule, links: list[ChainLink], prefix: str = "") -
                 changes.append(PadChange(prefix + name, old, new))
         for link in run:
             link.prefix = prefix
-    if cropped:
+    joins = list(dict.fromkeys([*join_border, *(j for link in links for _, j in link.skip_reads)]))
+    fitted = False
+    projected = {join for link in links for value, join in link.skip_reads if join.args[1] is not value}
+    for join in joins:  # fit each skip operand to the border its join's output carries
+        branch, skip = join.args
+        own, wanted = value_border.get(skip, (0, 0)), join_border.get(join, (0, 0))
+        border = tuple(own[a] - wanted[a] for a in range(2))
+        if join in projected:  # a projection's border depends on the map size: fit it to the branch's
+            with traced.graph.inserting_before(join):
+                fit = traced.graph.call_function(fit_to, (skip, branch))
+        elif any(border):
+            with traced.graph.inserting_before(join):
+                fit = traced.graph.call_function(crop_border, (skip, border))
+        else:
+            continue
+        join.replace_input_with(skip, fit)
+        fitted = True
+    if fitted:
         traced.graph.lint()
         traced.recompile()
     return changes

@@ -10,20 +10,30 @@ the same groups (a depthwise conv followed by a 1×1 becomes dense).
 Cost. Each form is priced by the cost model (`cnnc.cost.Cost`: MACs, weight and activation bytes, kernels, at batch
 1) on the provider's roofline (`cnnc.cost.roofline(provider, measure=False)`: cached measured figures, else
 conservative built-in ones), and judged by `cnnc.cost.compare` at `cnnc.cost.verdict.REWRITE_BATCHES` (1 and 8) and
-`batch`, exactly as `collapse` will judge the merge at compile time: "pays", "loses" or "close". When `measure` is
-given (a callable `(unmerged, merged) -> (seconds, seconds)` on two small ONNX models, e.g. `cnnc.runtime.bench` in
-the training script: this package does not run models), a close merge is measured and its estimate scaled by the
-measured ratio.
+`batch`, exactly as `collapse` will judge the merge at compile time: "pays", "loses" or "close".
+
+Measurement. When `measure` is given (a callable `(unmerged, merged) -> (seconds, seconds)` on two small ONNX
+models, e.g. onnxruntime through `cnnc.runtime.bench` in the training script: this package does not run models), a
+segment is timed when the cost model cannot settle it:
+- it is "close", or
+- it "loses" on MACs by at most `MEASURE_MAC_GROWTH` (2×) while removing kernels (every merge of n convs removes
+  n − 1): at batch 1 on small maps a kernel's fixed cost can outweigh the extra MACs (two 3×3 → one 5×5, 25/18).
+It is timed at every batch size of `batch` (an int or a tuple, e.g. (1, 64): the two models are built at that
+batch), its ratio merged/apart is the worst of them, and its estimate is scaled by that ratio. A timed segment enters
+the DP only when it measured faster at every batch by `MEASURE_MARGIN` (5 %: a merge that saves less than timing
+noise on a shared CPU would cost an activation for nothing); a loss that was not timed (no `measure`, or MACs grow more than
+2×) never does. Merges that pay by the cost model are not timed.
 
 Choice: dynamic programming over each chain, as LayerMerge does (`cnnc.cost.segments`, shared with `collapse`).
 best[j][m] is the cheapest cost of conv_0..conv_j using m annealed sites, over the last segment i..j: best[j][m] =
 min_i best[i−1][m − (j − i)] + cost(i..j). Chains are independent, so a knapsack over the per-chain tables gives the
 cheapest plan for every total number of sites. Then: `max_sites` → the cheapest plan with at most that many sites;
 `target_speedup` → the fewest sites whose estimated speed-up of the convs reaches it (else the cheapest plan, saying
-so); neither → the cheapest plan, fewest sites on ties. Only merges that pay, or that are close and were measured
-faster, enter the DP: a segment that costs more than its convs apart (two 3×3 at equal width → a 5×5 with 25/18 of
-the MACs) is never chosen, and a depthwise conv merged with a 1×1 (dense, more MACs, fewer bytes) only when it pays
-or measures faster. Sites that are not chain links (after a residual join, before a pooling or the head) only save
+so); neither → the cheapest plan, fewest sites on ties. Only merges that pay, or that were measured faster
+(above), enter the DP: a segment that costs more than its convs apart (two 3×3 at equal width → a 5×5 with 25/18 of
+the MACs) is chosen only when measured faster, and a depthwise conv merged with a 1×1 (dense, more MACs, fewer
+bytes) likewise. Chains run through residual joins and past projected shortcuts that the skip homotopy removes at
+t = 0 (`pad_once`): a ResNet's stem and its blocks, up to the last block, can be one chain. Sites that are not chain links (after a residual join, before a pooling or the head) only save
 an elementwise op and are not chosen; `all_sites` lists every activation, the budget at which the whole network
 becomes linear (Theorem 3.1's end point, one Gemm after collapse).
 """
@@ -48,6 +58,8 @@ from cnnc.homotopy.pad_once import ChainLink, find_links, run_paddings, runs
 from cnnc.io.frontend import from_torch
 
 FLOAT_BYTES = 4
+MEASURE_MAC_GROWTH = 2.0  # a merge that loses on MACs by at most this factor is timed when `measure` is given
+MEASURE_MARGIN = 0.05  # a timed merge must be this much faster (merged/apart <= 1/(1 + margin)) at every batch
 
 Measure = Callable[[onnx.ModelProto, onnx.ModelProto], tuple[float, float]]
 
@@ -68,13 +80,15 @@ class Segment:
     seconds_merged: float  # estimated, or scaled by the measured ratio
     verdict: str  # the cost model's: pays, loses or close
     verdict_reason: str
-    measured_ratio: float | None = None  # merged / apart on the provider, when measured
+    measured_ratio: float | None = None  # merged / apart on the provider, the worst batch, when measured
+    measured: dict[str, float] = field(default_factory=dict)  # "batch b" -> merged / apart at that batch
     densified: bool = False  # grouped (depthwise) convs became one dense conv
 
     @property
     def allowed(self) -> bool:
-        """Pays by the cost model, or close and measured faster."""
-        return self.verdict == "pays" or (self.measured_ratio is not None and self.measured_ratio < 1.0)
+        """Pays by the cost model, or timed and faster by MEASURE_MARGIN at every batch."""
+        return self.verdict == "pays" or (self.measured_ratio is not None
+                                          and self.measured_ratio <= 1 / (1 + MEASURE_MARGIN))
 
     @property
     def gain(self) -> float:
@@ -86,8 +100,8 @@ class Segment:
                 f" ({self.macs_merged / max(self.macs_apart, 1):.2f}x), {self.verdict}")
         if self.densified and self.macs_merged > self.macs_apart:
             text += " (grouped/depthwise convs become one dense conv: more MACs)"
-        if self.measured_ratio is not None:
-            text += f", measured {self.measured_ratio:.2f}x the time"
+        if self.measured:
+            text += ", measured " + ", ".join(f"{r:.2f}x the time at {b}" for b, r in self.measured.items())
         return text
 
 
@@ -156,20 +170,27 @@ def _merged_conv(convs: list[nn.Conv2d]) -> nn.Conv2d:
                      groups=groups)
 
 
-def _segment_onnx(convs: list[nn.Conv2d], in_shape) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """The two forms as small ONNX models (random weights: timing only); BN is folded away by then."""
+def _segment_onnx(convs: list[nn.Conv2d], in_shape, batch: int = 1) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The two forms as small ONNX models at `batch` (random weights: timing only); BN is folded away by then.
+    The convs apart keep their own paddings: without the merge the network is not rewritten pad-once."""
     apart = [copy.deepcopy(c) for c in convs]
-    for conv, padding in zip(apart, run_paddings(convs)):
-        conv.padding = padding
-    example = torch.zeros((1,) + tuple(in_shape[1:]))
-    return from_torch(nn.Sequential(*apart).eval(), example), from_torch(_merged_conv(convs).eval(), example)
+    example = torch.zeros((batch,) + tuple(in_shape[1:]))
+    return (from_torch(nn.Sequential(*apart).eval(), example, dynamic_batch=False),
+            from_torch(_merged_conv(convs).eval(), example, dynamic_batch=False))
+
+
+def _worth_measuring(verdict: str, macs_apart: int, macs_merged: int) -> bool:
+    """Close, or a loss on MACs small enough that the kernels it removes may pay for it (module docstring)."""
+    return verdict == "close" or (verdict == "loses" and macs_merged <= MEASURE_MAC_GROWTH * macs_apart)
 
 
 class _Chains:
     """The model's chains with their shapes and the roofline: prices segments (and measures close ones)."""
 
-    def __init__(self, traced: fx.GraphModule, links: list[ChainLink], roof, batch: int, measure: Measure | None):
-        self.traced, self.roof, self.batch, self.measure = traced, roof, batch, measure
+    def __init__(self, traced: fx.GraphModule, links: list[ChainLink], roof, batches: tuple[int, ...],
+                 measure: Measure | None):
+        self.traced, self.roof, self.batches, self.measure = traced, roof, batches, measure
+        self.batch = batches[0]
         self.nodes = {n.target: n for n in traced.graph.nodes if n.op == "call_module"}
         self.chains = runs(links)
         self.cache: dict[tuple[int, int, int], Segment] = {}
@@ -197,13 +218,15 @@ class _Chains:
             merged = Cost(macs=_numel(out_shape) // convs[-1].out_channels * weights,
                           weight_bytes=FLOAT_BYTES * weights,
                           activation_bytes=FLOAT_BYTES * (_numel(in_shape) + _numel(out_shape)), kernels=1)
-            verdict = compare(apart, merged, self.roof, batches=sorted({*REWRITE_BATCHES, self.batch}))
+            verdict = compare(apart, merged, self.roof, batches=sorted({*REWRITE_BATCHES, *self.batches}))
             segment = Segment(chain, names, [link.site for link in self.chains[chain][i:j]], kernel, stride, groups,
                               apart.macs, merged.macs, self.seconds(apart), self.seconds(merged), verdict.kind,
                               verdict.reason, densified=groups == 1 and any(c.groups > 1 for c in convs))
-            if self.measure is not None and verdict.kind == "close":
-                seconds_apart, seconds_merged = self.measure(*_segment_onnx(convs, in_shape))
-                segment.measured_ratio = seconds_merged / seconds_apart
+            if self.measure is not None and _worth_measuring(verdict.kind, apart.macs, merged.macs):
+                for batch in self.batches:
+                    seconds_apart, seconds_merged = self.measure(*_segment_onnx(convs, in_shape, batch))
+                    segment.measured[f"batch {batch}"] = seconds_merged / seconds_apart
+                segment.measured_ratio = max(segment.measured.values())
                 segment.seconds_merged = segment.seconds_apart * segment.measured_ratio
             self.cache[key] = segment
         return self.cache[key]
@@ -251,8 +274,12 @@ def _shaped_trace(model: nn.Module, example_input) -> fx.GraphModule:
 
 
 def plan(model: nn.Module, example_input, provider: str = "cpu", target_speedup: float | None = None,
-         max_sites: int | None = None, measure: Measure | None = None, batch: int = 1) -> Plan:
-    """Choose the activation sites whose anneal pays (module docstring); `model` is not changed."""
+         max_sites: int | None = None, measure: Measure | None = None, batch: int | tuple[int, ...] = 1) -> Plan:
+    """Choose the activation sites whose anneal pays (module docstring); `model` is not changed.
+
+    `batch`: one batch size or several; the cost model judges every one (and 1 and 8), `measure` times the close
+    and the small losses at each, and a timed merge must be faster at all of them. Estimates are at the first."""
+    batches = (batch,) if isinstance(batch, int) else tuple(batch)
     if target_speedup is not None and max_sites is not None:
         raise ValueError("give target_speedup or max_sites, not both")
     traced = _shaped_trace(model, example_input)
@@ -261,7 +288,7 @@ def plan(model: nn.Module, example_input, provider: str = "cpu", target_speedup:
     all_sites = [n.name for n in is_activation]
     links, refused = find_links(traced, lambda n: n in is_activation)
     roof = roofline(provider, measure=False)
-    chains = _Chains(traced, links, roof, batch, measure)
+    chains = _Chains(traced, links, roof, batches, measure)
     options = _knapsack([chains.best(c) for c in range(len(chains.chains))])
     baseline = sum(chains.seconds(conv_cost(traced.get_submodule(n.target), _shape(n.args[0]), _shape(n)))
                    for n in traced.graph.nodes if n.op == "call_module"
@@ -284,7 +311,8 @@ def plan(model: nn.Module, example_input, provider: str = "cpu", target_speedup:
         for index, link in enumerate(chains.chains[c]):
             alone = chains.segment(c, index, index + 1)
             why = "outside the budget" if alone.allowed else (
-                "measured slower" if alone.measured_ratio is not None else "not measured faster")
+                "not measured faster by 5 %" if alone.measured_ratio is not None else "not timed: it loses by the cost model"
+                if alone.verdict == "loses" else "close, not timed")
             decisions[link.site] = f"not chosen ({why}): alone, {alone.describe()}"
     for segment in segments:
         for site in segment.sites:
@@ -292,4 +320,4 @@ def plan(model: nn.Module, example_input, provider: str = "cpu", target_speedup:
     return Plan("dynamic programming over conv chains (LayerMerge-style) + knapsack over chains", budget,
                 [s for s in all_sites if any(s in seg.sites for seg in segments)], all_sites,
                 [{**asdict(seg), "describe": seg.describe()} for seg in segments], decisions, baseline,
-                baseline - chain_baseline + cost, provider, batch, roof.as_dict())
+                baseline - chain_baseline + cost, provider, batches[0], roof.as_dict())
