@@ -1,14 +1,18 @@
 """Peak resident memory of a compile, per stage, in copies of the weights (issue 16, "Memory").
 
-    python bench/memory.py                        # the ~500 MB BN network (about 2 min on 2 cores)
-    python bench/memory.py --models vgg-bn,gemm-2g # and the 2 GiB one-Gemm model (needs ~10 GB free, ~5 min)
+    python bench/memory.py                        # the ~500 MB BN network (about 1 min on 2 cores)
+    python bench/memory.py --models vgg-bn,gemm-2g # and the 2 GiB one-Gemm model (needs ~8 GB free, ~2 min)
 
 Each model is built here with random weights (nothing is downloaded) and written to a temporary folder; the compile
 runs in a fresh Python process: warm-up on a one-node model (imports and first-call allocations are not counted),
 then `cnnc.compile(path)` with the default pipeline and the equivalence check on, then `CompileResult.save`.
 `report["peak_rss"]` gives getrusage's high-water mark after load, passes, emit and check; the save is measured
 after it. Figures are above the warmed-up process ("before"), in bytes and in copies of the weight bytes.
-Target: peak ≤ 2.0 × weight bytes + 0.5 GB.
+Target: peak ≤ 2.0 × weight bytes + 0.5 GB. Where the copies are (2026-11-30): loading holds the file's bytes and
+the parsed model at once (2×); the passes hold the original and the weights they made (vgg-bn: 2.3×); the emit moves
+those into the compiled model, or copies an untouched weight into it (gemm-2g: 2×); then the original's weights are
+let go of (onnxruntime reads the reference from the file), so the check holds the compiled model and one session
+(2×), and the save the compiled model and one tensor's bytes (2×).
 
 - `vgg-bn`: a wide VGG-style network, 14 Conv 3x3 (1024 channels after the first) each followed by
   BatchNormalization and Relu, on a 1x3x8x8 input: 491 MB of float32 weights, so fold-bn writes 491 MB of new ones.

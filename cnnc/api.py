@@ -30,12 +30,13 @@ from cnnc.io.frontend import load_model
 from cnnc.io.precision import to_fp16
 from cnnc.io.target import runnable, stamp_notes
 from cnnc.ir.stats import model_stats
-from cnnc.ir.weightless import tensor_nbytes
+from cnnc.ir.weightless import releasable_values, tensor_nbytes, valueless_copy
 from cnnc.passes import DEFAULT_PIPELINE, ORDER_CONSTRAINTS, parse_pipeline
+from cnnc.pipeline.collector import deferred_full_collections
 from cnnc.pipeline.contract import Pass
-from cnnc.pipeline.manager import PipelineReport, VerifyHook, check_model, run_pipeline
+from cnnc.pipeline.manager import MAX_NODES, PipelineReport, VerifyHook, check_model, check_node_limit, run_pipeline
 from cnnc.runtime.equivalence import check_equivalence
-from cnnc.runtime.identity import same_model
+from cnnc.runtime.identity import same_model, tensor_digests
 from cnnc.runtime.inputs import make_input_batches
 from cnnc.threads import session_threads, with_compile_threads
 
@@ -48,14 +49,45 @@ _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 PRECISIONS = ("fp32", "fp16")  # what `compile(precision=...)` and `cnnc compile --precision` accept
 
 
+@dataclass(frozen=True)
+class ReleasedOriginal:
+    """An input file whose weights a compile let go of once the compiled model was emitted (peak memory): the file
+    (unchanged since it was read: inode, size, mtime) and the digests of the weights it had then."""
+
+    path: str
+    identity: tuple
+    digests: dict[str, tuple]
+
+    def reload(self) -> onnx.ModelProto:
+        """The original read again, as the compile read it; ModelError if the file is not the one compiled."""
+        state = _file_state(self.path)
+        if state is None or state[1] != self.identity:
+            raise ModelError(f"{self.path} changed after it was compiled; the original model is no longer available")
+        model = runnable(load_model(self.path))
+        if tensor_digests(model, set(self.digests)) != self.digests:
+            raise ModelError(f"{self.path} holds other weights than when it was compiled")
+        return model
+
+
 @dataclass
 class CompileResult:
     model: onnx.ModelProto
     report: dict = field(default_factory=dict)
-    original: onnx.ModelProto | None = None  # the input as cnnc read it (the torch export for a module)
+    _original: onnx.ModelProto | None = field(default=None, repr=False)
+    _released: ReleasedOriginal | None = field(default=None, repr=False)
+
+    @property
+    def original(self) -> onnx.ModelProto | None:
+        """The input as cnnc read it (the torch export for a module). A compile from a file lets go of its weights
+        before the check (`report["peak_rss"]`); it is read again from that file, unchanged, on first use."""
+        if self._released is not None:
+            self._original, self._released = self._released.reload(), None
+        return self._original
 
     def save(self, path: str | Path, external_data: bool | None = None) -> list[Path]:
         """Write the compiled model atomically; `external_data=None` uses external data above 2 GB only."""
+        if self._released is not None and Path(path).resolve() == Path(self._released.path).resolve():
+            _ = self.original  # the input file is about to be replaced: read the original from it first
         written = backend.save(self.model, path, external_data=external_data,
                                notes=self.report.setdefault("notes", []))
         self.report["written"] = [str(p) for p in written]
@@ -108,6 +140,17 @@ def _reference_path(state: tuple | None, loaded: onnx.ModelProto, original: onnx
     return path if (now.st_ino, now.st_size, now.st_mtime_ns) == identity else None
 
 
+def _releasable_digests(state: tuple | None, loaded: onnx.ModelProto,
+                        original: onnx.ModelProto) -> dict[str, tuple] | None:
+    """The digests of the large weights of an original that onnxruntime can read from its file (`_reference_path`),
+    taken now for the identity proof and a later reload, so that its weights can go once the compiled model is
+    emitted; None when the original stays whole (not read from a file, or a stamped copy)."""
+    if _reference_path(state, loaded, original) is None:
+        return None
+    large = releasable_values(original)
+    return tensor_digests(original, large) if large else None
+
+
 def _equivalence(reference: onnx.ModelProto, candidate: onnx.ModelProto, check: dict,
                  reference_path: str | None = None) -> dict:
     report = check_equivalence(reference, candidate, **check, reference_path=reference_path)
@@ -145,7 +188,7 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
             input_shapes=None, inputs=None, verify_each: bool = False, state_dict: str | Path | None = None,
             strict: bool = False, auto: bool | AutoSettings = False, provider: str = "auto",
             batches: tuple[int, ...] | list[int] = (1,), precision: str = "fp32",
-            keep_io_types: bool = True) -> CompileResult:
+            keep_io_types: bool = True, max_nodes: int | None = MAX_NODES) -> CompileResult:
     """Compile `model` (ONNX path, ModelProto or nn.Module) with `passes` (default: `DEFAULT_PIPELINE`).
 
     With `check` (the default) the result is proven equivalent to the original on seeded inputs (ARCHITECTURE.md) and
@@ -155,6 +198,8 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
     when faster with confidence, and the result is never slower than the input (`cnnc.autotune`; `report["auto"]`).
     `precision="fp16"` converts the result to float16 after the passes (`cnnc.io.precision.to_fp16`; float32 inputs
     and outputs with `keep_io_types`) and checks it against the float32 original at float16's tolerance.
+    A model above `max_nodes` nodes (default `cnnc.pipeline.manager.MAX_NODES`, where a compile passes 30 s;
+    None or 0: no limit) is refused with UsageError.
     """
     started, start_rss = time.perf_counter(), peak_rss_bytes()
     if precision not in PRECISIONS:
@@ -166,7 +211,9 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
     source_state = _file_state(model) if state_dict is None else None
     loaded = load_model(model, example_input, state_dict=state_dict)
     original = runnable(loaded)
+    check_node_limit(len(original.graph.node), max_nodes)  # before the import: refused in a second, not minutes
     rss = {"start": start_rss, "load": peak_rss_bytes()}  # high-water marks after each stage (report["peak_rss"])
+    digests = _releasable_digests(source_state, loaded, original)
     pipeline: list[Pass] = with_provider(parse_pipeline(passes if passes is not None else DEFAULT_PIPELINE), device)
     check_options = {"n": check_n, "seed": seed, "rtol": rtol, "atol": atol, "input_shapes": input_shapes,
                      "user_inputs": inputs}
@@ -184,7 +231,8 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
             raise EquivalenceError(f"pass {pass_.spec()} broke equivalence: {result['summary']}",
                                    {"equivalence": result, "failed_pass": pass_.spec()})
 
-    compiled, pipeline_report = _build(original, pipeline, verify_after if verify_each else None, strict, rss)
+    with deferred_full_collections(len(original.graph.node)):  # ~25 % of a 100k-node compile, freeing nothing
+        compiled, pipeline_report = _build(original, pipeline, verify_after if verify_each else None, strict, rss)
     auto_report = None
     if auto:
         outcome = autotune(original, pipeline, compiled, pipeline_report,
@@ -213,13 +261,23 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
         report["auto"] = auto_report
     if verify_each:
         report["equivalence_per_pass"] = per_pass
-    if check and inputs is None and same_model(original, compiled):  # nothing changed: the proof, with no run
+    reference_path = _reference_path(source_state, loaded, original)
+    released = None
+    if digests is not None and reference_path is not None:
+        # The original's weights are read from its file from here on (onnxruntime opens it by path; `same_model`
+        # compares the digests taken at load): let go of them, so that the check and the save hold the compiled
+        # model's weights and one session's or tensor's, and `result.original` reads the file again if asked.
+        released = ReleasedOriginal(os.path.abspath(source_state[0]), source_state[1], digests)
+        original, _ = valueless_copy(original)
+        loaded = original
+        gc.collect()  # graphsurgeon's reference cycles may still reach the parsed model
+    # Nothing changed: the proof, with no run.
+    if check and inputs is None and same_model(original, compiled, digests if released else None):
         if input_shapes:
             make_input_batches(original, n=1, input_shapes=input_shapes)  # still refuse shapes that do not fit
         report["equivalence"] = dict(UNCHANGED)
     elif check:
-        report["equivalence"] = _equivalence(original, compiled, check_options,
-                                             _reference_path(source_state, loaded, original))
+        report["equivalence"] = _equivalence(original, compiled, check_options, reference_path)
         if not report["equivalence"]["passed"]:
             clamped = "".join(f"; {note}" for note in precision_notes if "clamped" in note)  # --precision fp16
             raise EquivalenceError(f"compiled model is not equivalent: {report['equivalence']['summary']}{clamped}",
@@ -231,7 +289,7 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
     report["peak_rss"] = rss  # bytes, high-water mark at compile start and after load, passes, emit and check
     report["threads"] = session_threads()  # cnnc.threads: physical cores, or CNNC_THREADS
     report["seconds"] = round(time.perf_counter() - started, 3)
-    return CompileResult(compiled, report, original)
+    return CompileResult(compiled, report, None if released else original, released)
 
 
 def verify(a: Any, b: Any, *, check_n: int = 2, seed: int = 0, rtol: float | None = None,

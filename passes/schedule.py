@@ -275,17 +275,18 @@ class Schedule(Pass):
             ir.refresh_shapes(graph)
         view = Hypergraph.from_graph(graph, self.batch, infer_shapes=False)
         bound = view.peak_bytes()
-        result.stats["before"] = _figures(view)
+        result.stats["before"] = before = _figures(view)
         if self.fuse:
             for members in _candidates(graph, result):
                 self._try_fusion(graph, members, view.sizes, bound, result)
-        view = Hypergraph.from_graph(graph, self.batch, infer_shapes=False)
+        if result.changed:  # (each view is a pass over the whole graph: rebuilt only when a fusion rewired it)
+            view = Hypergraph.from_graph(graph, self.batch, infer_shapes=False)
         if self.reorder:
             if any(any(True for _ in n.subgraphs()) for n in graph.nodes):
                 result.skip("node order", "the graph has ops with subgraphs, whose implicit inputs are not modelled")
             else:
                 view = self._reorder(graph, view, result)
-        result.stats["after"] = _figures(view)
+        result.stats["after"] = _figures(view) if result.changed else dict(before)
         return result
 
     def _reorder(self, graph: gs.Graph, view: Hypergraph, result: PassResult) -> Hypergraph:

@@ -34,6 +34,12 @@ may modify, and the library's result (the conditions read a copy without values)
 CNN passes, with that reason, so that a compile stays within three copies of the weights (tests/test_big_models.py);
 a memory-bounded simplification (weights kept external throughout) is open work.
 
+Time. onnxslim takes about 0.7 ms a node on the 2-core bench machine, twice that while other jobs share it
+(bench/scale.py: 6.9 s for a 10k-node chain; Python over its own onnx-graphsurgeon, three imports of the graph and
+a symbolic shape inference), twice all of cnnc's own work on the graph (~0.3 ms a node). Above `max_nodes`
+(default 15,000, where a compile with it passes 30 s on the shared machine; ten times the largest zoo export) the
+pass skips with that reason; the CNN passes still run, and `simplify{max_nodes=N}` raises the limit.
+
 Anything else — the library missing or raising, a model over protobuf's 2 GB (every library here works on an
 in-memory ModelProto), constants above `max_weight_mb`, a custom-domain op that onnxruntime cannot run so that (5)
 cannot be proven — leaves the graph untouched with one reason in the result.
@@ -70,6 +76,7 @@ SIZE_SLACK_BYTES = 1024
 # the 2,500 1x1 weights of a 5k-node chain, hours at 100k; bench/scale.py). Above this many constants of one shape it
 # is skipped; its other rewrites still run.
 WEIGHT_TYING_GROUP_LIMIT = 256
+MAX_NODES = 15_000  # above this many nodes the pass skips (see "Time" in the module docstring)
 _WEIGHT_TYING_MAX_ELEMENTS = 1000  # onnxslim ties only constants with fewer elements (its THRESHOLD default)
 
 
@@ -204,6 +211,7 @@ class Simplify(Pass):
     check: bool = False
     prove_below_mb: float = 16.0
     max_weight_mb: float = 128.0  # above this many MB of constants the pass skips (see "Memory" above)
+    max_nodes: int = MAX_NODES  # above this many nodes the pass skips (see "Time" above)
 
     def requires(self, graph: gs.Graph) -> None:
         if self.backend not in RUNNERS:
@@ -211,6 +219,11 @@ class Simplify(Pass):
 
     def run(self, graph: gs.Graph) -> PassResult:
         result = PassResult()
+        if len(graph.nodes) > self.max_nodes:
+            result.skip("whole graph", f"{len(graph.nodes)} nodes, above the node limit max_nodes={self.max_nodes} "
+                        f"(simplify{{max_nodes=N}} raises it): {self.backend} takes ~0.7 ms a node, twice all of "
+                        "cnnc's own work on the graph")
+            return result
         weight_mb = sum(_constant_nbytes(t) for t in graph.tensors().values() if isinstance(t, gs.Constant)) / 2**20
         if weight_mb > self.max_weight_mb:
             result.skip("whole graph", f"{weight_mb:.0f} MB of constants, above max_weight_mb={self.max_weight_mb:g}: "

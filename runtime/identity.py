@@ -26,8 +26,11 @@ import numpy as np
 import onnx
 
 
-def same_model(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> bool:
-    """Whether `candidate` is `reference` in canonical form (see the module docstring)."""
+def same_model(reference: onnx.ModelProto, candidate: onnx.ModelProto,
+               reference_digests: dict[str, tuple] | None = None) -> bool:
+    """Whether `candidate` is `reference` in canonical form (see the module docstring). `reference_digests`
+    (`tensor_digests` of the reference, taken before its weights were let go of) stand for the values of the
+    reference's initializers they name."""
     if _opsets(reference) != _opsets(candidate):
         return False
     if [f.SerializeToString(deterministic=True) for f in reference.functions] != \
@@ -39,8 +42,15 @@ def same_model(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> bool:
     # weight at once would be two more copies of the weights in memory (cnnc.api's peak RSS), of one pair at once
     # two more copies of the largest weight.
     theirs = {t.name: t for t in candidate.graph.initializer}
-    return all(_tensor(tensor, digest=True) == _tensor(theirs[tensor.name], digest=True)
+    known = reference_digests or {}
+    return all((known.get(tensor.name) or _tensor(tensor, digest=True)) == _tensor(theirs[tensor.name], digest=True)
                for tensor in reference.graph.initializer)
+
+
+def tensor_digests(model: onnx.ModelProto, names: set[str] | None = None) -> dict[str, tuple]:
+    """The identity `same_model` compares for each initializer of `model` (of those in `names`): name, type, dims
+    and the SHA-256 of its values, read one tensor at a time."""
+    return {t.name: _tensor(t, digest=True) for t in model.graph.initializer if names is None or t.name in names}
 
 
 def _opsets(model: onnx.ModelProto) -> dict[str, int]:

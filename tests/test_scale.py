@@ -1,25 +1,39 @@
 """Compile speed at scale: thread counts (cnnc.threads), schedule's linear-time fallback above exact_limit,
-canonicalize's skipped folding on large chains, and the manager's cheap snapshot (rollback restores the graph
-exactly). Timing targets live in bench/scale.py, not here."""
+canonicalize's skipped folding on large chains, the manager's cheap snapshot (rollback restores the graph exactly,
+also when it is kept across passes that changed nothing), the linear-time helpers (collapse's bounded re-entry walk,
+tidy's skipped cleanup, export without a copy, remembered memory profiles), simplify's node limit, the compile's
+max_nodes limit, and deferred full garbage collections. Timing targets live in bench/scale.py, not here."""
 
 from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
 import torch
+from click.testing import CliRunner
 from helpers import make_model, run_passes
 from onnx import helper as oh
 
 import cnnc
 from cnnc import ir
 from cnnc import threads as cnnc_threads
+from cnnc.cli.app import cli
 from cnnc.errors import UsageError
+from cnnc.ir import order
 from cnnc.ir.canonicalize import canonicalize, may_fold
+from cnnc.ir.stats import _mac_shapes_known, macs
+from cnnc.linear import machines
 from cnnc.linear.hypergraph import Hyperedge, Hypergraph
 from cnnc.linear.memory_order import EXACT_LIMIT, min_peak_order
 from cnnc.passes.schedule import Schedule
+from cnnc.passes.simplify import Simplify
+from cnnc.pipeline.collector import LARGE_GRAPH_NODES, deferred_full_collections
+from cnnc.pipeline.contract import Pass, PassResult
+from cnnc.pipeline.manager import run_pipeline
 from cnnc.pipeline.snapshot import Snapshot
 from cnnc.runtime.session import SPINNING, make_session
 
@@ -182,3 +196,179 @@ def test_snapshot_restores_every_kind_of_edit():
     assert restored is graph and _exported(restored) == before
     assert all(len(t.inputs) <= 1 for t in graph.tensors().values())
     assert [n.name for n in graph.nodes[0].inputs[0].outputs] == ["conv0"]
+
+
+
+@dataclass(frozen=True)
+class _Nothing(Pass):
+    name = "nothing"
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        return PassResult()
+
+
+@dataclass(frozen=True)
+class _Renames(Pass):
+    name = "renames"
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        graph.nodes[0].name = "renamed"
+        result = PassResult()
+        result.did("renamed conv0")
+        return result
+
+
+@dataclass(frozen=True)
+class _Breaks(Pass):
+    name = "breaks"
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        graph.nodes[0].op = "Sigmoid"
+        graph.nodes[0].name = "half-way"
+        del graph.nodes[1:]
+        raise RuntimeError("half-way")
+
+
+def test_rollback_after_passes_that_changed_nothing_restores_the_graph():
+    # The manager keeps one snapshot across passes that change nothing; a later failing pass still rolls back to it.
+    graph = ir.refresh_shapes(ir.import_model(_chain(4)))
+    before = _exported(graph)
+    graph, report = run_pipeline(graph, [_Nothing(), _Nothing(), _Breaks(), _Nothing()])
+    assert _exported(graph) == before
+    assert [r.error is not None for r in report.records] == [False, False, True, False]
+    assert "tidy" not in report.housekeeping  # no pass changed the graph: nothing to tidy
+
+
+def test_rollback_after_a_change_restores_the_changed_graph():
+    # A pass that changed the graph invalidates the snapshot: the rollback of the next one returns *its* result.
+    graph = ir.refresh_shapes(ir.import_model(_chain(4)))
+    graph, report = run_pipeline(graph, [_Renames(), _Breaks()])
+    assert [n.name for n in graph.nodes][:2] == ["renamed", "relu0"] and len(graph.nodes) == 8
+    assert [n.op for n in graph.nodes] == ["Conv", "Relu"] * 4
+    assert report.records[1].error is not None and report.housekeeping["tidy"].runs == 1
+
+
+# ---- linear-time helpers on long chains ----------------------------------------------------------------------------
+
+def _reenters_brute_force(graph: gs.Graph, component: list[gs.Node]) -> set[int]:
+    """Component nodes reachable from the component through an outside node, by an unbounded walk."""
+    inside = {id(n) for n in component}
+    frontier = [c for n in component for t in n.outputs for c in t.outputs if id(c) not in inside]
+    seen, hit = set(), set()
+    while frontier:
+        node = frontier.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for tensor in node.outputs:
+            for consumer in tensor.outputs:
+                if id(consumer) in inside:
+                    hit.add(id(consumer))
+                frontier.append(consumer)
+    return hit
+
+
+def test_bounded_reentry_walk_matches_the_unbounded_one():
+    # x -> Conv a -> Relu -> Add(b, relu) with b = Conv(a): {a, b, add} is one linear component that the Relu
+    # re-enters (so `add` must be split off); plus random DAGs of Add/Relu/Conv for the general case.
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        nodes, names = [], ["x"]
+        for i in range(25):
+            op = ["Conv", "Relu", "Add"][int(rng.integers(3))]
+            picks = [names[int(rng.integers(max(0, len(names) - 4), len(names)))] for _ in range(2)]
+            inputs = [picks[0], "w"] if op == "Conv" else picks[:2] if op == "Add" else picks[:1]
+            nodes.append(oh.make_node(op, inputs, [f"t{i}"], name=f"n{i}"))
+            names.append(f"t{i}")
+        model = make_model(nodes, [("x", [1, 2, 4, 4])], [(names[-1], [1, 2, 4, 4])],
+                           [("w", np.eye(2, dtype=np.float32).reshape(2, 2, 1, 1))])
+        graph = ir.tidy(ir.import_model(model))
+        position = {id(n): i for i, n in enumerate(graph.nodes)}
+        linear = [n for n in graph.nodes if n.op in ("Conv", "Add")]
+        for component in machines._components(linear):
+            assert machines._reenters(component, position) == _reenters_brute_force(graph, component), trial
+
+
+def test_linear_machines_of_a_10k_chain():
+    graph = ir.refresh_shapes(ir.import_model(_chain(5_000)))
+    found = machines.find_linear_machines(graph)
+    assert len(found) == 5_000 and all([n.op for n in m.nodes] == ["Conv"] for m in found)
+    assert [m.nodes[0].name for m in found[:2]] == ["conv0", "conv1"]
+
+
+def test_tidy_skips_cleanup_only_when_nothing_is_dead():
+    graph = ir.import_model(_chain(50))
+    assert not order._may_hold_dead_nodes(graph)
+    assert ir.tidy(graph).nodes and len(graph.nodes) == 100
+    dead = gs.Node("Relu", "dead", inputs=[graph.nodes[3].outputs[0]], outputs=[gs.Variable("unused")])
+    graph.nodes.append(dead)
+    assert order._may_hold_dead_nodes(graph)
+    assert len(ir.tidy(graph).nodes) == 100 and all(n.name != "dead" for n in graph.nodes)
+
+
+def test_schedule_on_a_10k_chain_keeps_a_valid_order_no_worse():
+    graph = ir.refresh_shapes(ir.import_model(_chain(5_000)))
+    names = [n.name for n in graph.nodes]
+    result = Schedule()(graph)
+    assert not result.changed and [n.name for n in graph.nodes] == names
+    assert ir.is_topologically_sorted(graph)
+    assert result.stats["after"]["peak_bytes"] == result.stats["before"]["peak_bytes"] == 3 * 2 * 4 * 4 * 4
+
+
+def test_memory_profiles_are_remembered_per_order():
+    view = _branchy_hypergraph(3)
+    stored = view.memory_profile()
+    assert view.memory_profile() is stored and view.peak_bytes(range(len(view.edges))) == stored.peak
+    other = view.topological_order()[::-1]
+    with pytest.raises(ValueError):
+        view.memory_profile(other)  # not topological: still refused, not served from the cache
+
+
+def test_simplify_skips_above_its_node_limit():
+    model = _chain(20)
+    run = run_passes(model, Simplify(max_nodes=10))
+    assert not run.changed
+    assert any("max_nodes=10" in why and "40 nodes" in why for _, why in run.result.skipped)
+
+
+def test_export_without_large_constants_leaves_the_graph_and_matches_the_copying_export():
+    graph = ir.refresh_shapes(ir.import_model(_chain(30)))
+    before = _exported(graph)
+    model, large = ir.export_weightless(graph)
+    assert large == [] and _exported(graph) == before
+    assert len(model.graph.node) == 60 and len(model.graph.initializer) == 30
+    assert macs(model) == 30 * 2 * 2 * 4 * 4  # the exported model's annotations: no shape inference needed
+
+
+def test_mac_count_without_annotations_still_infers_shapes():
+    model = _chain(3)
+    del model.graph.value_info[:]
+    assert not _mac_shapes_known(model.graph) and macs(model) == 3 * 2 * 2 * 4 * 4
+
+
+def test_a_model_above_max_nodes_is_refused_before_import():
+    model = _chain(30)
+    with pytest.raises(UsageError, match=r"60 nodes, above the limit of 50 .*--max-nodes"):
+        cnnc.compile(model, passes="schedule", check=False, max_nodes=50)
+    assert cnnc.compile(model, passes="schedule", check=False, max_nodes=60).report["after"]["nodes"] == 60
+    assert cnnc.compile(model, passes="schedule", check=False, max_nodes=0).report["after"]["nodes"] == 60
+
+
+def test_cli_max_nodes_is_one_error_line_and_exit_2(tmp_path):
+    path = tmp_path / "chain.onnx"
+    onnx.save(_chain(30), path)
+    refused = CliRunner().invoke(cli, ["compile", str(path), "-o", str(tmp_path / "out.onnx"), "--max-nodes", "10"])
+    assert refused.exit_code == 2 and not (tmp_path / "out.onnx").exists()
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: the model has 60 nodes") and "--max-nodes" in lines[0]
+
+
+def test_full_collections_are_deferred_only_for_large_graphs_and_restored():
+    before = gc.get_threshold()
+    with deferred_full_collections(LARGE_GRAPH_NODES):
+        assert gc.get_threshold() == before  # a graph of ordinary size: Python's defaults, memory as before
+    with pytest.raises(RuntimeError), deferred_full_collections(LARGE_GRAPH_NODES + 1):
+        young, middle, full = gc.get_threshold()
+        assert (young, middle) == before[:2] and full > 1_000_000  # young collections still run
+        raise RuntimeError("a failing compile restores them too")
+    assert gc.get_threshold() == before

@@ -17,6 +17,7 @@ from cnnc.cli.outputs import write_json
 from cnnc.cli.table import stats_rows, table
 from cnnc.errors import CnncError, UsageError
 from cnnc.export import FORMATS
+from cnnc.pipeline.manager import MAX_NODES
 from cnnc.runtime import bench_report
 from cnnc.runtime.bench import bench_models
 from cnnc.runtime.inputs import parse_input_shapes
@@ -135,6 +136,8 @@ def _print_bench(report: dict) -> None:
               "at float16's tolerance (rtol 2e-2, atol 2e-3)")
 @click.option("--keep-io-types/--no-keep-io-types", default=True, show_default=True,
               help="with --precision fp16: keep float32 inputs and outputs (Casts at the borders)")
+@click.option("--max-nodes", default=MAX_NODES, show_default=True, type=click.IntRange(min=0),
+              help="refuse models with more nodes (where a compile passes 30 s, bench/scale.py); 0: no limit")
 @click.option("--format", "export_format", type=click.Choice(FORMATS), default=None,
               help="also export the result in this deployment format to -o (see `cnnc export`), proven on its runtime")
 @click.option("--triton-name", default=None, help="--format triton: the model's name (default: the output's stem)")
@@ -146,7 +149,7 @@ def _print_bench(report: dict) -> None:
 @check_options
 def compile_command(model, passes, output, json_path, no_check, verify_each, example, module_factory,
                     external_data, bench, bench_batch, provider, auto, auto_seconds, auto_budget, precision,
-                    keep_io_types, export_format, triton_name, export_batch, triton_tensorrt_fp16, check_n, seed,
+                    keep_io_types, max_nodes, export_format, triton_name, export_batch, triton_tensorrt_fp16, check_n, seed,
                     rtol, atol, input_shapes, inputs):
     """Compile MODEL (ONNX, or a .pt state dict with --module) and prove the result equivalent."""
     if (model is None) == (example is None):
@@ -172,7 +175,7 @@ def compile_command(model, passes, output, json_path, no_check, verify_each, exa
                              provider=provider,
                              auto=api.AutoSettings(duration_s=auto_seconds, budget_s=auto_budget, seed=seed)
                              if auto else False, batches=parse_batches(bench_batch) or [1], precision=precision,
-                             keep_io_types=keep_io_types)
+                             keep_io_types=keep_io_types, max_nodes=max_nodes)
     except CnncError as error:
         report = getattr(error, "report", None)
         if report:

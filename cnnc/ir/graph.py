@@ -19,6 +19,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from cnnc.ir.fold_shapes import fold_shape_reads
 from cnnc.ir.library_log import routed_graphsurgeon_log
+from cnnc.ir.order import has_subgraph, is_topologically_sorted, tidy  # noqa: F401 - re-exported by cnnc.ir
 from cnnc.ir.weightless import WEIGHTLESS_MIN_BYTES, tensor_nbytes
 
 # Tensors larger than this are never materialised by constant folding (a folded Tile or Expand could be huge).
@@ -178,31 +179,6 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
             new.shape = new.shape or old.shape
 
 
-def tidy(graph: gs.Graph) -> gs.Graph:
-    """Drop dead nodes and tensors and restore topological order; run after every rewrite.
-
-    graphsurgeon's toposort regroups all nodes by depth level, so it is run only when the order is not already
-    topological: an order that is valid (the exporter's, or the one the schedule pass chose for peak memory) is kept.
-    """
-    with routed_graphsurgeon_log():
-        graph.cleanup(remove_unused_graph_inputs=False)
-        return graph if is_topologically_sorted(graph) else graph.toposort()
-
-
-def is_topologically_sorted(graph: gs.Graph) -> bool:
-    """Whether every node reads only graph inputs, constants and tensors written by earlier nodes. Nodes with
-    subgraphs read outer tensors implicitly, so a graph that has any is reported unsorted (toposort handles them)."""
-    available = {id(tensor) for tensor in graph.inputs}
-    for node in graph.nodes:
-        if any(True for _ in node.subgraphs()):
-            return False
-        for tensor in node.inputs:
-            if tensor.inputs and id(tensor) not in available:
-                return False
-        available.update(id(tensor) for tensor in node.outputs)
-    return True
-
-
 def shadowed_input_names(graph: onnx.GraphProto, ir_version: int) -> list[str]:
     """Graph inputs that also have an initializer, in input order: since IR 4 such an input is an input with a
     default value (the initializer), which a caller may override; it is never a constant. Before IR 4 every
@@ -300,7 +276,14 @@ def export_weightless(graph: gs.Graph, do_type_check: bool = False) -> tuple[onn
     values with `graph`'s). Shape inference needs their types and shapes, not their values; exporting the values
     would copy every weight through protobuf's MergeFrom, which serializes it (see cnnc.ir.weightless)."""
     # Constant.copy() sets `_export_dtype` on every copy, so that no array would be plain: judge the originals.
-    plain = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant) and _plain_values(t)}
+    tensors = graph.tensors()
+    plain = {name for name, t in tensors.items() if isinstance(t, gs.Constant) and _plain_values(t)}
+    if not any(tensors[name]._values.nbytes >= WEIGHTLESS_MIN_BYTES and not is_graph_output(graph, tensors[name])
+               for name in plain):
+        # Nothing to declare: export `graph` itself (export reads it; the copy costs ~0.1 ms a node, 10 s at 100k).
+        _detach_renamed_protos(graph)
+        with routed_graphsurgeon_log():
+            return gs.export_onnx(graph, do_type_check=do_type_check), []
     light = graph.copy()  # shares the constants' values, so the conversion below leaves `graph` alone
     large = []
     for tensor in list(light.tensors().values()):

@@ -21,10 +21,10 @@ through in ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -100,7 +100,8 @@ def _inference_dropout(node: gs.Node) -> str | None:
 
 
 def _numel(dims) -> int:
-    return int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims], dtype=np.int64)) if dims else 1
+    # math.prod, not np.prod: called per node, where numpy's array round trip costs ~10 µs (1 s on 100k nodes)
+    return math.prod(d if isinstance(d, int) and d > 0 else 1 for d in dims) if dims else 1
 
 
 def _output_dims(node: onnx.NodeProto, shapes: dict):

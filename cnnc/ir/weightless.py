@@ -97,6 +97,32 @@ def weightless_copy(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTE
     return copy
 
 
+def releasable_values(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTES) -> set[str]:
+    """The large initializers whose values `valueless_copy` leaves out: not graph inputs too (an input's default,
+    or an IR < 4 constant listed as an input, keeps its values)."""
+    inputs = {value.name for value in model.graph.input}
+    return {t.name for t in model.graph.initializer if is_large(t, min_bytes) and t.name not in inputs}
+
+
+def valueless_copy(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTES) -> tuple[onnx.ModelProto, set[str]]:
+    """(`model` without the values of `releasable_values`, their names). Each such tensor keeps its name, type and
+    dims and holds an empty `raw_data`, so that everything read from the model without its values (inputs, outputs,
+    `weightless_copy`, `serialized_size`, statistics) is as before; a runtime given it fails on the sizes. For a
+    caller that lets go of `model` and reads the weights elsewhere (cnnc.api: onnxruntime reads them from the file)."""
+    copy = onnx.ModelProto()
+    copy_fields(model, copy, skip=("graph",))
+    copy_fields(model.graph, copy.graph, skip=("initializer",))
+    released = releasable_values(model, min_bytes)
+    for tensor in model.graph.initializer:
+        if tensor.name not in released:
+            copy.graph.initializer.append(tensor)
+            continue
+        light = without_data(tensor)
+        light.raw_data = b""
+        copy.graph.initializer.append(light)
+    return copy, released
+
+
 def serialized_size(model: onnx.ModelProto) -> int:
     """About `model.ByteSize()` (to within a few bytes per large tensor), without serializing its weights, which
     Python's protobuf does to compute ByteSize (a full copy, and an error past 2 GB)."""

@@ -93,6 +93,12 @@ class Hypergraph:
             for space in edge.inputs:
                 self.readers.setdefault(space, []).append(index)
         self._depth: dict[str, int] | None = None
+        self._edge_depth: list[int] | None = None
+        # Orders computed from the edges alone, by name (cnnc.linear.memory_order), for callers that ask twice.
+        self.orders: dict[str, list[int]] = {}
+        # Memory profiles by order: the schedule pass weighs the same orders several times (stored, greedy,
+        # onnxruntime's, before and after), and each profile is a pass over the whole graph. Edges never change.
+        self._profiles: dict[tuple[int, ...], MemoryProfile] = {}
 
     # ---- construction -------------------------------------------------------------------------------------------
 
@@ -168,7 +174,8 @@ class Hypergraph:
         """Depth of every space: 0 for a source, else 1 + the deepest input of the op that writes it."""
         if self._depth is None:
             depth = {space: 0 for space in self.sources}
-            for index in self.topological_order():
+            stored = range(len(self.edges))  # usually topological already: no sort (2 s of a 100k-op graph)
+            for index in stored if self._stored_order_is_topological() else self.topological_order():
                 edge = self.edges[index]
                 level = 1 + max((depth.get(s, 0) for s in edge.inputs), default=0)
                 depth.update((space, level) for space in edge.outputs)
@@ -176,10 +183,15 @@ class Hypergraph:
         return self._depth
 
     def edge_depth(self, index: int) -> int:
-        edge = self.edges[index]
-        if edge.outputs:
-            return self.depth()[edge.outputs[0]]
-        return 1 + max((self.depth().get(s, 0) for s in edge.inputs), default=0)
+        return self._edge_depths()[index]
+
+    def _edge_depths(self) -> list[int]:
+        """The depth of every edge (of its outputs; 1 + its deepest input for an edge that writes nothing), once."""
+        if self._edge_depth is None:
+            depth = self.depth()
+            self._edge_depth = [depth[edge.outputs[0]] if edge.outputs else
+                                1 + max((depth.get(s, 0) for s in edge.inputs), default=0) for edge in self.edges]
+        return self._edge_depth
 
     def levels(self) -> list[Level]:
         """The levels 0..D; level 0 holds the sources and no edges."""
@@ -188,8 +200,8 @@ class Hypergraph:
         for space in self.spaces:
             by_depth.setdefault(depth.get(space, 0), []).append(space)
         edges_by_depth: dict[int, list[int]] = {}
-        for index in range(len(self.edges)):
-            edges_by_depth.setdefault(self.edge_depth(index), []).append(index)
+        for index, level in enumerate(self._edge_depths()):
+            edges_by_depth.setdefault(level, []).append(index)
         top = max([*by_depth, *edges_by_depth], default=0)
         return [Level(d, tuple(by_depth.get(d, ())), tuple(edges_by_depth.get(d, ()))) for d in range(top + 1)]
 
@@ -198,11 +210,12 @@ class Hypergraph:
         depth = self.depth()
         if not self.edges:
             return []
-        deepest = max(range(len(self.edges)), key=lambda i: (self.edge_depth(i), -i))
+        edge_depths = self._edge_depths()
+        deepest = max(range(len(self.edges)), key=lambda i: (edge_depths[i], -i))
         path = [deepest]
         while True:
             edge = self.edges[path[-1]]
-            below = [s for s in edge.inputs if s in self.producer and depth[s] == self.edge_depth(path[-1]) - 1]
+            below = [s for s in edge.inputs if s in self.producer and depth[s] == edge_depths[path[-1]] - 1]
             if not below:
                 break
             path.append(self.producer[below[0]])
@@ -215,10 +228,21 @@ class Hypergraph:
 
     def is_topological(self, order: Sequence[int]) -> bool:
         """Whether `order` runs every edge exactly once and each after the writers of its inputs."""
-        if sorted(order) != list(range(len(self.edges))):
+        count = len(self.edges)
+        if len(order) != count:
             return False
-        position = {index: step for step, index in enumerate(order)}
-        return all(position[p] < position[i] for i in order for p in self.predecessors(i))
+        position = [-1] * count
+        for step, index in enumerate(order):
+            if not 0 <= index < count or position[index] != -1:
+                return False
+            position[index] = step
+        producer = self.producer
+        return all(position[producer[s]] < position[i] for i, edge in enumerate(self.edges) for s in edge.inputs
+                   if s in producer)
+
+    def _stored_order_is_topological(self) -> bool:
+        producer = self.producer
+        return all(producer.get(s, -1) < i for i, edge in enumerate(self.edges) for s in edge.inputs)
 
     # ---- memory -------------------------------------------------------------------------------------------------
 
@@ -228,6 +252,9 @@ class Hypergraph:
     def memory_profile(self, order: Sequence[int] | None = None) -> MemoryProfile:
         """Live activation bytes per step of `order` (default: the stored order)."""
         order = tuple(range(len(self.edges)) if order is None else order)
+        known = self._profiles.get(order)
+        if known is not None:
+            return known
         if not self.is_topological(order):
             raise ValueError("the order is not a topological order of the hypergraph")
         sinks = set(self.sinks)
@@ -247,7 +274,9 @@ class Hypergraph:
                     live -= self.size(space)
                     remaining[space] = -1  # freed once
         peak = max(steps, default=live)
-        return MemoryProfile(order, tuple(steps), peak, steps.index(peak) if steps else 0, not self.unsized)
+        profile = MemoryProfile(order, tuple(steps), peak, steps.index(peak) if steps else 0, not self.unsized)
+        self._profiles[order] = profile
+        return profile
 
     def peak_bytes(self, order: Sequence[int] | None = None) -> int:
         return self.memory_profile(order).peak

@@ -63,10 +63,17 @@ def _components(nodes: list[gs.Node]) -> list[list[gs.Node]]:
     return list(groups.values())
 
 
-def _reenters(component: list[gs.Node]) -> set[int]:
-    """ids of component nodes reachable from the component through at least one outside node."""
+def _reenters(component: list[gs.Node], position: dict[int, int]) -> set[int]:
+    """ids of component nodes reachable from the component through at least one outside node.
+
+    `position` is each graph node's index in a topological order. A path into a component node at position p only
+    passes through nodes before p, so the walk never goes past the component's last position: it stays within the
+    component's span instead of running to the end of the graph (which made this quadratic on long chains: every
+    Conv of a 100k-node Conv/Relu chain is a component, and each walk visited everything downstream)."""
     inside = {id(n) for n in component}
-    frontier = [c for n in component for t in n.outputs for c in t.outputs if id(c) not in inside]
+    last = max(position[id(n)] for n in component)
+    frontier = [c for n in component for t in n.outputs for c in t.outputs
+                if id(c) not in inside and position.get(id(c), -1) < last]
     seen: set[int] = set()
     hit: set[int] = set()
     while frontier:
@@ -78,18 +85,19 @@ def _reenters(component: list[gs.Node]) -> set[int]:
             for consumer in tensor.outputs:
                 if id(consumer) in inside:
                     hit.add(id(consumer))
-                frontier.append(consumer)  # keep walking: everything downstream of a re-entry re-enters too
+                if position.get(id(consumer), -1) <= last:  # (a node not in the graph: walked, as before)
+                    frontier.append(consumer)  # keep walking: everything downstream of a re-entry re-enters too
     return hit
 
 
-def _convex_parts(component: list[gs.Node]) -> list[list[gs.Node]]:
-    downstream = _reenters(component)
+def _convex_parts(component: list[gs.Node], position: dict[int, int]) -> list[list[gs.Node]]:
+    downstream = _reenters(component, position)
     if not downstream:
         return [component]
     parts = []
     for piece in ([n for n in component if id(n) not in downstream], [n for n in component if id(n) in downstream]):
         for sub in _components(piece):
-            parts.extend(_convex_parts(sub))
+            parts.extend(_convex_parts(sub, position))
     return parts
 
 
@@ -119,9 +127,10 @@ def find_linear_machines(graph: gs.Graph, supported=None) -> list[LinearMachine]
     if not ir.is_topologically_sorted(graph):  # keep an order that is already valid (e.g. schedule's)
         graph.toposort()
     linear = [n for n in graph.nodes if linear_reason(n) is None and (supported is None or supported(n) is None)]
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
     machines = []
     for component in _components(linear):
-        for part in _convex_parts(component):
+        for part in _convex_parts(component, position):
             machine = machine_from_nodes(graph, part)
             if machine is not None:
                 machines.append(machine)

@@ -1,7 +1,8 @@
 """Housekeeping passes: what the manager runs around the user's passes, as named, reported passes.
 
 - `canonicalize`: fold exporter constant sub-graphs, make Resize sizes constant, tidy, infer shapes; runs first.
-- `tidy`: drop dead nodes and tensors, restore topological order only when the order is not valid; after each pass.
+- `tidy`: drop dead nodes and tensors, restore topological order only when the order is not valid; after each pass
+  that changed the graph (one that changed nothing left nothing to tidy).
 - `refresh-shapes`: ONNX shape inference onto the graph's tensors; after each pass that changed the graph (the next
   pass may need the ranks of tensors this one created).
 - `check-model`: the full ONNX checker on the exported model (`cnnc.io.backend.check`); `cnnc.compile` runs it on
@@ -53,7 +54,7 @@ class Canonicalize(Housekeeping):
 @dataclass(frozen=True)
 class Tidy(Housekeeping):
     name = "tidy"
-    summary = "drop dead nodes and tensors, restore topological order (after every pass)"
+    summary = "drop dead nodes and tensors, restore topological order (after every pass that changed the graph)"
     tend = staticmethod(ir.tidy)
 
 

@@ -1,12 +1,16 @@
 """Run passes in the user's order on a graphsurgeon graph, with the housekeeping around them, and report.
 
 The manager canonicalizes first, then calls each pass (`requires` -> `run` -> `ensures`, see
-`cnnc.pipeline.contract`) and tidies after it (and refreshes shapes when it changed the graph). A precondition
-failure is a skip of the whole graph with its reason. The graph is snapshotted before each pass: if a pass raises
-or breaks its postcondition, the snapshot is restored and the failure recorded against that pass (with
-`strict=True`, as in the test-suite, the exception propagates instead): a bug in one rewrite must not cost the user
-the others, and it must never leave a half-rewritten graph behind. Order constraints (`cnnc.pipeline.order`) that
-the user's order violates become notes in the report.
+`cnnc.pipeline.contract`) and, when it changed the graph, tidies and refreshes shapes after it. A pass that
+reports no change left the graph as it was (the contract of `PassResult.changed`, which shape refreshing and
+`verify` already rely on), so there is nothing to tidy. A precondition failure is a skip of the whole graph with
+its reason. The graph is snapshotted before a pass: if the pass raises or breaks its postcondition, the snapshot is
+restored and the failure recorded against that pass (with `strict=True`, as in the test-suite, the exception
+propagates instead): a bug in one rewrite must not cost the user the others, and it must never leave a
+half-rewritten graph behind. A snapshot still describes the graph after passes that changed nothing, so it is
+taken again only after a change or a rollback: housekeeping and snapshots are linear in the nodes, and on a
+100k-node chain that no pass changes each one cost seconds (bench/scale.py). Order constraints
+(`cnnc.pipeline.order`) that the user's order violates become notes in the report.
 """
 
 from __future__ import annotations
@@ -18,10 +22,17 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
+from cnnc.errors import UsageError
 from cnnc.pipeline.contract import Pass, PassResult, PreconditionError
 from cnnc.pipeline.housekeeping import CANONICALIZE, CHECK_MODEL, REFRESH_SHAPES, TIDY, Housekeeping
 from cnnc.pipeline.order import OrderConstraint, order_notes
 from cnnc.pipeline.snapshot import Snapshot
+
+# Graphs above this many nodes are refused before import (`check_node_limit`): bench/scale.py measured the default
+# pipeline at ~0.31 ms a node past simplify's own limit (30.7 s for a 100k-node chain on the 2-core machine while
+# quiet; twice that while other jobs share it), so this is where a compile crosses 30 s. `max_nodes` (API) /
+# `--max-nodes` (CLI) raises it, 0 lifts it.
+MAX_NODES = 95_000
 
 # Called after each pass with (pass, graph); raises (e.g. EquivalenceError) to stop the pipeline.
 VerifyHook = Callable[[Pass, gs.Graph], None]
@@ -88,29 +99,40 @@ def check_model(model: onnx.ModelProto, report: PipelineReport) -> None:
     report.count(CHECK_MODEL, time.perf_counter() - start, PassResult())
 
 
+def check_node_limit(nodes: int, max_nodes: int | None) -> None:
+    """Raise UsageError (exit 2) when a model of `nodes` nodes is above `max_nodes` (None or 0: no limit)."""
+    if max_nodes and nodes > max_nodes:
+        raise UsageError(f"the model has {nodes} nodes, above the limit of {max_nodes} (the default, {MAX_NODES}, is "
+                         "where a compile passes 30 s; raise it with --max-nodes N, or max_nodes=N in the API, 0 for "
+                         "no limit)")
+
+
 def run_pipeline(graph: gs.Graph, passes: list[Pass], verify: VerifyHook | None = None, strict: bool = False,
                  constraints: Iterable[OrderConstraint] = ()) -> tuple[gs.Graph, PipelineReport]:
     """Run `passes` in order on `graph`; returns the rewritten graph and a record per pass."""
     report = PipelineReport(order_notes=order_notes([p.name for p in passes], constraints))
     _housekeep(report, CANONICALIZE, graph)
+    snapshot = None
     for pass_ in passes:
         # Object state, not a copy (cnnc.pipeline.snapshot): linear and cheap; passes never mutate constant arrays.
-        snapshot = Snapshot(graph) if not strict else None
+        if snapshot is None and not strict:
+            snapshot = Snapshot(graph)
         start = time.perf_counter()
         error, seconds = None, None
         try:
             result = pass_(graph)
             seconds = time.perf_counter() - start  # the pass alone; housekeeping has its own records
-            _housekeep(report, TIDY, graph)
-            if result.changed:  # the next pass may need the ranks of tensors this one created
+            if result.changed:  # dead nodes to drop; the next pass may need the ranks of tensors this one created
+                _housekeep(report, TIDY, graph)
                 _housekeep(report, REFRESH_SHAPES, graph)
+                snapshot = None  # (kept until here: a failing housekeeping step rolls back to it too)
         except PreconditionError as unmet:  # raised before run(): the graph is untouched
             result = PassResult()
             result.skip("whole graph", unmet.reason)
         except Exception as exc:
             if strict:
                 raise
-            graph = snapshot.restore()
+            graph, snapshot = snapshot.restore(), None
             result = PassResult()
             result.skip("whole graph", f"pass failed and was rolled back: {type(exc).__name__}: {exc}")
             error = f"{type(exc).__name__}: {exc}"

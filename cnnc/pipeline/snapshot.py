@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from cnnc import ir
+
 
 class Snapshot:
     """The state of `graph` now; `restore()` returns the graph as it was (the same object, or the copy)."""
 
     def __init__(self, graph: gs.Graph):
         self.graph = graph
-        self.copy = graph.copy() if any(any(True for _ in n.subgraphs()) for n in graph.nodes) else None
+        self.copy = graph.copy() if any(ir.has_subgraph(n) for n in graph.nodes) else None
         if self.copy is not None:
             return
         self.graph_state = {**graph.__dict__, "nodes": list(graph.nodes), "inputs": list(graph.inputs),
@@ -63,4 +65,8 @@ def _state(obj: gs.Node | gs.Tensor) -> tuple:
 
 def _attrs(attrs: dict) -> dict:
     """A copy of a node's attributes, list values included (a pass may edit `pads` or `kernel_shape` in place)."""
-    return type(attrs)((key, list(value) if isinstance(value, list) else value) for key, value in attrs.items())
+    copy = type(attrs)(attrs)  # (a plain copy first: most nodes have no list attribute, and this runs per node)
+    for key, value in attrs.items():
+        if isinstance(value, list):
+            copy[key] = list(value)
+    return copy
