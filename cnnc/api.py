@@ -10,6 +10,7 @@ Failures raise `cnnc.ModelError` (bad input), `cnnc.UsageError` (bad options) or
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import resource
 import sys
@@ -26,6 +27,7 @@ from cnnc.autotune import AutoSettings, autotune, resolve_device, with_provider
 from cnnc.errors import EquivalenceError, ModelError, UsageError
 from cnnc.export import ExportOptions, ExportResult, export_model
 from cnnc.io import backend
+from cnnc.io.external_data import external_data_files
 from cnnc.io.frontend import load_model
 from cnnc.io.precision import to_fp16
 from cnnc.io.target import runnable, stamp_notes
@@ -50,22 +52,48 @@ PRECISIONS = ("fp32", "fp16")  # what `compile(precision=...)` and `cnnc compile
 
 
 @dataclass(frozen=True)
-class ReleasedOriginal:
-    """An input file whose weights a compile let go of once the compiled model was emitted (peak memory): the file
-    (unchanged since it was read: inode, size, mtime) and the digests of the weights it had then."""
+class SourceFile:
+    """An ONNX file a compile reads, with the external-data files it references (resolved as its loader resolves
+    them, `cnnc.io.external_data`), and the identity of each when it was first stat'ed: device, inode, size, mtime
+    and ctime (a rewrite sets ctime, which no user-space call can set back, unlike mtime: `cp -p`, `touch -r`)."""
 
     path: str
+    data_files: tuple[str, ...]
     identity: tuple
+
+    def current(self) -> tuple | None:
+        """The identity of the files now; None if one of them is gone."""
+        return _identity((self.path, *self.data_files))
+
+
+@dataclass(frozen=True)
+class ReleasedOriginal:
+    """An input file whose weights a compile let go of once the compiled model was emitted (peak memory): the file
+    (`SourceFile`), the digests of its large weights and the SHA-256 of the rest (`valueless_copy`) as read then."""
+
+    source: SourceFile
     digests: dict[str, tuple]
+    rest: bytes
+
+    @property
+    def path(self) -> str:
+        return self.source.path
 
     def reload(self) -> onnx.ModelProto:
         """The original read again, as the compile read it; ModelError if the file is not the one compiled."""
-        state = _file_state(self.path)
-        if state is None or state[1] != self.identity:
+        now = self.source.current()
+        if now is None:
+            raise ModelError(f"the input file {self.path} (or its external data) was moved or deleted after the "
+                             "compile, and the original model was not kept in memory; compile from a ModelProto "
+                             "(cnnc.compile(onnx.load(path))) to keep the original in memory")
+        if now != self.source.identity:
             raise ModelError(f"{self.path} changed after it was compiled; the original model is no longer available")
         model = runnable(load_model(self.path))
-        if tensor_digests(model, set(self.digests)) != self.digests:
-            raise ModelError(f"{self.path} holds other weights than when it was compiled")
+        rest, large = valueless_copy(model)
+        if large != set(self.digests) or _proto_digest(rest) != self.rest or \
+                tensor_digests(model, large) != self.digests:
+            raise ModelError(f"{self.path} holds another model than the one compiled; the original model is no "
+                             "longer available")
         return model
 
 
@@ -78,8 +106,10 @@ class CompileResult:
 
     @property
     def original(self) -> onnx.ModelProto | None:
-        """The input as cnnc read it (the torch export for a module). A compile from a file lets go of its weights
-        before the check (`report["peak_rss"]`); it is read again from that file, unchanged, on first use."""
+        """The input as cnnc read it (the torch export for a module). A compile from an .onnx file lets go of its
+        large weights before the check (`report["peak_rss"]`); it is read again from that file on first use (and
+        by `export`), which must then be unchanged: after the file (or its external data) is moved, deleted or
+        rewritten, `original` and `export` raise ModelError. Compile from a ModelProto to keep it in memory."""
         if self._released is not None:
             self._original, self._released = self._released.reload(), None
         return self._original
@@ -116,31 +146,62 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_UNIT
 
 
-def _file_state(source: Any) -> tuple | None:
-    """(path, identity) of an ONNX file, for `_reference_path`; None for anything else."""
+def _identity(paths: tuple[str, ...]) -> tuple | None:
+    try:
+        return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in map(os.stat, paths))
+    except OSError:
+        return None
+
+
+def _mentions(path: str | Path, needle: bytes, chunk: int = 1 << 20) -> bool:
+    """Whether the bytes of the file at `path` contain `needle`, read a chunk at a time."""
+    with open(path, "rb") as handle:
+        tail = b""
+        while block := handle.read(chunk):
+            if needle in tail + block:
+                return True
+            tail = block[1 - len(needle):]
+    return False
+
+
+def _file_state(source: Any) -> SourceFile | None:
+    """The `SourceFile` of an ONNX file, before it is loaded, for `_reference_path`; None for anything else."""
     if not isinstance(source, (str, Path)) or Path(source).suffix.lower() != ".onnx":
         return None
     try:
-        state = os.stat(source)
-    except OSError:  # load_model says what is wrong with the path
+        data_files: tuple[str, ...] = ()
+        if _mentions(source, b"location"):  # the key of every external-data entry; otherwise there are none
+            model = onnx.load(str(source), load_external_data=False)
+            data_files = tuple(sorted(str(p) for p in external_data_files(model, Path(source).parent)))
+            del model
+    except Exception:  # noqa: BLE001 - unreadable or invalid: load_model says what is wrong with the path
         return None
-    return str(source), (state.st_ino, state.st_size, state.st_mtime_ns)
+    identity = _identity((str(source), *data_files))
+    return SourceFile(str(source), data_files, identity) if identity is not None else None
 
 
-def _reference_path(state: tuple | None, loaded: onnx.ModelProto, original: onnx.ModelProto) -> str | None:
+def _reference_path(state: SourceFile | None, loaded: onnx.ModelProto, original: onnx.ModelProto) -> str | None:
     """The file the original was read from, for onnxruntime to read it itself (no serialized copy of the weights),
-    when `original` is that file as read (not stamped) and the file is still the one that was read."""
+    when `original` is that file as read (not stamped) and the file and its external data are still as they were
+    before it was read."""
     if state is None or original is not loaded:
         return None
-    path, identity = state
-    try:
-        now = os.stat(path)
-    except OSError:
-        return None
-    return path if (now.st_ino, now.st_size, now.st_mtime_ns) == identity else None
+    return state.path if state.current() == state.identity else None
 
 
-def _releasable_digests(state: tuple | None, loaded: onnx.ModelProto,
+def _check_reference_read(state: SourceFile | None, reference_path: str | None) -> None:
+    """After a check that read the reference from `reference_path`: ModelError if the file or its external data
+    changed since they were first stat'ed (the check may have run against other weights)."""
+    if reference_path is not None and state.current() != state.identity:
+        raise ModelError(f"{state.path} (or its external data) changed while it was being compiled; the check read "
+                         "the original from it and proves nothing: compile it again once it is no longer written")
+
+
+def _proto_digest(model: onnx.ModelProto) -> bytes:
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).digest()
+
+
+def _releasable_digests(state: SourceFile | None, loaded: onnx.ModelProto,
                         original: onnx.ModelProto) -> dict[str, tuple] | None:
     """The digests of the large weights of an original that onnxruntime can read from its file (`_reference_path`),
     taken now for the identity proof and a later reload, so that its weights can go once the compiled model is
@@ -267,8 +328,10 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
         # The original's weights are read from its file from here on (onnxruntime opens it by path; `same_model`
         # compares the digests taken at load): let go of them, so that the check and the save hold the compiled
         # model's weights and one session's or tensor's, and `result.original` reads the file again if asked.
-        released = ReleasedOriginal(os.path.abspath(source_state[0]), source_state[1], digests)
         original, _ = valueless_copy(original)
+        # An absolute path: `result.original` reads it again whatever the working folder is then.
+        source = SourceFile(os.path.abspath(source_state.path), source_state.data_files, source_state.identity)
+        released = ReleasedOriginal(source, digests, _proto_digest(original))
         loaded = original
         gc.collect()  # graphsurgeon's reference cycles may still reach the parsed model
     # Nothing changed: the proof, with no run.
@@ -277,7 +340,12 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
             make_input_batches(original, n=1, input_shapes=input_shapes)  # still refuse shapes that do not fit
         report["equivalence"] = dict(UNCHANGED)
     elif check:
-        report["equivalence"] = _equivalence(original, compiled, check_options, reference_path)
+        try:
+            report["equivalence"] = _equivalence(original, compiled, check_options, reference_path)
+        except (EquivalenceError, ModelError):
+            _check_reference_read(source_state, reference_path)  # a file rewritten meanwhile explains the failure
+            raise
+        _check_reference_read(source_state, reference_path)
         if not report["equivalence"]["passed"]:
             clamped = "".join(f"; {note}" for note in precision_notes if "clamped" in note)  # --precision fp16
             raise EquivalenceError(f"compiled model is not equivalent: {report['equivalence']['summary']}{clamped}",

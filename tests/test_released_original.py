@@ -8,7 +8,8 @@ changed after the compile is refused rather than taken for the original.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -19,6 +20,8 @@ import pytest
 from helpers import make_model
 
 import cnnc
+import cnnc.api
+from cnnc.api import _file_state, _reference_path
 from cnnc.errors import EquivalenceError, ModelError
 from cnnc.io.frontend import load_onnx
 from cnnc.ir.weightless import WEIGHTLESS_MIN_BYTES, serialized_size, valueless_copy, weightless_copy
@@ -121,3 +124,101 @@ def test_saving_over_the_input_file_reads_the_original_first(tmp_path, rng):
     result = cnnc.compile(str(path), passes=[])
     result.save(path, external_data=True)  # the compiled model replaces its input
     assert result._released is None and result.original.SerializeToString() == before
+
+
+def _small_tensor_rewritten(path, rng) -> None:
+    """`path` rewritten in place, at the same size, with its small Reshape target changed ([-1, k] -> [1, -1]),
+    then its mtime set back as `cp -p`, `rsync -t --inplace` or `touch -r` would."""
+    before = path.stat()
+    model = _large_weight_model(rng)
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.array([1, -1], np.int64), "shape"))
+    onnx.save(model, path)
+    assert path.stat().st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_a_same_size_rewrite_with_its_mtime_set_back_is_refused(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_large_weight_model(np.random.default_rng(0)), path)
+    result = cnnc.compile(str(path), passes=[])
+    _small_tensor_rewritten(path, np.random.default_rng(0))  # the same large W: only its ctime tells
+    with pytest.raises(ModelError, match="changed after it was compiled"):
+        _ = result.original
+    with pytest.raises(ModelError, match="changed after it was compiled"):
+        result.export("onnx", tmp_path / "out.onnx")
+
+
+@pytest.mark.parametrize("change", ["small tensor", "large weight"])
+def test_a_file_whose_stat_hides_a_rewrite_is_still_refused(tmp_path, change):
+    """The identity stat gives is a first filter; the content check alone refuses another model: the valueless
+    copy (graph, attributes, small tensors) by its serialisation, the released weights by their digests."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_large_weight_model(np.random.default_rng(0)), path)
+    result = cnnc.compile(str(path), passes=[])
+    if change == "small tensor":
+        _small_tensor_rewritten(path, np.random.default_rng(0))
+    else:
+        onnx.save(_large_weight_model(np.random.default_rng(1)), path)
+    source = result._released.source  # a file system whose stat does not show the rewrite
+    result._released = replace(result._released, source=replace(source, identity=source.current()))
+    with pytest.raises(ModelError, match="holds another model than the one compiled"):
+        _ = result.original
+
+
+def test_a_moved_input_file_says_how_to_keep_the_original(tmp_path, rng):
+    path = tmp_path / "m.onnx"
+    onnx.save(_large_weight_model(rng), path)
+    result = cnnc.compile(str(path), passes=[])
+    path.rename(tmp_path / "elsewhere.onnx")
+    message = r"moved or deleted after the compile.*compile from a ModelProto \(cnnc\.compile\(onnx\.load\(path\)\)\)"
+    with pytest.raises(ModelError, match=message):
+        _ = result.original
+    with pytest.raises(ModelError, match=message):
+        result.export("onnx", tmp_path / "out.onnx")
+
+
+def _external_data_model(tmp_path, rng):
+    """`_large_weight_model` with an Identity the default passes remove (so the check runs), W in m.data."""
+    model = _large_weight_model(rng)
+    model.graph.node[0].output[0] = "pre"
+    model.graph.node.insert(1, oh.make_node("Identity", ["pre"], ["m"], name="identity"))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="m.data", size_threshold=1024)
+    return path, tmp_path / "m.data"
+
+
+def test_external_data_files_are_part_of_the_file_identity(tmp_path, rng):
+    path, data = _external_data_model(tmp_path, rng)
+    state, loaded = _file_state(str(path)), load_onnx(path)
+    assert state.data_files == (str(data.resolve()),)
+    assert _reference_path(state, loaded, loaded) == str(path)
+    os.utime(data)  # only the weights' file was touched
+    assert _reference_path(state, loaded, loaded) is None
+    plain = tmp_path / "plain.onnx"
+    onnx.save(_large_weight_model(rng), plain)
+    assert _file_state(str(plain)).data_files == ()
+
+
+@pytest.mark.parametrize("values", ["other", "same"])
+def test_external_data_rewritten_during_the_check_fails_the_compile(tmp_path, rng, monkeypatch, values):
+    """The check reads the reference from disk: weights rewritten meanwhile make it a check of another model, which
+    must fail the compile whatever it found (with the same bytes written back, it would have passed)."""
+    path, data = _external_data_model(tmp_path, rng)
+    real = cnnc.api._equivalence
+
+    def rewrite_then_check(*args, **kwargs):
+        weights = np.fromfile(data, np.float32)
+        (weights * 2 if values == "other" else weights).tofile(data)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cnnc.api, "_equivalence", rewrite_then_check)
+    with pytest.raises(ModelError, match="changed while it was being compiled"):
+        cnnc.compile(str(path))
+
+
+def test_the_check_of_an_external_data_model_runs_and_gives_the_original_back(tmp_path, rng):
+    path, _ = _external_data_model(tmp_path, rng)
+    result = cnnc.compile(str(path))
+    assert result.report["equivalence"]["passed"] and not result.report["equivalence"].get("unchanged")
+    assert result._released is not None
+    assert result.original.SerializeToString() == load_onnx(path).SerializeToString()

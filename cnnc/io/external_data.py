@@ -47,6 +47,13 @@ def has_external_data(model: onnx.ModelProto) -> bool:
     return any(True for _ in _tensors_with_external_data(model))
 
 
+def external_data_files(model: onnx.ModelProto, model_dir: Path) -> set[Path]:
+    """The checked paths (`resolve_location`) of the external-data files `model`, not yet loaded, references."""
+    return {resolve_location(model_dir, tensor.name, next((e.value for e in tensor.external_data
+                                                           if e.key == "location"), ""))
+            for tensor in _tensors_with_external_data(model)}
+
+
 def _parse_int(tensor_name: str, key: str, text: str) -> int:
     try:
         value = int(text, 10)
