@@ -158,6 +158,16 @@ def test_exports_are_cached_by_every_parameter(zoo_dir, monkeypatch):
     assert exports.cache_directory() == zoo_dir / "elsewhere" / "zoo"
 
 
+def test_cache_names_change_with_what_the_weights_depend_on(monkeypatch):
+    """A changed calibration constant or library version must never return an export of the old weights."""
+    name = exports.export_file_name("resnet18", "torchscript17", SIZE, "fp32")
+    monkeypatch.setattr(exports, "BRANCH_RATIO", 0.5)
+    assert exports.export_file_name("resnet18", "torchscript17", SIZE, "fp32") != name
+    monkeypatch.undo()
+    monkeypatch.setattr(exports, "_installed", lambda distribution: "0.0-other")
+    assert exports.export_file_name("resnet18", "torchscript17", SIZE, "fp32") != name
+
+
 def test_timm_reparameterization_merges_the_branches_and_keeps_the_function(zoo_dir):
     trained = build_zoo_model("repvgg_a0", SIZE)
     merged = timm_reparameterized("repvgg_a0", SIZE)

@@ -140,3 +140,24 @@ def test_calibration_is_seeded():
     for (key, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), key
     assert not torch.equal(first[3].bn2.weight, other[3].bn2.weight)
+
+
+class Doubled(nn.Module):
+    """h + h: one value read twice by one sum, then by a later sum as its skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(SHAPE[1], 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.branch, self.branch_bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        doubled = h + h
+        return doubled + self.branch_bn(self.branch(doubled))
+
+
+def test_a_sum_that_reads_one_value_twice_is_calibrated():
+    module = Doubled()
+    decisions = calibrate_damped(module, SHAPE, seed=0)
+    assert [d.scale is None for d in decisions] == [True, False]  # h + h has no skip; the later sum is residual
+    assert "no skip" in decisions[0].why

@@ -99,6 +99,8 @@ class _Calibration(fx.Interpreter):
         self.order = {node: index for index, node in enumerate(nodes)}
         # The interpreter frees a value after its last use, an inner add's included: a sum's operands are kept.
         self.operand_nodes = {o for operands in self.roots.values() for o in operands}
+        # Each kept value is dropped after the last sum that reads it (sums in topological order).
+        self.last_root = {o: root for root in sorted(self.roots, key=self.order.__getitem__) for o in self.roots[root]}
         self.kept: dict[fx.Node, torch.Tensor] = {}
         self.decisions: list[SumDecision] = []
 
@@ -184,7 +186,10 @@ class _Calibration(fx.Interpreter):
         return [o for o, n in zip(operands, lengths) if n == min(lengths)]
 
     def _damp(self, root: fx.Node, operands: list[fx.Node]) -> torch.Tensor:
-        values = [self.kept.pop(o) if self._feeds_a_sum(o) else self.kept[o] for o in operands]
+        values = [self.kept[o] for o in operands]  # `h + h` reads one kept value twice
+        for operand in set(operands):
+            if self.last_root[operand] is root:
+                del self.kept[operand]
         total = sum(values[1:], values[0])
         skips = self._skips(operands)
         if isinstance(skips, str):

@@ -18,17 +18,21 @@ ONNX, and it runs on onnxruntime's CPU provider (a converted fp32 export would d
 instead). The variant is recorded in the model's metadata (`cnnc.zoo`).
 
 Cache: one file per (name, reparameterised or not, size, exporter, dtype, seed, calibration rule
-(`cnnc.zoo.vision.CALIBRATION`: files of an older rule hold other weights and are never reused), torch version) in
+(`cnnc.zoo.vision.CALIBRATION`: files of an older rule hold other weights and are never reused), torch version, and a
+short digest of everything else the weights depend on: the rule's constants, the model's constructor options and the
+torchvision and timm versions, whose default initialisations draw the weights) in
 `directory`, by default `$CNNC_CACHE_DIR/zoo` or else `~/.cache/cnnc/zoo`; written atomically
 (`cnnc.io.backend.save`), so an interrupted export never leaves a truncated file behind that a later run would trust.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import warnings
+from importlib import metadata
 from pathlib import Path
 
 import onnx
@@ -39,7 +43,8 @@ from cnnc.errors import UsageError
 from cnnc.io import backend
 from cnnc.io.target import runnable
 from cnnc.threads import compile_threads
-from cnnc.zoo.vision import CALIBRATION, build_zoo_model, example_input, timm_reparameterized
+from cnnc.zoo.branch_damping import BRANCH_RATIO
+from cnnc.zoo.vision import CALIBRATION, CALIBRATION_BATCH, ZOO, build_zoo_model, example_input, timm_reparameterized
 
 EXPORTERS = ("torchscript17", "torchscript13", "dynamo")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -54,12 +59,29 @@ def cache_directory() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "cnnc") / "zoo"
 
 
+def _installed(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def build_inputs(name: str) -> dict:
+    """What a zoo model's weights depend on beyond the file name's parameters (recorded in its metadata)."""
+    model = ZOO.get(name)
+    return {"calibration": CALIBRATION, "branch_ratio": BRANCH_RATIO, "calibration_batch": CALIBRATION_BATCH,
+            "options": model.options if model else None,
+            "torchvision": _installed("torchvision"), "timm": _installed("timm")}
+
+
 def export_file_name(name: str, exporter: str, size: int, dtype: str, seed: int = 0,
                      reparameterized: bool = False) -> str:
-    """The cache file name: every parameter the file depends on, the torch version included."""
+    """The cache file name: every parameter the file depends on, the torch version included, and a digest of
+    `build_inputs` (so a changed rule constant or library version never returns a stale export)."""
     variant = "-reparameterized" if reparameterized else ""
     version = torch.__version__.replace("+", "_")
-    return f"{name}{variant}-{size}px-{exporter}-{dtype}-seed{seed}-{CALIBRATION}-torch{version}.onnx"
+    digest = hashlib.sha256(json.dumps(build_inputs(name), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{name}{variant}-{size}px-{exporter}-{dtype}-seed{seed}-{CALIBRATION}-{digest}-torch{version}.onnx"
 
 
 def _check_choice(kind: str, value: str, choices) -> None:
@@ -105,7 +127,7 @@ def export_zoo_model(name: str, exporter: str = "torchscript17", size: int = 64,
         example = example.half()
     model = export_module(module, example, exporter)
     record = {"name": name, "reparameterized": reparameterized, "size": size, "exporter": exporter, "dtype": dtype,
-              "seed": seed, "calibration": CALIBRATION, "torch": torch.__version__,
+              "seed": seed, **build_inputs(name), "torch": torch.__version__,
               "fp16": "torch module.half() exported" if dtype == "fp16" else None}
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                         "cnnc.zoo": json.dumps(record, sort_keys=True)})
