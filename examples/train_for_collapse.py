@@ -169,8 +169,19 @@ def latency(original, compiled: dict, duration: float) -> dict:
                           duration=duration, threads=1)
     speedups = {f"batch {c['batch']}": {m["label"]: (m["ratio_to_first"] or {}).get("speedup") for m in c["models"]}
                 for c in report["comparisons"]}
+    # speed-up interval = the inverted 95 % interval of the time ratio (interleaved rounds, bootstrap)
+    intervals = {f"batch {c['batch']}": {m["label"]: [1 / m["ratio_to_first"]["ci95"][1],
+                                                      1 / m["ratio_to_first"]["ci95"][0]]
+                                         for m in c["models"] if m["ratio_to_first"]}
+                 for c in report["comparisons"]}
     load = {f"batch {c['batch']}": c.get("loadavg_1_5_15_after") for c in report["comparisons"]}
-    return speedups, load
+    return speedups, intervals, load
+
+
+def _speedup(row: dict, batch: str) -> str:
+    value = row.get("speedup", {}).get(batch) or 0
+    interval = row.get("speedup_ci95", {}).get(batch)
+    return f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -261,12 +272,15 @@ def main(argv=None) -> int:
                       f"(spread {100 * row['accuracy_spread']:.1f}), depth {row['depth_after']}, "
                       f"MACs {row['macs_after']}", flush=True)
             rows.append(row)
-        speedups, load = latency(compiled_seed0.pop("original"), compiled_seed0, 0.3 if args.quick else 2.0)
+        speedups, intervals, load = latency(compiled_seed0.pop("original"), compiled_seed0,
+                                            0.3 if args.quick else 2.0)
         print(f"{net}: load average (1, 5, 15 min) after timing: {load}", flush=True)
         for row in rows:
             if row["net"] == net and "accuracy_mean" in row:
                 row["speedup"] = {batch: (values.get(row["variant"]) if row["variant"] != "original" else 1.0)
                                   for batch, values in speedups.items()}
+                row["speedup_ci95"] = {batch: values.get(row["variant"], [1.0, 1.0])
+                                       for batch, values in intervals.items()}
                 row["load_average_after_timing"] = load  # 1, 5, 15 min, per batch size: the CPUs are shared
     environment = {"onnxruntime": ort.__version__, "torch": torch.__version__, "python": platform.python_version(),
                    "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg()}
@@ -283,16 +297,16 @@ def main(argv=None) -> int:
                                             "wall_seconds": origin.get("wall_seconds")}
         kept = report["kept_from_previous_run"]
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["| net | variant | accuracy % (mean ± spread/2) | depth | MACs | nodes | speed-up b1 | speed-up b64 |",
+    lines = [("| net | variant | accuracy % (mean ± spread/2) | depth | MACs | nodes | speed-up b1 [95 % interval] "
+             "| speed-up b64 [95 % interval] |"),
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "accuracy_mean" not in r:
             lines.append(f"| {r['net']} | {r['variant']} | {r.get('note', '')} | | | | | |")
             continue
-        s = r.get("speedup", {})
         lines.append(f"| {r['net']} | {r['variant']} | {100 * r['accuracy_mean']:.1f} ± "
                      f"{50 * r['accuracy_spread']:.1f} | {r['depth_after']} | {r['macs_after']} | {r['nodes_after']} "
-                     f"| {s.get('batch 1') or 0:.2f} | {s.get('batch 64') or 0:.2f} |")
+                     f"| {_speedup(r, 'batch 1')} | {_speedup(r, 'batch 64')} |")
     for net in NETS:
         timed = next((r for r in rows if r["net"] == net and r.get("load_average_after_timing")), None)
         if timed is not None:

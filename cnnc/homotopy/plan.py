@@ -116,8 +116,9 @@ class Plan:
     seconds_before: float  # the model's convs and linear layers, estimated
     seconds_after: float
     provider: str
-    batch: int
+    batch: int  # the batch the estimates are given at (the first asked for)
     roofline: dict = field(default_factory=dict)
+    batches: tuple[int, ...] = ()  # every batch the cost model judged and `measure` timed at
 
     @property
     def estimated_speedup(self) -> float:
@@ -132,7 +133,8 @@ class Plan:
         lines = [f"{'site':{width}s}  chosen  why", "-" * (width + 60)]
         lines += [f"{site:{width}s}  {chosen:6s}  {why}" for site, chosen, why in rows]
         lines.append(f"{self.method}, {self.budget}: {len(self.sites)} of {len(self.all_sites)} sites, estimated "
-                     f"{self.estimated_speedup:.2f}x on the convs ({self.provider}, batch {self.batch})")
+                     f"{self.estimated_speedup:.2f}x on the convs ({self.provider}, batch {self.batch}; judged at "
+                     f"{', '.join(map(str, self.batches or (self.batch,)))})")
         return "\n".join(lines)
 
 
@@ -311,7 +313,7 @@ def plan(model: nn.Module, example_input, provider: str = "cpu", target_speedup:
         for index, link in enumerate(chains.chains[c]):
             alone = chains.segment(c, index, index + 1)
             why = "outside the budget" if alone.allowed else (
-                "not measured faster by 5 %" if alone.measured_ratio is not None else "not timed: it loses by the cost model"
+                f"not measured faster by {100 * MEASURE_MARGIN:g} % at every batch" if alone.measured_ratio is not None else "not timed: it loses by the cost model"
                 if alone.verdict == "loses" else "close, not timed")
             decisions[link.site] = f"not chosen ({why}): alone, {alone.describe()}"
     for segment in segments:
@@ -320,4 +322,4 @@ def plan(model: nn.Module, example_input, provider: str = "cpu", target_speedup:
     return Plan("dynamic programming over conv chains (LayerMerge-style) + knapsack over chains", budget,
                 [s for s in all_sites if any(s in seg.sites for seg in segments)], all_sites,
                 [{**asdict(seg), "describe": seg.describe()} for seg in segments], decisions, baseline,
-                baseline - chain_baseline + cost, provider, batches[0], roof.as_dict())
+                baseline - chain_baseline + cost, provider, batches[0], roof.as_dict(), batches)
