@@ -31,8 +31,9 @@ rounds once more, as fold-bn does); this pass does not take that on trust. The l
 Memory. The pass holds up to two further copies of the weights on top of the graph's: its export, which the library
 may modify, and the library's result (the conditions read a copy without values). Models whose constants exceed
 `max_weight_mb` (default 128: ResNet-50 and ConvNeXt-tiny are simplified, VGG-11 is not) are therefore left to the
-CNN passes, with that reason, so that a compile stays within three copies of the weights (tests/test_big_models.py);
-a memory-bounded simplification (weights kept external throughout) is open work.
+CNN passes, with that reason, so that a compile stays within two copies of the weights plus 0.5 GB
+(bench/memory.py, tests/test_big_models.py); a memory-bounded simplification (weights kept external throughout) is
+open work.
 
 Time. onnxslim takes about 0.7 ms a node on the 2-core bench machine, twice that while other jobs share it
 (bench/scale.py: 6.9 s for a 10k-node chain; Python over its own onnx-graphsurgeon, three imports of the graph and
