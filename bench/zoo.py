@@ -4,6 +4,7 @@ RepVGG / MobileOne, timm's reparameterised export.
 
     python bench/zoo.py                                   # every zoo model, torchscript17 + dynamo, 64 px, fp32 + fp16
     python bench/zoo.py --sizes 64,224 --batches 1,8      # the issue's grid (224 px: pass --models for a subset)
+    python bench/zoo.py --sizes 224 --no-timing --output bench/results/zoo-224-compile.json   # compile times only
     python bench/zoo.py --models squeezenet1_1,repvgg_a0 --quick      # a few minutes: proves the machinery works
 
 Per row it records nodes, convs, file size, compile time (cnnc's with check=False; its equivalence check is timed
@@ -61,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=None, help=f"seconds of timing per batch ({DURATION_S})")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads when timing")
     parser.add_argument("--quick", action="store_true", help="short timings, batch 1, fp32")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="compile, check and count only (e.g. the 224 px compile-time criterion); no latency")
     parser.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/zoo-<date>.json)")
     parser.add_argument("--cache", default=None, help="export cache folder (default: cnnc.zoo.exports')")
@@ -137,11 +140,15 @@ def run_row(name: str, exporter: str, size: int, dtype: str, args) -> dict:
     for entry in entries:
         if "model" in entry:
             _verify(path, entry)
-    try:
-        _time(original_model, entries, args)
-    except Exception as error:  # noqa: BLE001 - keep the row's other facts
-        row["timing_error"] = f"{type(error).__name__}: {first_line(error)}"
+    if args.no_timing:
         entries.insert(0, {"tool": "original"})
+        row["timing"] = "not timed (--no-timing)"
+    else:
+        try:
+            _time(original_model, entries, args)
+        except Exception as error:  # noqa: BLE001 - keep the row's other facts
+            row["timing_error"] = f"{type(error).__name__}: {first_line(error)}"
+            entries.insert(0, {"tool": "original"})
     entries[0].update(zoo_tools.measures(original_model))
     for entry in entries:
         entry.pop("model", None)
