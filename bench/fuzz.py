@@ -56,6 +56,7 @@ def run(graphs: int, seed: int, budget_s: float | None, progress_every: int) -> 
     ops: Counter = Counter()
     forms: Counter = Counter()  # issue 16's forms: opsets, float16, inputs with a default, If, Split, Reduce*, Pad
     invalid: list[dict] = []
+    commit = _git_commit()  # the code this run imported: a long run must not name a later commit
     started = time.perf_counter()
     ran = 0
     for index in range(graphs):
@@ -110,7 +111,7 @@ def run(graphs: int, seed: int, budget_s: float | None, progress_every: int) -> 
         "failures": failures,
         "ops_generated": dict(ops.most_common()),
         "forms_generated": dict(sorted(forms.items())),
-        "environment": {"cnnc_commit": _git_commit(), "python": platform.python_version(), "onnx": onnx.__version__,
+        "environment": {"cnnc_commit": commit, "python": platform.python_version(), "onnx": onnx.__version__,
                         "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "numpy": np.__version__,
                         "cpu_count": os.cpu_count(), "machine": platform.machine()},
     }
