@@ -142,7 +142,7 @@ class _Measure:
         self.warmup = DEFAULT_WARMUP[device] if settings.warmup is None else settings.warmup
 
     def samples(self, models: Sequence[onnx.ModelProto], labels: Sequence[str]) -> dict[str, list[list[float]]]:
-        """{batch: seconds per call of each model, in round order}, the models timed round-robin."""
+        """{batch: seconds per call of each model, in round order}, the models timed interleaved (a seeded random order per round)."""
         s = self.settings
         result = {}
         for batch in self.batches:

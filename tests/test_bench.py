@@ -121,7 +121,7 @@ def test_interleave_order_and_samples_on_fake_clock():
     clock, log = FakeClock(), []
     runners = [clock.runner([0.003, 0.001], log, "A"), clock.runner([0.002], log, "B"),
                clock.runner([0.010], log, "C")]
-    samples = bench.interleave(runners, warmup=2, iters=4, timer=clock)
+    samples = bench.interleave(runners, warmup=2, iters=4, timer=clock, order="fixed")
     assert log == ["A", "B", "C"] * 6  # 2 warm-up rounds then 4 timed rounds, always round-robin
     # Warm-up consumed calls 0 and 1 of A, so the timed calls of A alternate from the start of its script again.
     assert samples[0] == pytest.approx([0.003, 0.001, 0.003, 0.001])
@@ -132,10 +132,29 @@ def test_interleave_order_and_samples_on_fake_clock():
 def test_interleave_rewarm_calls_precede_each_timed_call_untimed():
     clock, log = FakeClock(), []
     runners = [clock.runner([0.100, 0.001], log, "A"), clock.runner([0.050, 0.002], log, "B")]
-    samples = bench.interleave(runners, warmup=0, iters=3, timer=clock, rewarm=1)
+    samples = bench.interleave(runners, warmup=0, iters=3, timer=clock, rewarm=1, order="fixed")
     assert log == ["A", "A", "B", "B"] * 3
     # The untimed call takes the slow first step of each script: only the second (hot) call is timed.
     assert samples == [pytest.approx([0.001] * 3), pytest.approx([0.002] * 3)]
+
+
+def test_interleave_shuffles_each_round_seeded_and_keeps_samples_per_runner():
+    """Every timed round runs each runner once, in a seeded random order; samples stay with their runner, so that
+    sample i of every runner comes from round i (the paired ratios need it)."""
+    clock, log = FakeClock(), []
+    runners = [clock.runner([0.001], log, name) for name in "ABCD"]
+    samples = bench.interleave(runners, warmup=0, iters=400, timer=clock)
+    rounds = [log[i:i + 4] for i in range(0, len(log), 4)]
+    assert all(sorted(r) == list("ABCD") for r in rounds)
+    first = {name: sum(r[0] == name for r in rounds) for name in "ABCD"}
+    assert all(70 <= n <= 130 for n in first.values()), first  # each position about a quarter of the rounds
+    assert len({tuple(r) for r in rounds}) > 12  # many orders, not a rotation
+    assert all(len(s) == 400 and s == pytest.approx([0.001] * 400) for s in samples)
+    again = []
+    bench.interleave([clock.runner([0.001], again, name) for name in "ABCD"], warmup=0, iters=400, timer=clock)
+    assert again == log  # seeded
+    with pytest.raises(UsageError):
+        bench.interleave(runners, warmup=0, iters=1, timer=clock, order="sideways")
 
 
 def test_interleave_duration_min_and_max_rounds():
