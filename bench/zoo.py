@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE))  # zoo_tools.py, zoo_report.py and zoo_plot.py sit
 import onnx
 import zoo_report
 import zoo_tools
+from zoo_report import AA_CONTROL
 
 import cnnc
 from cnnc.errors import CnncError
@@ -107,7 +108,9 @@ def _verify(original: Path, entry: dict) -> None:
 
 def _time(original_model, entries: list[dict], args) -> None:
     """Time the original and every tool's model interleaved at each batch; store speedups with their intervals."""
-    timed = [e for e in entries if "model" in e]
+    # A second session of the original, timed beside it (an A/A control): its deviation from 1.00 is the noise that
+    # the rounds' interval does not see (sessions of one model differ by ~1 %), which the peers criterion allows.
+    timed = [{"tool": AA_CONTROL, "model": original_model}] + [e for e in entries if "model" in e]
     report = bench.bench_models([original_model, *(e["model"] for e in timed)],
                                 ["original", *(e["tool"] for e in timed)], batch=args.batches, provider="cpu",
                                 duration=args.duration, threads=args.threads,
@@ -126,6 +129,9 @@ def _time(original_model, entries: list[dict], args) -> None:
             entries.insert(0, {"tool": "original", "latency": speedups})
         else:
             entry["latency"] = speedups
+    control = timed[0]
+    del control["model"]
+    entries.insert(1, control)
     entries[0]["timing_settings"] = report["settings"]
 
 
