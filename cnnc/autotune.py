@@ -142,7 +142,8 @@ class _Measure:
         self.warmup = DEFAULT_WARMUP[device] if settings.warmup is None else settings.warmup
 
     def samples(self, models: Sequence[onnx.ModelProto], labels: Sequence[str]) -> dict[str, list[list[float]]]:
-        """{batch: seconds per call of each model, in round order}, the models timed interleaved (a seeded random order per round)."""
+        """{batch: seconds per call of each model, in round order}, the models timed interleaved (a random order
+        per round, seeded by the settings' seed)."""
         s = self.settings
         result = {}
         for batch in self.batches:
@@ -150,7 +151,7 @@ class _Measure:
                                 threads=s.threads, seed=s.seed, timer=s.timer, session_factory=s.session_factory)
                         for model, label in zip(models, labels)]
             result[str(batch)] = interleave([p.run for p in prepared], warmup=self.warmup, duration=s.duration_s,
-                                            timer=s.timer, rewarm=1)
+                                            timer=s.timer, rewarm=1, seed=s.seed)
             del prepared  # free the sessions before the next batch size
         return result
 

@@ -73,7 +73,8 @@ def interleave(runners: Sequence[Callable[[], Any]], *, warmup: int, iters: int 
     `order`: "shuffled" (default) runs each timed round in a fresh seeded permutation; "fixed" always in the given
     order (A B C A B C ...). A fixed order gives each model the same position and the same predecessor in every
     round, and that is a bias the rounds cannot average out: three sessions of one identical model, timed A B C,
-    measured C 0.991× [0.982, 0.999] as fast as A (mnasnet0_5, 6 s), "slower with confidence". Shuffling turns the
+    measured C 0.991× [0.982, 0.999] as fast as A (mnasnet0_5, 6 s, a run made while writing this, not a committed
+    result), "slower with confidence". Shuffling turns the
     position effect into noise, which the interval then covers.
 
     `rewarm` untimed calls precede each timed call of a runner. Each onnxruntime session has its own thread pool;
@@ -86,11 +87,11 @@ def interleave(runners: Sequence[Callable[[], Any]], *, warmup: int, iters: int 
         raise UsageError(f"iterations must be >= 1, got {iters}")
     if duration is not None and duration <= 0:
         raise UsageError(f"duration must be > 0 s, got {duration}")
+    if order not in ("shuffled", "fixed"):
+        raise UsageError(f"order must be 'shuffled' or 'fixed', got {order!r}")
     for _ in range(max(warmup, 0)):
         for run in runners:
             run()
-    if order not in ("shuffled", "fixed"):
-        raise UsageError(f"order must be 'shuffled' or 'fixed', got {order!r}")
     permutations = np.random.default_rng(seed)
     samples: list[list[float]] = [[] for _ in runners]
     started = timer()

@@ -9,6 +9,7 @@ changed after the compile is refused rather than taken for the original.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -109,6 +110,18 @@ def test_the_original_of_a_file_changed_after_the_compile_is_refused(tmp_path, r
     onnx.save(_large_weight_model(np.random.default_rng(1)), path)  # other weights, same structure
     with pytest.raises(ModelError, match="changed after it was compiled"):
         _ = result.original
+
+
+def test_a_touched_but_identical_file_still_gives_the_original(tmp_path, rng):
+    """touch, chmod or a new hard link change the stat, not the model: the content check decides."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_large_weight_model(rng), path)
+    before = path.read_bytes()
+    result = cnnc.compile(str(path), passes=[])
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    os.chmod(path, 0o640)
+    assert result.original.SerializeToString() == onnx.load(str(path)).SerializeToString()
+    assert path.read_bytes() == before
 
 
 def test_a_model_given_as_a_proto_is_kept_as_given(rng):

@@ -19,8 +19,9 @@ instead). The variant is recorded in the model's metadata (`cnnc.zoo`).
 
 Cache: one file per (name, reparameterised or not, size, exporter, dtype, seed, calibration rule
 (`cnnc.zoo.vision.CALIBRATION`: files of an older rule hold other weights and are never reused), torch version, and a
-short digest of everything else the weights depend on: the rule's constants, the model's constructor options and the
-torchvision and timm versions, whose default initialisations draw the weights) in
+short digest of everything else the weights depend on: the rule's constants, the model's constructor options, the
+torchvision and timm versions, whose default initialisations draw the weights, and the onnx and onnxscript versions,
+on which the dynamo exporter's output depends) in
 `directory`, by default `$CNNC_CACHE_DIR/zoo` or else `~/.cache/cnnc/zoo`; written atomically
 (`cnnc.io.backend.save`), so an interrupted export never leaves a truncated file behind that a later run would trust.
 """
@@ -71,7 +72,8 @@ def build_inputs(name: str) -> dict:
     model = ZOO.get(name)
     return {"calibration": CALIBRATION, "branch_ratio": BRANCH_RATIO, "calibration_batch": CALIBRATION_BATCH,
             "options": model.options if model else None,
-            "torchvision": _installed("torchvision"), "timm": _installed("timm")}
+            "torchvision": _installed("torchvision"), "timm": _installed("timm"),
+            "onnx": _installed("onnx"), "onnxscript": _installed("onnxscript")}  # the dynamo exporter's output
 
 
 def export_file_name(name: str, exporter: str, size: int, dtype: str, seed: int = 0,
