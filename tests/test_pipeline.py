@@ -67,6 +67,25 @@ def test_call_runs_requires_run_ensures(rng):
     assert FoldBatchNorm()(graph).changed
 
 
+@dataclass(frozen=True)
+class RewritesSilently(Pass):
+    name: ClassVar[str] = "test-rewrites-silently"
+    summary: ClassVar[str] = "drops the last node but reports no change (test only)"
+
+    def run(self, graph):
+        graph.outputs = [graph.nodes[-1].inputs[0]]
+        graph.nodes.pop()
+        return PassResult()
+
+
+def test_a_pass_that_rewrites_without_saying_so_fails_in_strict_mode(rng):
+    """Unchanged passes get no tidy, shape refresh or new snapshot, so the manager holds passes to their word."""
+    with pytest.raises(PostconditionError, match="reported no change but rewrote the graph"):
+        run_pipeline(gs.import_onnx(_conv_bn(rng)), [RewritesSilently()], strict=True)
+    _, report = run_pipeline(gs.import_onnx(_conv_bn(rng)), [FoldBatchNorm(), FoldBatchNorm()], strict=True)
+    assert [r["changed"] for r in report.as_dict()] == [True, False]  # an honest no-change pass passes the check
+
+
 def test_a_precondition_failure_is_a_skip_of_the_whole_graph(rng):
     _, report = run_pipeline(gs.import_onnx(_conv_bn(rng)), [NeedsGemm(), FoldBatchNorm()], strict=True)
     skipped, folded = report.as_dict()

@@ -23,7 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from cnnc.errors import UsageError
-from cnnc.pipeline.contract import Pass, PassResult, PreconditionError
+from cnnc.pipeline.contract import Pass, PassResult, PostconditionError, PreconditionError
 from cnnc.pipeline.housekeeping import CANONICALIZE, CHECK_MODEL, REFRESH_SHAPES, TIDY, Housekeeping
 from cnnc.pipeline.order import OrderConstraint, order_notes
 from cnnc.pipeline.snapshot import Snapshot
@@ -107,6 +107,14 @@ def check_node_limit(nodes: int, max_nodes: int | None) -> None:
                          "no limit)")
 
 
+def _structure(graph: gs.Graph) -> tuple:
+    """What a rewrite changes: the nodes (identity, op, attributes' keys) and the tensors they read and write, and
+    the graph's inputs and outputs. Linear in nodes; computed only in strict mode (tests, the fuzzer)."""
+    return (tuple((id(node), node.op, tuple(node.attrs), tuple(map(id, node.inputs)), tuple(map(id, node.outputs)))
+                  for node in graph.nodes),
+            tuple(map(id, graph.inputs)), tuple(map(id, graph.outputs)))
+
+
 def run_pipeline(graph: gs.Graph, passes: list[Pass], verify: VerifyHook | None = None, strict: bool = False,
                  constraints: Iterable[OrderConstraint] = ()) -> tuple[gs.Graph, PipelineReport]:
     """Run `passes` in order on `graph`; returns the rewritten graph and a record per pass."""
@@ -117,11 +125,15 @@ def run_pipeline(graph: gs.Graph, passes: list[Pass], verify: VerifyHook | None 
         # Object state, not a copy (cnnc.pipeline.snapshot): linear and cheap; passes never mutate constant arrays.
         if snapshot is None and not strict:
             snapshot = Snapshot(graph)
+        before = _structure(graph) if strict else None
         start = time.perf_counter()
         error, seconds = None, None
         try:
             result = pass_(graph)
             seconds = time.perf_counter() - start  # the pass alone; housekeeping has its own records
+            if before is not None and not result.changed and _structure(graph) != before:
+                # Unchanged passes get no tidy, shape refresh or new snapshot: a pass must say when it rewrites.
+                raise PostconditionError(pass_.name, "the pass reported no change but rewrote the graph")
             if result.changed:  # dead nodes to drop; the next pass may need the ranks of tensors this one created
                 _housekeep(report, TIDY, graph)
                 _housekeep(report, REFRESH_SHAPES, graph)
