@@ -59,6 +59,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from cnnc import ir
 from cnnc.io import backend as emit
 from cnnc.ir.weightless import copy_fields, serialized_size, tensor_nbytes, without_data
 from cnnc.pipeline.contract import Pass, PassResult
@@ -194,6 +195,7 @@ def replace_graph(graph: gs.Graph, new: gs.Graph) -> None:
     graph.opset = new.opset
     graph.import_domains = new.import_domains
     graph.functions = new.functions
+    ir.forget_names(graph)  # another graph's names now
 
 
 @dataclass(frozen=True)

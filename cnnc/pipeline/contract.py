@@ -24,6 +24,8 @@ from typing import ClassVar
 
 import onnx_graphsurgeon as gs
 
+from cnnc.ir.graph import forget_names
+
 
 class PassContractError(Exception):
     """A pass's pre- or postcondition does not hold; `pass_name` and `reason` say which and why. Not a CnncError:
@@ -109,6 +111,7 @@ class Pass(ABC):
         """Raise `PostconditionError` when the rewritten graph breaks a promise of the pass. Default: none."""
 
     def __call__(self, graph: gs.Graph) -> PassResult:
+        forget_names(graph)  # the names taken are collected afresh by the pass's first unique_name
         self.requires(graph)
         result = self.run(graph)
         self.ensures(graph, result)
