@@ -39,7 +39,10 @@ Time. onnxslim takes about 0.7 ms a node on the 2-core bench machine, twice that
 (bench/scale.py: 6.9 s for a 10k-node chain; Python over its own onnx-graphsurgeon, three imports of the graph and
 a symbolic shape inference), twice all of cnnc's own work on the graph (~0.3 ms a node). Above `max_nodes`
 (default 15,000, where a compile with it passes 30 s on the shared machine; ten times the largest zoo export) the
-pass skips with that reason; the CNN passes still run, and `simplify{max_nodes=N}` raises the limit.
+pass skips with that reason; the CNN passes still run, and `simplify{max_nodes=N}` raises the limit. onnxslim's
+Conv+BN fusion also rescans every tensor for each BN it fuses, about 2.5 µs a node per BN (a 3,000-node
+Conv→BN→Relu chain: 7 s; 9,000 nodes: 70 s); above `max_fusion_work` (nodes × BNs, default 4,000,000, about 10 s)
+the pass skips, and fold-bn folds the BNs in linear time.
 
 Anything else — the library missing or raising, a model over protobuf's 2 GB (every library here works on an
 in-memory ModelProto), constants above `max_weight_mb`, a custom-domain op that onnxruntime cannot run so that (5)
@@ -79,6 +82,7 @@ SIZE_SLACK_BYTES = 1024
 # is skipped; its other rewrites still run.
 WEIGHT_TYING_GROUP_LIMIT = 256
 MAX_NODES = 15_000  # above this many nodes the pass skips (see "Time" in the module docstring)
+MAX_FUSION_WORK = 4_000_000  # nodes x BatchNormalizations above which the pass skips (onnxslim: ~10 s)
 _WEIGHT_TYING_MAX_ELEMENTS = 1000  # onnxslim ties only constants with fewer elements (its THRESHOLD default)
 
 
@@ -215,6 +219,7 @@ class Simplify(Pass):
     prove_below_mb: float = 16.0
     max_weight_mb: float = 128.0  # above this many MB of constants the pass skips (see "Memory" above)
     max_nodes: int = MAX_NODES  # above this many nodes the pass skips (see "Time" above)
+    max_fusion_work: int = MAX_FUSION_WORK  # nodes x BatchNormalizations above which the pass skips ("Time")
 
     def requires(self, graph: gs.Graph) -> None:
         if self.backend not in RUNNERS:
@@ -226,6 +231,13 @@ class Simplify(Pass):
             result.skip("whole graph", f"{len(graph.nodes)} nodes, above the node limit max_nodes={self.max_nodes} "
                         f"(simplify{{max_nodes=N}} raises it): {self.backend} takes ~0.7 ms a node, twice all of "
                         "cnnc's own work on the graph")
+            return result
+        norms = sum(node.op == "BatchNormalization" for node in graph.nodes)
+        if len(graph.nodes) * norms > self.max_fusion_work:
+            result.skip("whole graph", f"{len(graph.nodes)} nodes x {norms} BatchNormalizations, above "
+                        f"max_fusion_work={self.max_fusion_work} (simplify{{max_fusion_work=N}} raises it): "
+                        f"{self.backend} rescans every tensor for each Conv+BN it fuses (~2.5 µs a node per BN; "
+                        "fold-bn folds them in linear time instead)")
             return result
         weight_mb = sum(_constant_nbytes(t) for t in graph.tensors().values() if isinstance(t, gs.Constant)) / 2**20
         if weight_mb > self.max_weight_mb:

@@ -331,6 +331,26 @@ def test_simplify_skips_above_its_node_limit():
     assert any("max_nodes=10" in why and "40 nodes" in why for _, why in run.result.skipped)
 
 
+def test_simplify_skips_where_onnxslims_bn_fusion_would_be_quadratic(rng):
+    """onnxslim rescans every tensor per Conv+BN it fuses; above max_fusion_work (nodes x BNs) the pass skips and
+    fold-bn, which is linear, folds them."""
+    nodes, weights, previous = [], [], "x"
+    for i in range(4):
+        weights.append(onnx.numpy_helper.from_array(rng.standard_normal((2, 2, 1, 1)).astype(np.float32), f"w{i}"))
+        for part, value in (("s", 1.0), ("b", 0.0), ("m", 0.0), ("v", 1.0)):
+            weights.append(onnx.numpy_helper.from_array(np.full(2, value, np.float32), f"{part}{i}"))
+        nodes += [onnx.helper.make_node("Conv", [previous, f"w{i}"], [f"c{i}"]),
+                  onnx.helper.make_node("BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"])]
+        previous = f"n{i}"
+    graph = onnx.helper.make_graph(nodes, "bn", [onnx.helper.make_tensor_value_info("x", 1, [1, 2, 3, 3])],
+                                   [onnx.helper.make_tensor_value_info(previous, 1, [1, 2, 3, 3])], weights)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    run = run_passes(model, Simplify(max_fusion_work=8 * 4 - 1))  # 8 nodes x 4 BNs
+    assert not run.changed
+    assert any("8 nodes x 4 BatchNormalizations" in why for _, why in run.result.skipped)
+    assert run_passes(model, Simplify(max_fusion_work=8 * 4)).changed  # at the limit onnxslim runs and fuses
+
+
 def test_export_without_large_constants_leaves_the_graph_and_matches_the_copying_export():
     graph = ir.refresh_shapes(ir.import_model(_chain(30)))
     before = _exported(graph)
