@@ -39,15 +39,22 @@ from cnnc.threads import thread_count
 RESULTS = Path(__file__).parent / "results"
 
 
-def chain_model(nodes: int, channels: int = 2, size: int = 4, seed: int = 0) -> onnx.ModelProto:
-    """`nodes` ops: nodes // 2 pairs of Conv(1x1, seeded weights) -> Relu, at opset 17."""
+def chain_model(nodes: int, channels: int = 2, size: int = 4, seed: int = 0, bn: bool = False) -> onnx.ModelProto:
+    """`nodes` ops: nodes // 2 pairs of Conv(1x1, seeded weights) -> Relu, at opset 17; with `bn`, nodes // 3
+    triples Conv -> BatchNormalization (seeded statistics) -> Relu, a chain where fold-bn (or onnxslim) rewrites."""
     rng = np.random.default_rng(seed)
     graph_nodes, weights, previous = [], [], "x"
-    for i in range(nodes // 2):
+    for i in range(nodes // (3 if bn else 2)):
         weight = (rng.standard_normal((channels, channels, 1, 1)) / np.sqrt(channels)).astype(np.float32)
         weights.append(nh.from_array(weight, f"w{i}"))
         graph_nodes.append(oh.make_node("Conv", [previous, f"w{i}"], [f"c{i}"], name=f"conv{i}"))
-        graph_nodes.append(oh.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
+        if bn:
+            for part, value in (("s", 1 + 0.1 * rng.standard_normal(channels)), ("b", 0.1 * rng.standard_normal(channels)),
+                                ("m", 0.1 * rng.standard_normal(channels)), ("v", 0.5 + rng.random(channels))):
+                weights.append(nh.from_array(value.astype(np.float32), f"{part}{i}"))
+            graph_nodes.append(oh.make_node("BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"],
+                                            [f"n{i}"], name=f"bn{i}"))
+        graph_nodes.append(oh.make_node("Relu", [f"n{i}" if bn else f"c{i}"], [f"r{i}"], name=f"relu{i}"))
         previous = f"r{i}"
     shape = [1, channels, size, size]
     graph = oh.make_graph(graph_nodes, f"chain{nodes}", [oh.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
@@ -55,8 +62,8 @@ def chain_model(nodes: int, channels: int = 2, size: int = 4, seed: int = 0) -> 
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
 
 
-def measure(nodes: int, passes: str | None, ort_check: bool = False) -> dict:
-    model = chain_model(nodes)
+def measure(nodes: int, passes: str | None, ort_check: bool = False, bn: bool = False) -> dict:
+    model = chain_model(nodes, bn=bn)
     load = os.getloadavg()[0]  # other processes on the shared machine's cores, as this size starts
     start, cpu_start = time.perf_counter(), time.process_time()
     result = cnnc.compile(model, passes=passes, check=False, max_nodes=None)  # measured past the default limit
@@ -94,7 +101,8 @@ def markdown(payload: dict) -> str:
              f"`{payload['command']}`", "",
              (f"{env['cpu']}, {env['cpus_usable']} usable CPUs, cnnc threads {payload['threads']}, load average at "
              f"start {env['loadavg_1_5_15']} (a shared machine: other processes compete for the cores), onnxruntime "
-             f"{env['onnxruntime']}, Python {env['python']}. Model: `Conv(1x1)->Relu` chain, 1x2x4x4."), "",
+             f"{env['onnxruntime']}, Python {env['python']}. Model: `Conv(1x1)->"
+             f"{'BatchNormalization->' if payload.get('bn') else ''}Relu` chain, 1x2x4x4."), "",
              ("| nodes | load (1 min) | after | compile s (no check) | CPU s | s / 1k nodes | check s (proof) | "
               "equivalent | slowest steps (s) |"), "|---:|---:|---:|---:|---:|---:|---:|:--:|---|"]
     for row in payload["rows"]:
@@ -129,17 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", default=None, help="pipeline spec (default: cnnc's default pipeline)")
     parser.add_argument("--ort-check", action="store_true",
                         help="also time the onnxruntime check when no pass changed the model (compile skips it)")
+    parser.add_argument("--bn", action="store_true", help="Conv -> BN -> Relu triples (passes rewrite them)")
     parser.add_argument("--out", default=None, help="results stem (default bench/results/scale-<date>)")
     args = parser.parse_args(argv)
     rows = []
     for nodes in (int(n) for n in args.nodes.split(",")):
-        row = measure(nodes, args.passes, args.ort_check)
+        row = measure(nodes, args.passes, args.ort_check, args.bn)
         print(f"{nodes} nodes: compile {row['compile_seconds']:.2f} s (CPU {row['compile_cpu_seconds']:.2f} s), check {row['check_seconds']:.2f} s, "
               f"{row['passes']}", flush=True)
         rows.append(row)
     payload = {"command": "python bench/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "environment": environment("cpu"), "threads": thread_count(), "passes": args.passes or "default",
-               "rows": rows}
+               "bn": args.bn, "rows": rows}
     stem = Path(args.out) if args.out else RESULTS / f"scale-{datetime.date.today().isoformat()}"
     write_json(stem.with_suffix(".json"), payload)
     write_text(stem.with_suffix(".md"), markdown(payload))
