@@ -62,7 +62,8 @@ MAX_ROUNDS = 200_000  # a duration never gives more (microsecond models would fi
 MAX_SAMPLES_KEPT = 4000  # per model and comparison, in the report
 
 
-def interleave(runners: Sequence[Callable[[], Any]], *, warmup: int, iters: int | None = None,
+def interleave(runners: Sequence[Callable[[], Any] | Sequence[Callable[[], Any]]], *, warmup: int,
+               iters: int | None = None,
                duration: float | None = None, timer: Timer = time.perf_counter, min_rounds: int = MIN_ROUNDS,
                max_rounds: int = MAX_ROUNDS, rewarm: int = 0, order: str = "shuffled",
                seed: int = 0) -> list[list[float]]:
@@ -80,7 +81,11 @@ def interleave(runners: Sequence[Callable[[], Any]], *, warmup: int, iters: int 
     `rewarm` untimed calls precede each timed call of a runner. Each onnxruntime session has its own thread pool;
     right after another model's long call its threads are asleep, and waking them costs ~0.1 ms, which is most of a
     small model's call (a collapsed Gemm: 15 µs hot, 120 µs cold). One re-warm call per turn measures every model
-    hot, as a service running it continuously would, while rounds still alternate so drift cancels."""
+    hot, as a service running it continuously would, while rounds still alternate so drift cancels.
+
+    A runner may be a sequence of callables: several sessions of one model. Round r then calls its (r mod k)-th, so
+    every model's sessions take turns and round r's calls all ran on session slot r mod k (`session_slots`), which
+    `cnnc.runtime.stats.ratio_to_first(groups=...)` uses to put the session-to-session offset in the interval."""
     if (iters is None) == (duration is None):
         raise UsageError("give either a number of iterations or a duration")
     if iters is not None and iters < 1:
@@ -89,9 +94,14 @@ def interleave(runners: Sequence[Callable[[], Any]], *, warmup: int, iters: int 
         raise UsageError(f"duration must be > 0 s, got {duration}")
     if order not in ("shuffled", "fixed"):
         raise UsageError(f"order must be 'shuffled' or 'fixed', got {order!r}")
+    sessions = [[runner] if callable(runner) else list(runner) for runner in runners]
+    if any(not turns for turns in sessions):
+        raise UsageError("every model needs at least one session")
+    min_rounds = max(min_rounds, 2 * max(len(turns) for turns in sessions))  # every session timed twice at least
     for _ in range(max(warmup, 0)):
-        for run in runners:
-            run()
+        for turns in sessions:
+            for run in turns:
+                run()
     permutations = np.random.default_rng(seed)
     samples: list[list[float]] = [[] for _ in runners]
     started = timer()
@@ -104,7 +114,8 @@ def interleave(runners: Sequence[Callable[[], Any]], *, warmup: int, iters: int 
             break
         sequence = permutations.permutation(len(runners)) if order == "shuffled" else range(len(runners))
         for index in sequence:
-            run = runners[index]
+            turns = sessions[index]
+            run = turns[rounds % len(turns)]
             for _ in range(rewarm):
                 run()
             begin = timer()
@@ -112,6 +123,11 @@ def interleave(runners: Sequence[Callable[[], Any]], *, warmup: int, iters: int 
             samples[index].append(timer() - begin)
         rounds += 1
     return samples
+
+
+def session_slots(rounds: int, sessions: int) -> list[int]:
+    """The session slot each round of `interleave` ran on, when every model has `sessions` sessions."""
+    return [r % sessions for r in range(rounds)]
 
 
 # ------------------------------------------------------------------------------------------------- sessions
@@ -241,10 +257,18 @@ def _prepare_artefact(model, label: str, **options) -> PreparedModel:
     return prepare(model, label, **options)
 
 
-def _comparison(prepared: list[PreparedModel], samples: list[list[float]], batch: int, seed: int) -> dict:
+def _comparison(prepared: list[list[PreparedModel]], samples: list[list[float]], batch: int, seed: int) -> dict:
+    """One batch size's entry of the report; `prepared[i]` holds model i's sessions (the first one's info is the
+    model's, with every session's creation time)."""
     entries = []
-    first = prepared[0]
-    for index, (model, times) in enumerate(zip(prepared, samples)):
+    first = prepared[0][0]
+    slots = len(prepared[0])
+    groups = session_slots(len(samples[0]), slots) if slots > 1 else None
+    for index, (sessions, times) in enumerate(zip(prepared, samples)):
+        model = sessions[0]
+        if slots > 1:
+            model.info["sessions"] = slots
+            model.info["session_create_ms_each"] = [s.info.get("session_create_ms") for s in sessions]
         # Statistics use every sample; the report keeps at most MAX_SAMPLES_KEPT of them (every k-th, in round
         # order) for plots, so that microsecond models timed for seconds do not make megabyte reports.
         every = -(-len(times) // MAX_SAMPLES_KEPT)
@@ -258,9 +282,10 @@ def _comparison(prepared: list[PreparedModel], samples: list[list[float]], batch
             entry["notes"] = [*entry["notes"], (f"no ratio: ran on {model.info['provider']}, the first model on "
                                                 f"{first.info['provider']}")]
         else:
-            entry["ratio_to_first"] = ratio_to_first(samples[0], times, seed)
+            entry["ratio_to_first"] = ratio_to_first(samples[0], times, seed, groups=groups)
         entries.append(entry)
-    return {"title": f"batch {batch}", "batch": batch, "rounds": len(samples[0]), "models": entries}
+    return {"title": f"batch {batch}", "batch": batch, "rounds": len(samples[0]), "sessions_per_model": slots,
+            "models": entries}
 
 
 def _batches(batch) -> list[int | None]:
@@ -279,7 +304,7 @@ def bench_models(models: Sequence[onnx.ModelProto | str | Path], labels: Sequenc
                  iters: int | None = None, duration: float | None = None, threads: int | None = None,
                  input_shapes=None, cuda_graph: bool = True, cudnn_conv_algo_search: str = "EXHAUSTIVE",
                  denormal_as_zero: bool = True, spinning: bool = False, peers: bool = False, seed: int = 0,
-                 rewarm: int = 1,
+                 rewarm: int = 1, sessions: int = 1,
                  timer: Timer = time.perf_counter, session_factory: SessionFactory = make_session,
                  log: Callable[[str], None] | None = None) -> dict:
     """Benchmark `models` against the first one, interleaved, at every batch size in `batch`; returns the report.
@@ -288,6 +313,8 @@ def bench_models(models: Sequence[onnx.ModelProto | str | Path], labels: Sequenc
     or several (None: the model's own leading dim, 1 when symbolic). `provider`: auto (CUDA when onnxruntime can run
     it, else CPU), cuda or cpu. `warmup` rounds (default 10 on the CPU, 50 on CUDA); then `iters` rounds or
     `duration` seconds (default 5 s) per batch size. `peers` adds onnxsim / OnnxSlim outputs of the first model.
+    `sessions` per model (default 1): the rounds rotate over them and the intervals then hold the offset between
+    two sessions of one model (`cnnc.runtime.stats`), not only the rounds' noise.
 
     The report (a JSON-able dict): `environment`, `settings`, `notes`, and one `comparisons` entry per batch size
     with each model's provider, session-creation and first-run times, statistics, samples and ratio to the first.
@@ -296,6 +323,8 @@ def bench_models(models: Sequence[onnx.ModelProto | str | Path], labels: Sequenc
         raise UsageError(f"unknown provider {provider!r}; use auto, cuda or cpu")
     if not models:
         raise UsageError("nothing to benchmark: give at least one model")
+    if not isinstance(sessions, int) or sessions < 1:
+        raise UsageError(f"sessions per model must be a positive integer, got {sessions!r}")
     if provider == "cuda" and not cuda_available():
         raise UsageError("--provider cuda: no CUDA device or CUDA provider available")
     device_kind = "cuda" if provider == "cuda" or (provider == "auto" and cuda_available()) else "cpu"
@@ -324,19 +353,25 @@ def bench_models(models: Sequence[onnx.ModelProto | str | Path], labels: Sequenc
                 "cuda_graph_requested": cuda_graph and device_kind == "cuda",
                 "cudnn_conv_algo_search": cudnn_conv_algo_search if device_kind == "cuda" else None,
                 "interleaved": "one timed call per model per round, in a seeded random order per round",
-                "rewarm_calls": rewarm, "seed": seed}
+                "rewarm_calls": rewarm, "seed": seed, "sessions_per_model": sessions}
     env = environment(device_kind)
     comparisons = []
     for size in _batches(batch):
-        prepared = [_prepare_artefact(model, label, provider=device_kind, batch=size, input_shapes=input_shapes,
-                            threads=threads, cuda_graph=cuda_graph, cudnn_conv_algo_search=cudnn_conv_algo_search,
-                            denormal_as_zero=denormal_as_zero, spinning=spinning, seed=seed, timer=timer,
-                            session_factory=session_factory) for model, label in zip(protos, labels)]
-        effective = size or next(iter(prepared[0].info["inputs"].values()), {"shape": [1]})["shape"][0]
+        # Session slot by slot (every model's first session, then every model's second...), so that no model's
+        # sessions all sit together in memory.
+        slots = [[_prepare_artefact(model, label, provider=device_kind, batch=size, input_shapes=input_shapes,
+                                    threads=threads, cuda_graph=cuda_graph,
+                                    cudnn_conv_algo_search=cudnn_conv_algo_search, denormal_as_zero=denormal_as_zero,
+                                    spinning=spinning, seed=seed, timer=timer, session_factory=session_factory)
+                  for model, label in zip(protos, labels)] for _ in range(sessions)]
+        prepared = [list(per_model) for per_model in zip(*slots)]
+        del slots
+        effective = size or next(iter(prepared[0][0].info["inputs"].values()), {"shape": [1]})["shape"][0]
         if log:
-            log(f"batch {effective}: timing {', '.join(labels)} interleaved")
-        samples = interleave([p.run for p in prepared], warmup=warmup, iters=iters, duration=duration, timer=timer,
-                             rewarm=rewarm, seed=seed)
+            log(f"batch {effective}: timing {', '.join(labels)} interleaved"
+                + (f", {sessions} sessions each" if sessions > 1 else ""))
+        samples = interleave([[p.run for p in per_model] for per_model in prepared], warmup=warmup, iters=iters,
+                             duration=duration, timer=timer, rewarm=rewarm, seed=seed)
         comparisons.append(_comparison(prepared, samples, effective, seed))
         comparisons[-1]["loadavg_1_5_15_after"] = [round(v, 2) for v in os.getloadavg()]
         del prepared  # free the sessions (and device memory) before the next batch size

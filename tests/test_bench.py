@@ -114,6 +114,24 @@ def test_ratio_to_first_exact_and_seeded():
         ratio_to_first(first, np.zeros_like(first))
 
 
+def test_two_stage_interval_holds_the_session_offset_the_rounds_cannot_see():
+    """Two sessions per model; session 1 of the candidate runs 4 % slower than its session 0 (an offset that lasts
+    the session's life). Rounds alone give a tight interval around the pooled median; grouping rounds by session
+    slot widens it to cover both sessions' ratios, and the point estimate is the same."""
+    rng = np.random.default_rng(1)
+    first = (1 + 0.01 * rng.standard_normal(200)) * 1e-3
+    slots = bench.session_slots(200, 2)
+    other = first * np.where(np.asarray(slots) == 1, 1.04, 1.0) * (1 + 0.002 * rng.standard_normal(200))
+    plain = ratio_to_first(first, other)
+    grouped = ratio_to_first(first, other, groups=slots)
+    assert grouped["ratio"] == plain["ratio"]
+    assert plain["ci95"][1] - plain["ci95"][0] < 0.02
+    assert grouped["ci95"][0] <= 1.0 + 1e-3 and grouped["ci95"][1] >= 1.04 - 1e-3  # both sessions' ratios inside
+    assert ratio_to_first(first, other, groups=slots) == grouped  # seeded
+    with pytest.raises(ValueError, match="one id per round"):
+        ratio_to_first(first, other, groups=slots[:-1])
+
+
 # ------------------------------------------------------------------------------------------- interleaving
 
 
@@ -163,6 +181,21 @@ def test_interleave_duration_min_and_max_rounds():
     assert len(bench.interleave(runners, warmup=0, duration=10.0, timer=clock)[0]) == 5  # 2 s per round
     assert len(bench.interleave(runners, warmup=0, duration=0.1, timer=clock, min_rounds=3)[1]) == 3
     assert len(bench.interleave(runners, warmup=0, duration=1e9, timer=clock, max_rounds=7)[0]) == 7
+
+
+def test_interleave_rotates_each_models_sessions_round_by_round():
+    clock, log = FakeClock(), []
+    runners = [[clock.runner([0.001], log, "A0"), clock.runner([0.002], log, "A1")],
+               [clock.runner([0.003], log, "B0"), clock.runner([0.004], log, "B1")]]
+    samples = bench.interleave(runners, warmup=1, iters=4, timer=clock, order="fixed")
+    assert log[:4] == ["A0", "A1", "B0", "B1"]  # the warm-up warms every session
+    assert log[4:] == ["A0", "B0", "A1", "B1"] * 2  # round r runs on slot r mod 2 for every model
+    assert samples == [pytest.approx([0.001, 0.002] * 2), pytest.approx([0.003, 0.004] * 2)]
+    assert bench.session_slots(4, 2) == [0, 1, 0, 1]
+    # A duration gives every session at least two timed rounds.
+    assert len(bench.interleave(runners, warmup=0, duration=1e-9, timer=clock, min_rounds=1)[0]) == 4
+    with pytest.raises(UsageError, match="at least one session"):
+        bench.interleave([[]], warmup=0, iters=1, timer=clock)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"iters": 3, "duration": 1.0}, {"iters": 0}, {"duration": -1.0}])
@@ -287,7 +320,7 @@ def test_mixed_devices_get_no_ratio():
                                                          "notes": []}),
                 bench.PreparedModel("b", lambda: None, {"device": "cpu", "provider": "CPUExecutionProvider",
                                                          "notes": []})]
-    comparison = bench._comparison(prepared, [[1e-3, 2e-3], [3e-3, 4e-3]], batch=1, seed=0)
+    comparison = bench._comparison([[p] for p in prepared], [[1e-3, 2e-3], [3e-3, 4e-3]], batch=1, seed=0)
     assert comparison["models"][1]["ratio_to_first"] is None
     assert "no ratio" in comparison["models"][1]["notes"][0]
 
@@ -297,7 +330,7 @@ def test_report_keeps_a_bounded_sample_of_long_runs(monkeypatch):
     prepared = [bench.PreparedModel(label, lambda: None, {"device": "cpu", "provider": "CPUExecutionProvider",
                                                           "notes": []}) for label in "ab"]
     times = [[(1 + k) * 1e-3 for k in range(25)], [(1 + k) * 5e-4 for k in range(25)]]
-    comparison = bench._comparison(prepared, times, batch=1, seed=0)
+    comparison = bench._comparison([[p] for p in prepared], times, batch=1, seed=0)
     first = comparison["models"][0]
     assert first["samples_kept_every"] == 3 and first["samples_ms"] == pytest.approx([1.0 + 3 * k for k in range(9)])
     assert first["stats"]["n"] == 25 and first["stats"]["p50_ms"] == pytest.approx(13.0)  # from every sample
@@ -334,6 +367,20 @@ def test_bench_models_report(tmp_path):
     assert settings["optimization"] == "ORT_ENABLE_ALL" and settings["denormal_as_zero"]
     assert device_slug(report).startswith("cpu-") and device_slug(report).endswith("t")
     json.dumps(report)  # JSON-able as it is
+
+
+def test_bench_models_with_several_sessions_per_model():
+    ticks = iter(range(10**9))
+    report = bench.bench_models([_conv_model(0), _conv_model(1)], ["base", "other"], batch=1, provider="cpu",
+                                warmup=1, iters=6, sessions=3, timer=lambda: next(ticks) * 1e-3)
+    comparison = report["comparisons"][0]
+    assert report["settings"]["sessions_per_model"] == 3 and comparison["sessions_per_model"] == 3
+    for model in comparison["models"]:
+        assert model["sessions"] == 3 and len(model["session_create_ms_each"]) == 3
+        assert model["stats"]["n"] == 6
+    assert comparison["models"][1]["ratio_to_first"]["ratio"] == pytest.approx(1.0)
+    with pytest.raises(UsageError, match="sessions"):
+        bench.bench_models([_conv_model(0)], sessions=0, iters=1)
 
 
 def test_labels_and_errors():

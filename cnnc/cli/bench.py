@@ -39,12 +39,15 @@ from cnnc.runtime.bench import bench_models
               default="EXHAUSTIVE", show_default=True, help="cuDNN convolution algorithm search on CUDA")
 @click.option("--spinning/--no-spinning", default=False, show_default=True,
               help="let onnxruntime's intra-op threads spin between calls (onnxruntime's default; off here: on 2 cores it slowed models and let one session steal cores from the next)")
+@click.option("--sessions", default=1, show_default=True, type=click.IntRange(1, None),
+              help="onnxruntime sessions per model, taking turns round by round; the intervals then hold the "
+                   "offset between two sessions of one model (~1 %)")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the random inputs")
 @click.option("--json", "json_path", default=None, metavar="R.json", help="write the full report as JSON")
 @click.option("--md", "md_path", default=None, metavar="R.md", help="write the table as Markdown")
 @click.option("--plot", "plot_path", default=None, metavar="R.png", help="write a plot (needs matplotlib)")
 def bench_command(models, batch, provider, warmup, iters, duration, threads, input_shapes, labels, peers,
-                  no_cuda_graph, cudnn_algo_search, spinning, seed, json_path, md_path, plot_path):
+                  no_cuda_graph, cudnn_algo_search, spinning, sessions, seed, json_path, md_path, plot_path):
     """Time MODEL [MORE...] interleaved (A B A B ...) at ORT_ENABLE_ALL; report each one's ratio to the first."""
     if iters is not None and duration is not None:
         raise UsageError("give --iters or --duration, not both")
@@ -54,6 +57,7 @@ def bench_command(models, batch, provider, warmup, iters, duration, threads, inp
                           warmup=warmup, iters=iters, duration=duration, threads=threads,
                           input_shapes=list(input_shapes), cuda_graph=not no_cuda_graph,
                           cudnn_conv_algo_search=cudnn_algo_search, spinning=spinning, peers=peers, seed=seed,
+                          sessions=sessions,
                           log=lambda line: click.echo(line, err=True))
     click.echo(table(bench_report.table_rows(report), bench_report.TABLE_HEADERS))
     click.echo()
