@@ -182,12 +182,30 @@ def test_emits_the_simplified_graph_when_the_compiled_model_does_not_beat_it():
     assert _outputs(result.model) == _outputs(MODEL) - {"a"}
 
 
-def test_equal_latency_is_not_faster_with_confidence_but_keeps_the_compiled_model():
+def test_equal_latency_does_not_pay_and_the_input_is_emitted_unchanged():
     result = _compile([FakeCostPass()], max_candidates=0)  # nothing applied: compiled runs as fast as the input
     auto = result.report["auto"]
     assert auto["final"]["compiled_vs_input"]["1"]["ci95"] == pytest.approx([1.0, 1.0])
     assert auto["compiled_faster_with_confidence"] is False
-    assert auto["emitted"] == "compiled"  # not slower with confidence: its simplification is kept
+    assert auto["emitted"] == "input" and "emitted unchanged" in auto["why"]
+    assert result.model.graph == MODEL.graph  # the input's graph itself, not a rewrite that runs as fast
+
+
+def test_a_gain_below_min_gain_does_not_pay(monkeypatch):
+    """r2 removed is 0.5 % faster, with confidence (the fake clock is exact): below the 1 % least gain it is dropped,
+    with min_gain=0 it is kept; the sessions' slots are in every ratio's interval."""
+    monkeypatch.setitem(WITHOUT_MS, "r2", -0.05)
+    monkeypatch.setitem(WITHOUT_MS, "r3", 0.0)
+    auto = _compile([FakeCostPass()]).report["auto"]
+    decisions = {d["id"]: d for d in auto["decisions"]}
+    assert auto["sessions"] == 3 and auto["min_gain"] == 0.01
+    assert decisions["r2"]["decision"] == "dropped" and decisions["r3"]["decision"] == "dropped"
+    ratio = decisions["r2"]["ratios"]["1"]
+    assert ratio["ci95"][1] < 1.0 and ratio["ratio"] == pytest.approx(0.995)
+    assert auto["emitted"] == "input"
+    kept = _compile([FakeCostPass()], min_gain=0.0).report["auto"]
+    assert {d["id"]: d["decision"] for d in kept["decisions"]} == {"r3": "dropped", "r2": "kept"}
+    assert kept["emitted"] == "compiled"
 
 
 def test_budget_leaves_candidates_untimed_and_says_why():
@@ -211,7 +229,7 @@ def test_a_variant_that_cannot_run_is_recorded_not_fatal():
     assert [(d["id"], d["decision"]) for d in auto["decisions"]] == [("r3", "dropped")]
     assert auto["not_timed"][0]["id"] == "r2"
     assert "could not be built or run: refused by the test's session factory" in auto["not_timed"][0]["why"]
-    assert auto["emitted"] == "compiled"  # r3 dropped: the compiled model runs as fast as the input
+    assert auto["emitted"] == "input"  # r3 dropped: the compiled model runs as fast as the input, so it does not pay
 
 
 def test_candidates_order_variants_and_provider():
@@ -235,6 +253,10 @@ def test_bad_auto_options_are_usage_errors():
         cnnc.compile(MODEL, passes=[], batches=[0])
     with pytest.raises(UsageError, match="duration"):
         AutoSettings(duration_s=0)
+    with pytest.raises(UsageError, match="sessions"):
+        AutoSettings(sessions=0)
+    with pytest.raises(UsageError, match="min_gain"):
+        AutoSettings(min_gain=1.0)
     if not cuda_available():
         with pytest.raises(UsageError, match="CUDA"):
             cnnc.compile(MODEL, passes=[], provider="cuda")

@@ -126,8 +126,8 @@ def _print_bench(report: dict) -> None:
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="execution provider for --bench, --auto and the cost model (auto: CUDA when present)")
 @click.option("--auto", "auto", is_flag=True, help="time each rewrite the cost model calls close and keep it only "
-              "when faster with confidence; never emit a model slower than the input or the simplified graph")
-@click.option("--auto-seconds", default=0.5, show_default=True, type=click.FloatRange(min=0.01),
+              "when faster with confidence (by 1 % at least); emit the input unchanged when nothing pays")
+@click.option("--auto-seconds", default=1.0, show_default=True, type=click.FloatRange(min=0.01),
               help="--auto: timed seconds per comparison and batch size")
 @click.option("--auto-budget", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
               help="--auto: total seconds for the search (builds included); the final comparison always runs")
