@@ -9,7 +9,8 @@ RepVGG / MobileOne, timm's reparameterised export.
 
 Per row it records nodes, convs, file size, compile time (cnnc's with check=False; its equivalence check is timed
 apart with `cnnc.verify`, as is every other tool's), equivalence to the original, and the latency speedup over the
-original with its 95 % interval at each batch (ORT_ENABLE_ALL, CPU provider, interleaved: `cnnc.runtime.bench`),
+original with its 95 % interval at each batch (ORT_ENABLE_ALL, CPU provider, interleaved: `cnnc.runtime.bench`;
+three sessions per model take turns, so that the intervals hold the ~1 % offset between two sessions of one model),
 then the issue's done-when criteria with each failure flagged (bench/zoo_report.py). Rows are written as they finish
 to bench/results/zoo-<date>.json (+ .md); a rerun skips the rows already there unless --force, so an interrupted
 run resumes. The PNG (bench/zoo_plot.py) is drawn at the end. Exports are cached (cnnc.zoo.exports).
@@ -43,7 +44,8 @@ from cnnc.runtime.session import first_line
 from cnnc.zoo import EXPORTERS, ZOO, export_zoo_model
 
 TOOLS = ("cnnc", "cnnc-auto", "onnxsim", "onnxslim", "ort-offline", "timm-reparam")
-DURATION_S, QUICK_DURATION_S = 5.0, 0.5
+DURATION_S, QUICK_DURATION_S = 12.0, 0.5
+SESSIONS, QUICK_SESSIONS = 3, 1
 QUICK_WARMUP = 3
 
 
@@ -62,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tools", default=",".join(TOOLS), help="tools beside the original")
     parser.add_argument("--duration", type=float, default=None, help=f"seconds of timing per batch ({DURATION_S})")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads when timing")
+    parser.add_argument("--sessions", type=int, default=None,
+                        help=f"onnxruntime sessions per model, taking turns ({SESSIONS}; --quick: {QUICK_SESSIONS})")
     parser.add_argument("--quick", action="store_true", help="short timings, batch 1, fp32")
     parser.add_argument("--no-timing", action="store_true",
                         help="compile, check and count only (e.g. the 224 px compile-time criterion); no latency")
@@ -74,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batches = _list(args.batches or ("1" if args.quick else "1,8"), int)
     args.dtypes = _list(args.dtypes or ("fp32" if args.quick else "fp32,fp16"))
     args.duration = args.duration or (QUICK_DURATION_S if args.quick else DURATION_S)
+    args.sessions = args.sessions or (QUICK_SESSIONS if args.quick else SESSIONS)
+    if args.sessions < 1:
+        parser.error("--sessions must be >= 1")
     for name in args.models:
         if name not in ZOO:
             parser.error(f"unknown model {name}; choose from {', '.join(ZOO)}")
@@ -113,7 +120,7 @@ def _time(original_model, entries: list[dict], args) -> None:
     timed = [{"tool": AA_CONTROL, "model": original_model}] + [e for e in entries if "model" in e]
     report = bench.bench_models([original_model, *(e["model"] for e in timed)],
                                 ["original", *(e["tool"] for e in timed)], batch=args.batches, provider="cpu",
-                                duration=args.duration, threads=args.threads,
+                                duration=args.duration, threads=args.threads, sessions=args.sessions,
                                 warmup=QUICK_WARMUP if args.quick else None)
     for entry in [None, *timed]:
         label = "original" if entry is None else entry["tool"]
@@ -143,6 +150,9 @@ def run_row(name: str, exporter: str, size: int, dtype: str, args) -> dict:
     original_model = onnx.load(str(path))
     entries = [zoo_tools.run_tool(tool, path, name=name, exporter=exporter, size=size, dtype=dtype,
                                   batches=args.batches, directory=args.cache) for tool in args.tools]
+    for entry in entries:
+        if "model" in entry:
+            entry["identical_to_input"] = entry["model"].graph == original_model.graph
     for entry in entries:
         if "model" in entry:
             _verify(path, entry)

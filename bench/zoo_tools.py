@@ -54,6 +54,8 @@ def run_cnnc(path: Path, batches: list[int], auto: bool = False) -> tuple[onnx.M
     seconds = time.perf_counter() - started
     notes = [f"{p['pass']}: {len(p['applied'])} applied, {len(p['skipped'])} skipped"
              + (f", error {p['error']}" if p.get("error") else "") for p in result.report["passes"]]
+    if "auto" in result.report:
+        notes.append(f"--auto emitted the {result.report['auto']['emitted']}: {result.report['auto']['why']}")
     return result.model, seconds, notes
 
 
