@@ -41,6 +41,7 @@ from cnnc.progress import progress
 from cnnc.runtime import bench
 from cnnc.runtime.environment import environment
 from cnnc.runtime.session import first_line
+from cnnc.runtime.stats import ratio_to_first
 from cnnc.zoo import EXPORTERS, ZOO, export_zoo_model
 
 TOOLS = ("cnnc", "cnnc-auto", "onnxsim", "onnxslim", "ort-offline", "timm-reparam")
@@ -69,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short timings, batch 1, fp32")
     parser.add_argument("--no-timing", action="store_true",
                         help="compile, check and count only (e.g. the 224 px compile-time criterion); no latency")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the inputs, the round order and the bootstrap")
     parser.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/zoo-<date>.json)")
     parser.add_argument("--cache", default=None, help="export cache folder (default: cnnc.zoo.exports')")
@@ -115,12 +117,12 @@ def _verify(original: Path, entry: dict) -> None:
 
 def _time(original_model, entries: list[dict], args) -> None:
     """Time the original and every tool's model interleaved at each batch; store speedups with their intervals."""
-    # A second session of the original, timed beside it (an A/A control): its deviation from 1.00 is the noise that
-    # the rounds' interval does not see (sessions of one model differ by ~1 %), which the peers criterion allows.
+    # The original again, on sessions of its own (an A/A control): what two runs of one identical model show.
     timed = [{"tool": AA_CONTROL, "model": original_model}] + [e for e in entries if "model" in e]
+    labels = ["original", *(e["tool"] for e in timed)]
     report = bench.bench_models([original_model, *(e["model"] for e in timed)],
                                 ["original", *(e["tool"] for e in timed)], batch=args.batches, provider="cpu",
-                                duration=args.duration, threads=args.threads, sessions=args.sessions,
+                                duration=args.duration, threads=args.threads, sessions=args.sessions, seed=args.seed,
                                 warmup=QUICK_WARMUP if args.quick else None)
     for entry in [None, *timed]:
         label = "original" if entry is None else entry["tool"]
@@ -132,6 +134,8 @@ def _time(original_model, entries: list[dict], args) -> None:
                 "p50_ms": round(model["stats"]["p50_ms"], 4), "rounds": comparison["rounds"],
                 "speedup": round(1 / ratio["ratio"], 4) if ratio else None,
                 "ci95": [round(1 / ratio["ci95"][1], 4), round(1 / ratio["ci95"][0], 4)] if ratio else None}
+            if label in zoo_report.HELD_TO_PEERS:
+                speedups[str(comparison["batch"])]["vs_peers"] = _against_peers(comparison, label, labels, args.seed)
         if entry is None:
             entries.insert(0, {"tool": "original", "latency": speedups})
         else:
@@ -140,6 +144,22 @@ def _time(original_model, entries: list[dict], args) -> None:
     del control["model"]
     entries.insert(1, control)
     entries[0]["timing_settings"] = report["settings"]
+
+
+def _against_peers(comparison: dict, label: str, labels: list[str], seed: int) -> dict:
+    """`label`'s time over each peer's (> 1: behind), paired round by round, with the interval of
+    `cnnc.runtime.stats.ratio_to_first` over the same session slots (so it holds the session offsets too)."""
+    models = {m["label"]: m for m in comparison["models"]}
+    own = models[label]
+    sessions = comparison.get("sessions_per_model", 1)
+    every = own["samples_kept_every"]  # the kept samples are rounds 0, every, 2 every, ... of every model alike
+    groups = [(i * every) % sessions for i in range(len(own["samples_ms"]))] if sessions > 1 else None
+    result = {}
+    for peer in zoo_report.PEERS:
+        if peer in models and peer in labels and models[peer].get("ratio_to_first"):
+            ratio = ratio_to_first(models[peer]["samples_ms"], own["samples_ms"], seed, groups=groups)
+            result[peer] = {"time_ratio": round(ratio["ratio"], 4), "ci95": [round(v, 4) for v in ratio["ci95"]]}
+    return result
 
 
 def run_row(name: str, exporter: str, size: int, dtype: str, args) -> dict:
