@@ -34,7 +34,7 @@ from cnnc.io.target import runnable, stamp_notes
 from cnnc.ir.stats import model_stats
 from cnnc.ir.weightless import releasable_values, tensor_nbytes, valueless_copy
 from cnnc.passes import DEFAULT_PIPELINE, ORDER_CONSTRAINTS, parse_pipeline
-from cnnc.pipeline.collector import deferred_full_collections
+from cnnc.pipeline.collector import LARGE_GRAPH_NODES, deferred_full_collections
 from cnnc.pipeline.contract import Pass
 from cnnc.pipeline.manager import MAX_NODES, PipelineReport, VerifyHook, check_model, check_node_limit, run_pipeline
 from cnnc.runtime.equivalence import check_equivalence
@@ -236,9 +236,12 @@ def _build(original: onnx.ModelProto, pipeline: list[Pass], verify: VerifyHook |
     ir.forget_loaded_values(graph, unread)  # export then reuses the original tensors: no copy of what passes read
     compiled = backend.to_model(graph, template=original, release=True)  # the graph is dropped below
     # The arrays of the weights that passes made are in `compiled` now; the graph holding them too lives in
-    # graphsurgeon's reference cycles until the collector runs, which is worth its 0.1 s only for big weights.
+    # graphsurgeon's reference cycles until the collector runs, which is worth its 0.1 s for big weights, and for a
+    # large graph (whose full collections were deferred): once here (~0.8 s at 100k nodes), not repeatedly during
+    # the report's statistics after the deferral ends.
     del graph
-    if sum(tensor_nbytes(t) for t in compiled.graph.initializer) >= ir.GC_AFTER_BYTES:
+    if len(original.graph.node) > LARGE_GRAPH_NODES or \
+            sum(tensor_nbytes(t) for t in compiled.graph.initializer) >= ir.GC_AFTER_BYTES:
         gc.collect()
     check_model(compiled, pipeline_report)
     if rss is not None:
@@ -311,13 +314,16 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
                                if keep_io_types else "float16 inputs and outputs") + ")" + ("; checked against the "
                                "float32 original at float16's tolerance" if check else ""))
         check_options["compute_dtype"] = "float16"  # the check below: against the float32 original, fp16 tolerance
+    # Full collections during the statistics' protobuf reads would free nothing (`_build` collected the graph).
+    with deferred_full_collections(len(original.graph.node)):
+        before, after = model_stats(original), model_stats(compiled)
     report: dict = {
         "passes": pipeline_report.as_dict(),
         "housekeeping": pipeline_report.housekeeping_as_dict(),  # canonicalize, tidy, refresh-shapes, check-model
         "order_notes": pipeline_report.order_notes,  # constraints of cnnc.passes.ORDER_CONSTRAINTS the order breaks
         "canonicalize_seconds": round(pipeline_report.canonicalize_seconds, 6),
-        "before": model_stats(original),
-        "after": model_stats(compiled),
+        "before": before,
+        "after": after,
         "notes": stamp_notes(loaded) + precision_notes,  # what cnnc changed about the input's versions (and save's)
         "precision": {"precision": precision, "keep_io_types": keep_io_types if precision != "fp32" else None},
     }

@@ -91,7 +91,7 @@ def _candidates(graph: gs.Graph, result: PassResult) -> list[list[gs.Node]]:
     """Groups of ≥ 2 Convs (or Gemms) reading one tensor as data input with equal keys; skips recorded."""
     groups = []
     for tensor in graph.tensors().values():
-        if ir.is_constant(tensor):
+        if len(tensor.outputs) < 2 or ir.is_constant(tensor):  # a group needs two readers (most tensors have one)
             continue
         for op in ("Conv", "Gemm"):
             readers = [n for n in tensor.outputs if n.op == op and n.inputs[0] is tensor]
@@ -282,7 +282,7 @@ class Schedule(Pass):
         if result.changed:  # (each view is a pass over the whole graph: rebuilt only when a fusion rewired it)
             view = Hypergraph.from_graph(graph, self.batch, infer_shapes=False)
         if self.reorder:
-            if any(any(True for _ in n.subgraphs()) for n in graph.nodes):
+            if any(ir.has_subgraph(n) for n in graph.nodes):
                 result.skip("node order", "the graph has ops with subgraphs, whose implicit inputs are not modelled")
             else:
                 view = self._reorder(graph, view, result)

@@ -14,8 +14,9 @@ from helpers import make_model
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cnnc.linear import memory_order
 from cnnc.linear.hypergraph import Hyperedge, Hypergraph, schedule_figures
-from cnnc.linear.memory_order import greedy_order, min_peak_order, onnxruntime_default_order
+from cnnc.linear.memory_order import greedy_order, heuristic_order, min_peak_order, onnxruntime_default_order
 from cnnc.linear.resolvent import LinearEdge, LinearHypergraph, resolvent
 
 
@@ -254,3 +255,24 @@ def test_machine_levels_from_a_node_subset(rng):
     view = Hypergraph.from_nodes(graph.nodes[1:])
     assert view.sources == ("r",) and view.sinks == ("y",)
     assert [level.width for level in view.levels()] == [1, 2, 1]
+
+
+@given(dags())
+def test_heuristic_order_is_the_best_of_its_three_candidates(graph):
+    # The chain shortcut (a stored order in which each op reads the previous one has no alternative) must give what
+    # the three linear-time candidates give.
+    candidates = [list(range(len(graph.edges))), greedy_order(graph), onnxruntime_default_order(graph)]
+    assert graph.peak_bytes(heuristic_order(graph)) == min(graph.peak_bytes(order) for order in candidates)
+
+
+def test_a_chain_keeps_its_only_order_without_the_greedy_search(monkeypatch):
+    edges = [Hyperedge(f"e{i}", "op", (f"t{i}",), (f"t{i + 1}",)) for i in range(50)]
+    chain = Hypergraph(edges, ("t0",), ("t50",), {f"t{i}": 1 + i % 3 for i in range(51)})
+    monkeypatch.setattr(memory_order, "greedy_order", lambda graph: pytest.fail("greedy search on a chain"))
+    assert heuristic_order(chain) == list(range(50))
+    # One op that does not read its predecessor (a second branch from the input): the other orders are searched.
+    edges.insert(25, Hyperedge("side", "op", ("t0",), ("s",)))
+    edges[-1] = Hyperedge("e49", "op", ("t49", "s"), ("t50",))
+    branched = Hypergraph(edges, ("t0",), ("t50",), {"s": 100, **{f"t{i}": 1 for i in range(51)}})
+    with pytest.raises(pytest.fail.Exception, match="greedy search"):
+        heuristic_order(branched)

@@ -25,7 +25,7 @@ from cnnc.cli.app import cli
 from cnnc.errors import UsageError
 from cnnc.ir import order
 from cnnc.ir.canonicalize import canonicalize, may_fold
-from cnnc.ir.stats import _mac_shapes_known, macs
+from cnnc.ir.stats import _mac_shapes_known, _Shapes, macs
 from cnnc.linear import machines
 from cnnc.linear.hypergraph import Hyperedge, Hypergraph
 from cnnc.linear.memory_order import EXACT_LIMIT, min_peak_order
@@ -364,6 +364,23 @@ def test_mac_count_without_annotations_still_infers_shapes():
     model = _chain(3)
     del model.graph.value_info[:]
     assert not _mac_shapes_known(model.graph) and macs(model) == 3 * 2 * 2 * 4 * 4
+
+
+def test_mac_count_reads_constant_node_weights_and_the_last_declaration_of_a_tensor():
+    weight = onnx.numpy_helper.from_array(np.ones((3, 2, 1, 1), np.float32), "w")
+    nodes = [oh.make_node("Constant", [], ["w"], value=weight), oh.make_node("Conv", ["x", "w"], ["y"]),
+             oh.make_node("MatMul", ["y", "m"], ["z"])]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", 1, [1, 2, 4, 4])],
+                          [oh.make_tensor_value_info("z", 1, [1, 3, 4, 5])],
+                          [onnx.numpy_helper.from_array(np.ones((4, 5), np.float32), "m")],
+                          value_info=[oh.make_tensor_value_info("y", 1, [1, 3, 4, 4])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    # The Constant's output has no declaration: inference runs, and each op counts from its own shapes.
+    assert not _mac_shapes_known(model.graph) and macs(model) == 3 * 4 * 4 * 2 + 3 * 4 * 5 * 4
+    model.graph.output.append(oh.make_tensor_value_info("y", 1, None))  # a later, shapeless declaration of 'y' wins
+    shapes = _Shapes(model.graph)
+    assert (shapes.get("w"), shapes.get("m"), shapes.get("x"), shapes.get("y"), shapes.get("v")) == \
+        ([3, 2, 1, 1], [4, 5], [1, 2, 4, 4], [], None)
 
 
 def test_a_model_above_max_nodes_is_refused_before_import():

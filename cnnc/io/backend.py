@@ -46,7 +46,7 @@ def _export(graph: gs.Graph, release: bool = False) -> onnx.ModelProto:
     `release`: each large array a pass made is dropped once written; the graph's constant reads the model's
     TensorProto instead (the same values), so the weights are held once, in the model."""
     model, large = ir.export_weightless(graph, do_type_check=True)
-    constants = graph.tensors() if release else {}
+    constants = graph.tensors() if release and large else {}  # (a pass over the whole graph: only when needed)
     names = {tensor.name for tensor in large}
     kept = [value for value in model.graph.input if value.name not in names]
     del model.graph.input[:]
@@ -93,8 +93,9 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None, release: 
     # graphsurgeon exports a value_info for every typed tensor, shape or not; the full checker rejects shapeless
     # ones and they tell onnxruntime nothing that inference does not.
     shaped = [v for v in model.graph.value_info if v.type.tensor_type.HasField("shape")]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(shaped)
+    if len(shaped) < len(model.graph.value_info):  # (rebuilt only then: the extend copies every entry)
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(shaped)
     _fill_output_shapes(model)
     return model
 

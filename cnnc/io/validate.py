@@ -101,7 +101,11 @@ def _check_names_and_order(graph: onnx.GraphProto, outer_names: set[str], depth:
         if value.name not in available:
             raise ModelError(f"graph output '{value.name}' is not produced by any node")
 
-    # Whatever the topological sort cannot order sits on a cycle (or downstream of one).
+    # Nodes that read only what earlier nodes write are in topological order, which has no cycle (the usual case:
+    # only then is the sort, ~0.5 s of a 100k-node graph, skipped). Otherwise, whatever the sort cannot order sits
+    # on a cycle (or downstream of one).
+    if all(producer.get(name, -1) < index for index, node in enumerate(graph.node) for name in node.input):
+        return
     try:
         topological_indices(len(graph.node), lambda i: [producer[n] for n in graph.node[i].input if n in producer])
     except CycleError as error:

@@ -77,7 +77,7 @@ def may_fold(graph: gs.Graph) -> bool:
     nothing to do, and this linear scan spares its cost (graphsurgeon copies and sorts the whole graph: 26 s of a
     100k-node chain's compile)."""
     for node in graph.nodes:
-        if node.op in _FOLDABLE_OPS or any(True for _ in node.subgraphs()):
+        if node.op in _FOLDABLE_OPS or ir.has_subgraph(node):
             return True
         if all(ir.is_constant(t) or ir.is_empty_input(t) for t in node.inputs):
             return True

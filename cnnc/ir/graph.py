@@ -299,7 +299,7 @@ def export_weightless(graph: gs.Graph, do_type_check: bool = False) -> tuple[onn
     if not any(tensors[name]._values.nbytes >= WEIGHTLESS_MIN_BYTES and not is_graph_output(graph, tensors[name])
                for name in plain):
         # Nothing to declare: export `graph` itself (export reads it; the copy costs ~0.1 ms a node, 10 s at 100k).
-        _detach_renamed_protos(graph)
+        _detach_renamed_protos(graph, tensors)
         with routed_graphsurgeon_log():
             return gs.export_onnx(graph, do_type_check=do_type_check), []
     light = graph.copy()  # shares the constants' values, so the conversion below leaves `graph` alone
@@ -317,12 +317,11 @@ def export_weightless(graph: gs.Graph, do_type_check: bool = False) -> tuple[onn
         return gs.export_onnx(light, do_type_check=do_type_check), large
 
 
-def _detach_renamed_protos(graph: gs.Graph) -> None:
+def _detach_renamed_protos(graph: gs.Graph, tensors: dict[str, gs.Tensor] | None = None) -> None:
     """graphsurgeon exports an unread imported constant by writing the tensor's name into the imported TensorProto
-    itself (`onnx_tensor.name = tensor.name`): the caller's model would be renamed behind its back. A constant whose
-    name differs from its TensorProto's (a pass, or graphsurgeon's subgraph flattening, renamed it) gets a copy of
-    the proto instead, so export writes into the copy; the caller's model stays read-only."""
-    for tensor in _all_constants(graph):
+    itself: the caller's model would be renamed behind its back. A constant whose name differs from its TensorProto's
+    (renamed by a pass, or graphsurgeon's subgraph flattening) gets a copy of the proto for export to write into."""
+    for tensor in _all_constants(graph, tensors):
         values = tensor._values
         source = getattr(values, "tensor", None)
         if isinstance(source, onnx.TensorProto) and source.name != tensor.name:
@@ -331,11 +330,9 @@ def _detach_renamed_protos(graph: gs.Graph) -> None:
             tensor._values = type(values)(detached)
 
 
-def _all_constants(graph: gs.Graph):
-    """The constants of `graph` and its subgraphs, node attributes (Constant's `value`) included."""
-    for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Constant):
-            yield tensor
+def _all_constants(graph: gs.Graph, tensors: dict[str, gs.Tensor] | None = None):
+    """The constants of `graph` (`tensors`: its `tensors()`, if known) and subgraphs, node attributes included."""
+    yield from (t for t in (graph.tensors() if tensors is None else tensors).values() if isinstance(t, gs.Constant))
     for node in graph.nodes:
         for attr in node.attrs.values():
             if isinstance(attr, gs.Constant):
@@ -375,16 +372,18 @@ def forget_loaded_values(graph: gs.Graph, unread: list[tuple[weakref.ref, object
     loader back, so that export reuses the model's TensorProto instead of copying the array into a new one (two
     copies of every weight a pass merely looked at). Passes never modify a constant's values (see make_constant);
     the values are compared with the loader's anyway, one tensor at a time, and kept if they differ."""
-    alive = {id(t) for t in graph.tensors().values()}
     imported_bytes = sum(tensor_nbytes(loader.tensor) for _, loader in unread
                          if isinstance(getattr(loader, "tensor", None), onnx.TensorProto))
+    alive: set[int] = set()  # the ids of the graph's tensors: a pass over the whole graph, only once a value is loaded
     for reference, loader in unread:
         tensor = reference()
         if tensor is None:
             continue
         values = tensor._values
         source = getattr(loader, "tensor", None)
-        if id(tensor) not in alive or not isinstance(values, np.ndarray) or not isinstance(source, onnx.TensorProto):
+        if not isinstance(values, np.ndarray) or not isinstance(source, onnx.TensorProto):
+            continue
+        if id(tensor) not in (alive := alive or {id(t) for t in graph.tensors().values()}):
             continue
         original = onnx.numpy_helper.to_array(source)
         if original.dtype == values.dtype and np.array_equal(original, values):

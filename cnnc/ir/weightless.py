@@ -15,6 +15,8 @@ wholesale with its model.
 
 from __future__ import annotations
 
+import functools
+
 import onnx
 from onnx import TensorProto
 
@@ -59,7 +61,12 @@ def tensor_nbytes(tensor: TensorProto) -> int:
     count = 1
     for dim in tensor.dims:
         count *= dim
-    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return count * _itemsize(tensor.data_type)
+
+
+@functools.cache
+def _itemsize(data_type: int) -> int:  # (onnx's lookup costs ~2 µs: once per type, not per tensor)
+    return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
 
 
 def without_data(tensor: TensorProto) -> TensorProto:
@@ -123,7 +130,9 @@ def valueless_copy(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTES
     return copy, released
 
 
-def serialized_size(model: onnx.ModelProto) -> int:
+def serialized_size(model: onnx.ModelProto, light: onnx.ModelProto | None = None) -> int:
     """About `model.ByteSize()` (to within a few bytes per large tensor), without serializing its weights, which
-    Python's protobuf does to compute ByteSize (a full copy, and an error past 2 GB)."""
-    return weightless_copy(model).ByteSize() + sum(tensor_nbytes(t) for t in model.graph.initializer if is_large(t))
+    Python's protobuf does to compute ByteSize (a full copy, and an error past 2 GB). `light`: `weightless_copy(model)`
+    when the caller has made it already."""
+    light = weightless_copy(model) if light is None else light
+    return light.ByteSize() + sum(tensor_nbytes(t) for t in model.graph.initializer if is_large(t))
