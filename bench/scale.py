@@ -123,7 +123,7 @@ def markdown(payload: dict) -> str:
         cells = [row["passes"].get(name, row["housekeeping"].get(name, {}).get("seconds")) for row in payload["rows"]]
         lines.append(f"| {name} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
     notes = sorted({note for row in payload["rows"] for note in row["limit_notes"]})
-    notes += [f"cnnc compile: {row['nodes']} nodes is above the default max_nodes={MAX_NODES} (where a compile passes "
+    notes += [f"cnnc compile: {row['nodes']} nodes is above the default max_nodes={MAX_NODES} (about where a compile reaches "
               "30 s) and is refused with exit 2 unless --max-nodes raises it; measured here with the limit lifted"
               for row in payload["rows"] if row.get("refused_by_default")]
     if notes:

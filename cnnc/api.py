@@ -265,7 +265,7 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
     when faster with confidence, and the result is never slower than the input (`cnnc.autotune`; `report["auto"]`).
     `precision="fp16"` converts the result to float16 after the passes (`cnnc.io.precision.to_fp16`; float32 inputs
     and outputs with `keep_io_types`) and checks it against the float32 original at float16's tolerance.
-    A model above `max_nodes` nodes (default `cnnc.pipeline.manager.MAX_NODES`, where a compile passes 30 s;
+    A model above `max_nodes` nodes (default `cnnc.pipeline.manager.MAX_NODES`, about where a compile reaches 30 s;
     None or 0: no limit) is refused with UsageError.
     """
     started, start_rss = time.perf_counter(), peak_rss_bytes()
