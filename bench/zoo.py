@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="compile, check and count only (e.g. the 224 px compile-time criterion); no latency")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs, the round order and the bootstrap")
     parser.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
+    parser.add_argument("--rescore", action="store_true",
+                        help="only recompute the criteria (and the .md) of the rows already in the JSON; no timing")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/zoo-<date>.json)")
     parser.add_argument("--cache", default=None, help="export cache folder (default: cnnc.zoo.exports')")
     args = parser.parse_args(argv)
@@ -200,6 +202,14 @@ def main(argv=None) -> int:
     output = Path(args.output) if args.output else (
         HERE / "results" / f"zoo-{datetime.date.today().isoformat()}.json")
     report = jsonio.read_json(output) if output.is_file() else {"tool": "bench/zoo.py", "rows": {}}
+    if args.rescore:
+        for row in report["rows"].values():
+            if "tools" in row:
+                row["criteria"] = zoo_report.criteria(row)
+        jsonio.write_json(output, report, compact_numbers=True, make_parents=True)
+        jsonio.write_text(output.with_suffix(".md"), zoo_report.markdown(report))
+        print(f"rescored {len(report['rows'])} rows in {output}", file=sys.stderr)
+        return 0
     report["command"] = " ".join(["python", "bench/zoo.py", *(argv if argv is not None else sys.argv[1:])])
     report["environment"] = {**environment("cpu"), "packages": _versions(), "cnnc_auto": zoo_tools.auto_available()}
     keys = [(m, e, s, d) for m in args.models for e in args.exporters for s in args.sizes for d in args.dtypes]
