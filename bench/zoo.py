@@ -10,7 +10,8 @@ RepVGG / MobileOne, timm's reparameterised export.
 Per row it records nodes, convs, file size, compile time (cnnc's with check=False; its equivalence check is timed
 apart with `cnnc.verify`, as is every other tool's), equivalence to the original, and the latency speedup over the
 original with its 95 % interval at each batch (ORT_ENABLE_ALL, CPU provider, interleaved: `cnnc.runtime.bench`;
-three sessions per model take turns, so that the intervals hold the ~1 % offset between two sessions of one model),
+four sessions per model take turns, and the intervals are Student's t over the session slots, so that they hold
+the ~1 % offset between two sessions of one model),
 then the issue's done-when criteria with each failure flagged (bench/zoo_report.py). Rows are written as they finish
 to bench/results/zoo-<date>.json (+ .md); a rerun skips the rows already there unless --force, so an interrupted
 run resumes. The PNG (bench/zoo_plot.py) is drawn at the end. Exports are cached (cnnc.zoo.exports).
@@ -46,7 +47,7 @@ from cnnc.zoo import EXPORTERS, ZOO, export_zoo_model
 
 TOOLS = ("cnnc", "cnnc-auto", "onnxsim", "onnxslim", "ort-offline", "timm-reparam")
 DURATION_S, QUICK_DURATION_S = 12.0, 0.5
-SESSIONS, QUICK_SESSIONS = 3, 1
+SESSIONS, QUICK_SESSIONS = 4, 1
 QUICK_WARMUP = 3
 
 

@@ -67,9 +67,12 @@ def criteria(row: dict) -> dict:
             else:
                 record(f"cnnc-auto median >= 1 b{batch}", own["speedup"] >= 1.0, f"{own['speedup']:.3f}")
             behind = {peer: vs for peer, vs in own.get("vs_peers", {}).items() if vs["ci95"][0] > 1.0}
+            peers_timed = any(_speedup(tools.get(peer), batch) for peer in PEERS)
             record(f"{label} not behind peers b{batch}", not behind if own.get("vs_peers") else None,
                    "; ".join(f"time / {peer}'s {vs['time_ratio']:.3f} [{vs['ci95'][0]:.3f}, {vs['ci95'][1]:.3f}]"
-                             for peer, vs in own.get("vs_peers", {}).items()) or "no peer timed")
+                             for peer, vs in own.get("vs_peers", {}).items())
+                   or ("not scored: timed before paired peer intervals were recorded; time it again" if peers_timed
+                       else "no peer timed"))
         if slim and "nodes" in slim and label == "cnnc-auto" and entry.get("identical_to_input"):
             record(f"{label} nodes <= onnxslim", None, f"{entry['nodes']} vs {slim['nodes']}: the input unchanged, "
                    "as --auto emits it when no rewrite pays (measured)")

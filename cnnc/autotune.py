@@ -1,14 +1,15 @@
-"""`--auto`: keep a rewrite only when it is measured faster, and never emit a model slower than the input.
+"""`--auto`: keep a rewrite only when it is measured to pay; emit the input unchanged when nothing does.
 
 The default pipeline is conservative: the passes that consult the cost model (`cnnc.cost`) apply only the rewrites
 it says pay, and record the ones it calls *close* as `Candidate`s (`cnnc.pipeline.contract`). Auto decides those by
 measurement, on the chosen provider and at the user's batch sizes:
 
-A rewrite *pays* when, at every batch size, the upper end of the 95 % bootstrap interval of its latency ratio
-(`cnnc.runtime.stats.ratio_to_first`) is below 1 and its median ratio is at most 1 - `min_gain` (1 %). Each model
-is timed on `sessions` onnxruntime sessions (3) that take turns round by round, and the interval resamples sessions
-as well as rounds: two sessions of one model differ by about 1 %, an offset a single session's rounds cannot see,
-which made a graph that onnxruntime runs exactly like the input look "faster with confidence" now and then.
+A rewrite *pays* when, at every batch size, the upper end of the 95 % interval of its latency ratio
+(`cnnc.runtime.stats.ratio_to_first`) is below 1 and the ratio is at most 1 - `min_gain` (1 %). Each model is timed
+on `sessions` onnxruntime sessions (3) that take turns round by round, and the interval is Student's t over the
+session slots' ratios: two sessions of one model differ by about 1 %, an offset a single session's rounds cannot
+see, which made a graph that onnxruntime runs exactly like the input look "faster with confidence" now and then.
+With 3 slots the interval is wide (about ±3.5 % for a 1 % session offset), so only a clear gain pays.
 
 1. Greedy search. The close candidates, most promising first (the cost model's estimated after/before time, where it
    gives one), at most `max_candidates` of them: each is applied on top of the current best (the pipeline is rebuilt
@@ -207,7 +208,10 @@ def autotune(original: onnx.ModelProto, pipeline: Sequence[Pass], compiled: onnx
     `compiled` / `pipeline_report`: the conservative pipeline's result; `build` rebuilds from the original."""
     started = time.perf_counter()
     measure = _Measure(settings, device, batches, input_shapes)
-    final_cost = settings.duration_s * len(measure.batches) * 1.5  # reserved: the final comparison always runs
+    # Reserved: the final comparison always runs. Each model's sessions are created and warmed up apart: about half
+    # a timed duration each, measured on the zoo's 64 px networks.
+    comparison_cost = settings.duration_s * len(measure.batches) * (1 + 0.5 * settings.sessions)
+    final_cost = 1.5 * comparison_cost
     pipeline = list(pipeline)
     candidates = close_candidates(pipeline_report.as_dict())
     report: dict = {"device": device, "batches": list(measure.batches), "duration_s": settings.duration_s,
@@ -223,7 +227,7 @@ def autotune(original: onnx.ModelProto, pipeline: Sequence[Pass], compiled: onnx
         elapsed = time.perf_counter() - started
         if rank >= settings.max_candidates:
             why = f"cap of {settings.max_candidates} candidates reached"
-        elif elapsed + settings.duration_s * len(measure.batches) + final_cost > settings.budget_s:
+        elif elapsed + comparison_cost + final_cost > settings.budget_s:
             why = f"total budget of {settings.budget_s:g} s spent ({elapsed:.1f} s used)"
         elif "+" in candidate["id"]:
             why = "its id contains '+', the separator of apply_close"
@@ -282,10 +286,16 @@ def _final(original: onnx.ModelProto, pipeline: list[Pass], best: onnx.ModelProt
     if simplified is not None and pays(final["simplified_vs_input"], min_gain):
         report["why"] = ("the simplified graph pays against the input, and the compiled model " +
                          ("is slower with confidence than it" if compiled_pays else "does not pay"))
+        report["passes_note"] = "report['passes'] describes the compiled model, which was not emitted"
         return "simplified", simplified
+    if compiled_pays:
+        report["why"] = ("the compiled model pays against the input; the simplified graph measured faster than it "
+                         "but does not pay against the input")
+        return "compiled", best
     report["why"] = ("neither the compiled model nor the simplified graph pays against the input: the input is "
                      "emitted unchanged" if simplified is not None else
                      "the compiled model does not pay against the input: the input is emitted unchanged")
+    report["passes_note"] = "report['passes'] describes the compiled model, which was not emitted"
     copy = onnx.ModelProto()
     copy.CopyFrom(original)
     return "input", copy

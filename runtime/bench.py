@@ -32,6 +32,7 @@ that the statistics and the interleaving are tested on a deterministic clock; no
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -78,7 +79,8 @@ def interleave(runners: Sequence[Callable[[], Any] | Sequence[Callable[[], Any]]
     result), "slower with confidence". Shuffling turns the
     position effect into noise, which the interval then covers.
 
-    `rewarm` untimed calls precede each timed call of a runner. Each onnxruntime session has its own thread pool;
+    `warmup` untimed calls per model, spread over its sessions. `rewarm` untimed calls precede each timed call of a
+    runner. Each onnxruntime session has its own thread pool;
     right after another model's long call its threads are asleep, and waking them costs ~0.1 ms, which is most of a
     small model's call (a collapsed Gemm: 15 µs hot, 120 µs cold). One re-warm call per turn measures every model
     hot, as a service running it continuously would, while rounds still alternate so drift cancels.
@@ -97,8 +99,11 @@ def interleave(runners: Sequence[Callable[[], Any] | Sequence[Callable[[], Any]]
     sessions = [[runner] if callable(runner) else list(runner) for runner in runners]
     if any(not turns for turns in sessions):
         raise UsageError("every model needs at least one session")
-    min_rounds = max(min_rounds, 2 * max(len(turns) for turns in sessions))  # every session timed twice at least
-    for _ in range(max(warmup, 0)):
+    most = max(len(turns) for turns in sessions)
+    if iters is not None and most > 1 and iters < 2 * most:
+        raise UsageError(f"{iters} iterations cannot time each of {most} sessions twice: give at least {2 * most}")
+    min_rounds = max(min_rounds, 2 * most)  # every session timed twice at least
+    for _ in range(-(-max(warmup, 0) // most)):  # `warmup` calls per model, spread over its sessions
         for turns in sessions:
             for run in turns:
                 run()
@@ -272,6 +277,8 @@ def _comparison(prepared: list[list[PreparedModel]], samples: list[list[float]],
         # Statistics use every sample; the report keeps at most MAX_SAMPLES_KEPT of them (every k-th, in round
         # order) for plots, so that microsecond models timed for seconds do not make megabyte reports.
         every = -(-len(times) // MAX_SAMPLES_KEPT)
+        while math.gcd(every, slots) > 1:  # kept rounds must still visit every session slot
+            every += 1
         entry = {**model.info, "stats": summarize(times, batch),
                  "samples_ms": [round(t * 1e3, 6) for t in times[::every]], "samples_kept_every": every}
         if index == 0:

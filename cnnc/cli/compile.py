@@ -126,7 +126,8 @@ def _print_bench(report: dict) -> None:
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="execution provider for --bench, --auto and the cost model (auto: CUDA when present)")
 @click.option("--auto", "auto", is_flag=True, help="time each rewrite the cost model calls close and keep it only "
-              "when faster with confidence (by 1 % at least); emit the input unchanged when nothing pays")
+              "when faster with confidence (by 1 % at least); emit the compiled model, else the simplified graph, only "
+              "when it pays against the input, else the input unchanged")
 @click.option("--auto-seconds", default=1.0, show_default=True, type=click.FloatRange(min=0.01),
               help="--auto: timed seconds per comparison and batch size")
 @click.option("--auto-budget", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
@@ -137,7 +138,8 @@ def _print_bench(report: dict) -> None:
 @click.option("--keep-io-types/--no-keep-io-types", default=True, show_default=True,
               help="with --precision fp16: keep float32 inputs and outputs (Casts at the borders)")
 @click.option("--max-nodes", default=MAX_NODES, show_default=True, type=click.IntRange(min=0),
-              help="refuse models with more nodes (where a compile passes 30 s, bench/scale.py); 0: no limit")
+              help="refuse models with more nodes (about where a compile of a graph no pass rewrites reaches 30 s, "
+              "bench/scale.py); 0: no limit")
 @click.option("--format", "export_format", type=click.Choice(FORMATS), default=None,
               help="also export the result in this deployment format to -o (see `cnnc export`), proven on its runtime")
 @click.option("--triton-name", default=None, help="--format triton: the model's name (default: the output's stem)")

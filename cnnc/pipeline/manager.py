@@ -104,7 +104,7 @@ def check_node_limit(nodes: int, max_nodes: int | None) -> None:
     """Raise UsageError (exit 2) when a model of `nodes` nodes is above `max_nodes` (None or 0: no limit)."""
     if max_nodes and nodes > max_nodes:
         raise UsageError(f"the model has {nodes} nodes, above the limit of {max_nodes} (the default, {MAX_NODES}, is "
-                         "about where a compile reaches 30 s; raise it with --max-nodes N, or max_nodes=N in the API, 0 for "
+                         "about where a compile of a graph no pass rewrites reaches 30 s; raise it with --max-nodes N, or max_nodes=N in the API, 0 for "
                          "no limit)")
 
 
