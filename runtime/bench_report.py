@@ -2,8 +2,9 @@
 
 Every writer takes the report dict that `bench_models` returns (or that a JSON file written here holds), so a plot or
 a table can be remade later from the JSON alone. Times are shown in the unit that keeps three significant digits
-readable (µs, ms or s); the ratio column is p50(model) / p50(first model) of the same comparison, with the bootstrap
-95 % interval, and `speedup` its inverse; the command line prints the rows with `cnnc.cli.table`. matplotlib is
+readable (µs, ms or s); the ratio column is p50(model) / p50(first model) of the same comparison (over several
+sessions per model: the geometric mean of the sessions' ratios), with its 95 % interval (`cnnc.runtime.stats`), and
+`speedup` its inverse; the command line prints the rows with `cnnc.cli.table`. matplotlib is
 imported only when a plot is asked for. Files are written atomically (`cnnc.io.jsonio`).
 """
 
@@ -95,7 +96,7 @@ def environment_lines(report: dict) -> list[str]:
     lines.append(f"{settings['optimization']}, threads {settings['intra_op_num_threads']}, warm-up "
                  f"{settings['warmup_rounds']} rounds, then {timing} per batch size, {settings['interleaved']}; "
                  f"IOBinding, denormals as zero: {settings['denormal_as_zero']}, thread spinning: "
-                 f"{settings['thread_spinning']}")
+                 f"{settings['thread_spinning']}, sessions per model: {settings.get('sessions_per_model', 1)}")
     if settings.get("cuda_graph_requested") is not None and "cuda" in settings.get("devices_used", []):
         lines.append(f"CUDA graphs requested: {settings['cuda_graph_requested']}, cudnn_conv_algo_search "
                      f"{settings.get('cudnn_conv_algo_search')}")
@@ -116,8 +117,10 @@ def markdown(report: dict, title: str = "cnnc bench") -> str:
     parts = [f"# {title}", "", *[f"- {line}" for line in environment_lines(report)], "",
              markdown_table(table_rows(report)), "",
              ("p50/p90/p99: percentiles of per-call latency; ratio: p50 / p50 of the first model of the same batch "
-              "(timed interleaved with it), with a 95 % bootstrap interval over rounds; speedup = 1 / ratio; session "
-              "and first run: session creation and the first call, not part of the statistics.")]
+              "(timed interleaved with it), with a 95 % interval: a bootstrap over rounds, or, with several sessions "
+              "per model, Student's t over the session slots' ratios (the ratio is then their geometric mean); "
+              "speedup = 1 / ratio; session and first run: session creation and the first call, not part of the "
+              "statistics.")]
     notes = list(report.get("notes", [])) + model_notes(report)
     if notes:
         parts += ["", "Notes:", "", *[f"- {note}" for note in notes]]
@@ -176,7 +179,7 @@ def write_plot(report: dict, path: str | Path, title: str = "cnnc bench") -> Pat
         ratio_axis.set_yscale("log")
     ratio_axis.axhline(1.0, color="black", linewidth=0.8)
     ratio_axis.set_ylabel("speedup vs first model (p50)")
-    ratio_axis.set_title("speedup = p50(first) / p50(model), 95 % bootstrap interval")
+    ratio_axis.set_title("speedup = p50(first) / p50(model), 95 % interval")
     ratio_axis.grid(axis="y", alpha=0.3)
     ratio_axis.set_xticks(range(len(comparisons)))
     ratio_axis.set_xticklabels([c["title"] for c in comparisons], rotation=30 if len(comparisons) > 4 else 0,
