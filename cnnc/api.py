@@ -262,7 +262,7 @@ def compile(model: Any, passes: str | list | None = None, example_input: Any = N
     `EquivalenceError` is raised otherwise; `verify_each` checks after every pass and names the pass that broke it.
     `provider` (auto, cpu, cuda; auto: CUDA when present) is what the cost model estimates for. With `auto` (True or
     `AutoSettings`), the rewrites the cost model calls close are timed on that provider at `batches` and kept only
-    when they pay (faster with confidence over 3 sessions per model, by 1 % at least); the compiled model, else the
+    when they pay (faster with confidence over 5 sessions per model, by 1 % at least); the compiled model, else the
     simplified graph, is emitted only when it pays against the input, else the input unchanged (`cnnc.autotune`;
     `report["auto"]`).
     `precision="fp16"` converts the result to float16 after the passes (`cnnc.io.precision.to_fp16`; float32 inputs

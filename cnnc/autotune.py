@@ -6,10 +6,11 @@ measurement, on the chosen provider and at the user's batch sizes:
 
 A rewrite *pays* when, at every batch size, the upper end of the 95 % interval of its latency ratio
 (`cnnc.runtime.stats.ratio_to_first`) is below 1 and the ratio is at most 1 - `min_gain` (1 %). Each model is timed
-on `sessions` onnxruntime sessions (3) that take turns round by round, and the interval is Student's t over the
+on `sessions` onnxruntime sessions (5) that take turns round by round, and the interval is Student's t over the
 session slots' ratios: two sessions of one model differ by about 1 %, an offset a single session's rounds cannot
 see, which made a graph that onnxruntime runs exactly like the input look "faster with confidence" now and then.
-With 3 slots the interval is wide (about ±3.5 % for a 1 % session offset), so only a clear gain pays.
+Five slots, not three: in the zoo run one session pair of RepVGG-A0 measured 0.96 where the other two measured
+0.88, and t(0.975, 2) = 4.3 then put a 12 % gain's interval above 1; t(0.975, 4) is 2.8.
 
 1. Greedy search. The close candidates, most promising first (the cost model's estimated after/before time, where it
    gives one), at most `max_candidates` of them: each is applied on top of the current best (the pipeline is rebuilt
@@ -49,6 +50,7 @@ from cnnc.runtime.stats import ratio_to_first
 # Rebuild the model from the original with these passes: (model, what the passes did).
 Build = Callable[[list[Pass]], tuple[onnx.ModelProto, PipelineReport]]
 SIMPLIFY = "simplify"  # the name of the pipeline's simplification pass: the "simplified graph" baseline
+MIN_ROUNDS_PER_SESSION = 3  # timed rounds per session slot at least, in every comparison
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class AutoSettings:
     budget_s: float = 60.0
     max_candidates: int = 8
     warmup: int | None = None
-    sessions: int = 3
+    sessions: int = 5
     min_gain: float = 0.01
     threads: int | None = None
     seed: int = 0
@@ -164,8 +166,10 @@ class _Measure:
                               threads=s.threads, seed=s.seed, timer=s.timer, session_factory=s.session_factory)
                       for model, label in zip(models, labels)] for _ in range(s.sessions)]
             runners = [[p.run for p in per_model] for per_model in zip(*slots)]
+            # Each slot's ratio is a median of its rounds: two rounds a slot (interleave's least) let one
+            # disturbed call swing a slot. Three rounds a slot at least, whatever the duration.
             result[str(batch)] = interleave(runners, warmup=self.warmup, duration=s.duration_s, timer=s.timer,
-                                            rewarm=1, seed=s.seed)
+                                            rewarm=1, seed=s.seed, min_rounds=MIN_ROUNDS_PER_SESSION * s.sessions)
             del slots, runners  # free the sessions before the next batch size
         return result
 

@@ -198,7 +198,7 @@ def test_a_gain_below_min_gain_does_not_pay(monkeypatch):
     monkeypatch.setitem(WITHOUT_MS, "r3", 0.0)
     auto = _compile([FakeCostPass()]).report["auto"]
     decisions = {d["id"]: d for d in auto["decisions"]}
-    assert auto["sessions"] == 3 and auto["min_gain"] == 0.01
+    assert auto["sessions"] == 5 and auto["min_gain"] == 0.01
     assert decisions["r2"]["decision"] == "dropped" and decisions["r3"]["decision"] == "dropped"
     ratio = decisions["r2"]["ratios"]["1"]
     assert ratio["ci95"][1] < 1.0 and ratio["ratio"] == pytest.approx(0.995)
