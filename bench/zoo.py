@@ -122,7 +122,6 @@ def _time(original_model, entries: list[dict], args) -> None:
     """Time the original and every tool's model interleaved at each batch; store speedups with their intervals."""
     # The original again, on sessions of its own (an A/A control): what two runs of one identical model show.
     timed = [{"tool": AA_CONTROL, "model": original_model}] + [e for e in entries if "model" in e]
-    labels = ["original", *(e["tool"] for e in timed)]
     report = bench.bench_models([original_model, *(e["model"] for e in timed)],
                                 ["original", *(e["tool"] for e in timed)], batch=args.batches, provider="cpu",
                                 duration=args.duration, threads=args.threads, sessions=args.sessions, seed=args.seed,
@@ -138,7 +137,7 @@ def _time(original_model, entries: list[dict], args) -> None:
                 "speedup": round(1 / ratio["ratio"], 4) if ratio else None,
                 "ci95": [round(1 / ratio["ci95"][1], 4), round(1 / ratio["ci95"][0], 4)] if ratio else None}
             if label in zoo_report.HELD_TO_PEERS:
-                speedups[str(comparison["batch"])]["vs_peers"] = _against_peers(comparison, label, labels, args.seed)
+                speedups[str(comparison["batch"])]["vs_peers"] = _against_peers(comparison, label, args.seed)
         if entry is None:
             entries.insert(0, {"tool": "original", "latency": speedups})
         else:
@@ -149,7 +148,7 @@ def _time(original_model, entries: list[dict], args) -> None:
     entries[0]["timing_settings"] = report["settings"]
 
 
-def _against_peers(comparison: dict, label: str, labels: list[str], seed: int) -> dict:
+def _against_peers(comparison: dict, label: str, seed: int) -> dict:
     """`label`'s time over each peer's (> 1: behind), paired round by round, with the interval of
     `cnnc.runtime.stats.ratio_to_first` over the same session slots (so it holds the session offsets too)."""
     models = {m["label"]: m for m in comparison["models"]}
@@ -159,7 +158,7 @@ def _against_peers(comparison: dict, label: str, labels: list[str], seed: int) -
     groups = [(i * every) % sessions for i in range(len(own["samples_ms"]))] if sessions > 1 else None
     result = {}
     for peer in zoo_report.PEERS:
-        if peer in models and peer in labels and models[peer].get("ratio_to_first"):
+        if peer in models and models[peer].get("ratio_to_first"):
             ratio = ratio_to_first(models[peer]["samples_ms"], own["samples_ms"], seed, groups=groups)
             result[peer] = {"time_ratio": round(ratio["ratio"], 4), "ci95": [round(v, 4) for v in ratio["ci95"]]}
     return result

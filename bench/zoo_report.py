@@ -10,7 +10,7 @@ criteria, each recorded as ok / failed (flagged) / not applicable, per row (mode
   is an A/A pair's, recorded beside it);
 - at every batch, cnnc is not behind the best of the original, onnxsim and onnxslim by more than the measured
   noise: against the original, the criterion above; against each peer, cnnc's time over the peer's, paired round by
-  round, has a 95 % interval (sessions and rounds resampled: `cnnc.runtime.stats`) that reaches 1.00, i.e. the peer
+  round, has a 95 % interval (Student's t over the session slots: `cnnc.runtime.stats`) that reaches 1.00, i.e. the peer
   is not faster with confidence. The A/A control (`original-again`, the original timed again on its own sessions)
   is recorded beside it: what two runs of one model show;
 - nodes <= onnxslim's, and file size <= the original's + 1 %; for --auto's output when it is the input unchanged, the

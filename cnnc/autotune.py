@@ -199,7 +199,7 @@ def faster_with_confidence(per_batch: dict[str, dict]) -> bool:
 
 
 def pays(per_batch: dict[str, dict], min_gain: float) -> bool:
-    """Faster with confidence, and by at least `min_gain` at the median, at every batch size."""
+    """Faster with confidence, and by at least `min_gain` in the ratio itself, at every batch size."""
     return faster_with_confidence(per_batch) and all(
         record["ratio"] <= 1.0 - min_gain + 1e-12 for record in per_batch.values())
 
@@ -221,8 +221,8 @@ def autotune(original: onnx.ModelProto, pipeline: Sequence[Pass], compiled: onnx
     report: dict = {"device": device, "batches": list(measure.batches), "duration_s": settings.duration_s,
                     "budget_s": settings.budget_s, "max_candidates": settings.max_candidates,
                     "sessions": settings.sessions, "min_gain": settings.min_gain,
-                    "rule": (f"kept when, at every batch size, the 95 % interval of its latency ratio (sessions and "
-                             f"rounds resampled) lies below 1 and its median is <= {1 - settings.min_gain:g}"),
+                    "rule": (f"kept when, at every batch size, the 95 % interval of its latency ratio (Student's t over "
+                             f"the session slots) lies below 1 and the ratio is <= {1 - settings.min_gain:g}"),
                     "close_candidates": len(candidates), "decisions": [], "not_timed": []}
     best, best_report, chosen = compiled, pipeline_report, {}
     for rank, candidate in enumerate(candidates):
