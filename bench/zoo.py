@@ -12,7 +12,10 @@ apart with `cnnc.verify`, as is every other tool's), equivalence to the original
 original with its 95 % interval at each batch (ORT_ENABLE_ALL, CPU provider, interleaved: `cnnc.runtime.bench`;
 four sessions per model take turns, and the intervals are Student's t over the session slots, so that they hold
 the ~1 % offset between two sessions of one model),
-then the issue's done-when criteria with each failure flagged (bench/zoo_report.py). Rows are written as they finish
+then the issue's done-when criteria with each failure flagged (bench/zoo_report.py). A latency flag is a screen: the
+row's flagged tools are timed again at once against their references (8 sessions, another seed) and, when the run is
+done, each flag stands only if that timing confirms it at the family-wise level 1 - 0.05 / m (m: the run's screen
+flags; --no-confirm leaves them unconfirmed). Rows are written as they finish
 to bench/results/zoo-<date>.json (+ .md); a rerun skips the rows already there unless --force, so an interrupted
 run resumes. The PNG (bench/zoo_plot.py) is drawn at the end. Exports are cached (cnnc.zoo.exports).
 """
@@ -48,6 +51,7 @@ from cnnc.zoo import EXPORTERS, ZOO, export_zoo_model
 TOOLS = ("cnnc", "cnnc-auto", "onnxsim", "onnxslim", "ort-offline", "timm-reparam")
 DURATION_S, QUICK_DURATION_S = 12.0, 0.5
 SESSIONS, QUICK_SESSIONS = 4, 1
+CONFIRM_SESSIONS, CONFIRM_SEED_OFFSET = 8, 1000
 QUICK_WARMUP = 3
 
 
@@ -68,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads when timing")
     parser.add_argument("--sessions", type=int, default=None,
                         help=f"onnxruntime sessions per model, taking turns ({SESSIONS}; --quick: {QUICK_SESSIONS})")
+    parser.add_argument("--confirm-sessions", type=int, default=CONFIRM_SESSIONS,
+                        help=f"sessions per model when a row's latency flags are timed again ({CONFIRM_SESSIONS})")
+    parser.add_argument("--no-confirm", action="store_true",
+                        help="do not time flagged rows again (their flags then stand unconfirmed)")
     parser.add_argument("--quick", action="store_true", help="short timings, batch 1, fp32")
     parser.add_argument("--no-timing", action="store_true",
                         help="compile, check and count only (e.g. the 224 px compile-time criterion); no latency")
@@ -84,8 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dtypes = _list(args.dtypes or ("fp32" if args.quick else "fp32,fp16"))
     args.duration = args.duration or (QUICK_DURATION_S if args.quick else DURATION_S)
     args.sessions = args.sessions or (QUICK_SESSIONS if args.quick else SESSIONS)
-    if args.sessions < 1:
-        parser.error("--sessions must be >= 1")
+    if args.sessions < 1 or args.confirm_sessions < 2:
+        parser.error("--sessions must be >= 1 and --confirm-sessions >= 2")
     for name in args.models:
         if name not in ZOO:
             parser.error(f"unknown model {name}; choose from {', '.join(ZOO)}")
@@ -152,16 +160,56 @@ def _against_peers(comparison: dict, label: str, seed: int) -> dict:
     """`label`'s time over each peer's (> 1: behind), paired round by round, with the interval of
     `cnnc.runtime.stats.ratio_to_first` over the same session slots (so it holds the session offsets too)."""
     models = {m["label"]: m for m in comparison["models"]}
+    result = {}
+    for peer in zoo_report.PEERS:
+        if peer in models and models[peer].get("ratio_to_first"):
+            ratio = _paired(comparison, label, peer, seed)
+            result[peer] = {"time_ratio": round(ratio["ratio"], 4), "ci95": [round(v, 4) for v in ratio["ci95"]]}
+    return result
+
+
+def _paired(comparison: dict, label: str, reference: str, seed: int) -> dict:
+    """`label`'s time over `reference`'s in one comparison, paired round by round over the kept samples (every
+    kept round of every model is the same round), Student's t over the session slots."""
+    models = {m["label"]: m for m in comparison["models"]}
     own = models[label]
     sessions = comparison.get("sessions_per_model", 1)
     every = own["samples_kept_every"]  # the kept samples are rounds 0, every, 2 every, ... of every model alike
     groups = [(i * every) % sessions for i in range(len(own["samples_ms"]))] if sessions > 1 else None
-    result = {}
-    for peer in zoo_report.PEERS:
-        if peer in models and models[peer].get("ratio_to_first"):
-            ratio = ratio_to_first(models[peer]["samples_ms"], own["samples_ms"], seed, groups=groups)
-            result[peer] = {"time_ratio": round(ratio["ratio"], 4), "ci95": [round(v, 4) for v in ratio["ci95"]]}
-    return result
+    return ratio_to_first(models[reference]["samples_ms"], own["samples_ms"], seed, groups=groups)
+
+
+def _confirm(row: dict, original_model, entries: list[dict], args) -> None:
+    """Time the row's screen-flagged tools again against their references, on new sessions with another seed, and
+    store each pair's session-slot ratios: zoo_report.score confirms or clears each flag from them."""
+    tools, batches = zoo_report.needed_for_confirmation(row)
+    if not tools:
+        return
+    seed = args.seed + CONFIRM_SEED_OFFSET
+    models = {e["tool"]: e["model"] for e in entries if "model" in e}
+    labels = sorted(tools & models.keys())
+    confirmation = {"seed": seed, "sessions": args.confirm_sessions, "duration_s": args.duration,
+                    "tools": labels, "batches": sorted(batches, key=int)}
+    try:
+        report = bench.bench_models([original_model, *(models[t] for t in labels)], ["original", *labels],
+                                    batch=[int(b) for b in confirmation["batches"]], provider="cpu",
+                                    duration=args.duration, threads=args.threads, sessions=args.confirm_sessions,
+                                    seed=seed)
+    except Exception as error:  # noqa: BLE001 - an untimed confirmation leaves the flags standing, with why
+        confirmation["error"] = f"{type(error).__name__}: {first_line(error)}"
+        row["confirmation"] = confirmation
+        return
+    pairs: dict = {}
+    for comparison in report["comparisons"]:
+        for tool in labels:
+            for reference in ["original", *labels]:
+                if reference != tool:
+                    ratio = _paired(comparison, tool, reference, seed)
+                    pairs.setdefault(zoo_report.pair_key(tool, reference), {})[str(comparison["batch"])] = {
+                        "ratio": round(ratio["ratio"], 5), "slots": [round(v, 5) for v in ratio["slots"]]}
+    confirmation["pairs"] = pairs
+    confirmation["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    row["confirmation"] = confirmation
 
 
 def run_row(name: str, exporter: str, size: int, dtype: str, args) -> dict:
@@ -188,10 +236,12 @@ def run_row(name: str, exporter: str, size: int, dtype: str, args) -> dict:
             row["timing_error"] = f"{type(error).__name__}: {first_line(error)}"
             entries.insert(0, {"tool": "original"})
     entries[0].update(zoo_tools.measures(original_model))
+    row["tools"] = entries
+    if not args.no_timing and not args.no_confirm and "timing_error" not in row:
+        _confirm(row, original_model, entries, args)
     for entry in entries:
         entry.pop("model", None)
-    row["tools"] = entries
-    row["criteria"] = zoo_report.criteria(row)
+    row["criteria"] = zoo_report.criteria(row)  # the screen; main() scores the run's flags as one family
     row["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
@@ -203,9 +253,7 @@ def main(argv=None) -> int:
         HERE / "results" / f"zoo-{datetime.date.today().isoformat()}.json")
     report = jsonio.read_json(output) if output.is_file() else {"tool": "bench/zoo.py", "rows": {}}
     if args.rescore:
-        for row in report["rows"].values():
-            if "tools" in row:
-                row["criteria"] = zoo_report.criteria(row)
+        zoo_report.score_report(report)
         jsonio.write_json(output, report, compact_numbers=True, make_parents=True)
         jsonio.write_text(output.with_suffix(".md"), zoo_report.markdown(report))
         print(f"rescored {len(report['rows'])} rows in {output}", file=sys.stderr)
@@ -228,6 +276,9 @@ def main(argv=None) -> int:
             jsonio.write_json(output, report, compact_numbers=True, make_parents=True)
             jsonio.write_text(output.with_suffix(".md"), zoo_report.markdown(report))
             bar.update(1)
+    zoo_report.score_report(report)
+    jsonio.write_json(output, report, compact_numbers=True, make_parents=True)
+    jsonio.write_text(output.with_suffix(".md"), zoo_report.markdown(report))
     try:
         import zoo_plot  # matplotlib is optional: without it the JSON and Markdown stand alone
         zoo_plot.plot(report, output.with_suffix(".png"))

@@ -55,7 +55,11 @@ def run_cnnc(path: Path, batches: list[int], auto: bool = False) -> tuple[onnx.M
     notes = [f"{p['pass']}: {len(p['applied'])} applied, {len(p['skipped'])} skipped"
              + (f", error {p['error']}" if p.get("error") else "") for p in result.report["passes"]]
     if "auto" in result.report:
-        notes.append(f"--auto emitted the {result.report['auto']['emitted']}: {result.report['auto']['why']}")
+        auto = result.report["auto"]
+        notes.append(f"--auto emitted the {auto['emitted']}: {auto['why']}")
+        notes += [f"--auto {name} b{batch}: {record['ratio']:.3f} [{record['ci95'][0]:.3f}, {record['ci95'][1]:.3f}]"
+                  for name, per_batch in (auto.get("final") or {}).items() if isinstance(per_batch, dict)
+                  for batch, record in per_batch.items() if isinstance(record, dict) and "ci95" in record]
     return result.model, seconds, notes
 
 

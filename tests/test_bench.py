@@ -26,7 +26,7 @@ from cnnc.runtime.environment import device_slug
 from cnnc.runtime.feeds import concrete_inputs, make_feeds, static_output_shapes
 from cnnc.runtime.peers import peer_models
 from cnnc.runtime.session import cuda_available, make_session
-from cnnc.runtime.stats import ratio_to_first, summarize
+from cnnc.runtime.stats import ratio_to_first, slot_interval, summarize, t_quantile
 
 NO_GPU = "no CUDA device usable by onnxruntime on this machine (onnxruntime falls back to its CPU provider)"
 
@@ -148,6 +148,42 @@ def test_identical_models_are_called_different_at_the_nominal_rate_over_three_se
         low, high = ratio_to_first(first, other, groups=slots)["ci95"]
         excluded += not low <= 1.0 <= high
     assert 0.02 <= excluded / 600 <= 0.08, excluded
+
+
+@pytest.mark.parametrize(("probability", "df", "expected"), [
+    (0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 4, 2.7764), (0.975, 30, 2.0423),  # printed tables
+    (0.995, 1, 63.6567), (0.995, 7, 3.4995), (0.999, 5, 5.8934),
+    (1 - 1e-5, 2, 0.99998 / np.sqrt(2 * 0.99999 * 1e-5)),  # df = 2 has a closed form: (2p - 1) / sqrt(2p(1 - p))
+])
+def test_t_quantile_matches_the_tables_and_the_closed_form(probability, df, expected):
+    assert t_quantile(probability, df) == pytest.approx(expected, rel=2e-4)
+
+
+def test_t_quantile_rejects_what_it_cannot_compute():
+    for probability, df in ((0.5, 3), (1.0, 3), (0.9, 0)):
+        with pytest.raises(ValueError):
+            t_quantile(probability, df)
+
+
+def test_interval_at_a_family_wise_level_is_wider_and_matches_the_slots():
+    """`level` adds the interval at that level beside the 95 % one; slot_interval gives it back from the stored
+    slots alone (how bench/zoo.py rescores a confirmation at 1 - 0.05 / m)."""
+    rng = np.random.default_rng(3)
+    slots = bench.session_slots(120, 6)
+    first = 1e-3 * (1 + 0.01 * rng.standard_normal(120))
+    other = first * 1.03 * (1 + 0.01 * rng.standard_normal(120))
+    result = ratio_to_first(first, other, groups=slots, level=1 - 0.05 / 20)
+    assert result["level"] == pytest.approx(0.9975)
+    assert result["ci"][0] < result["ci95"][0] <= result["ratio"] <= result["ci95"][1] < result["ci"][1]
+    again = slot_interval(result["slots"], 1 - 0.05 / 20)
+    assert again["ci95"] == pytest.approx(result["ci"]) and again["ratio"] == pytest.approx(result["ratio"])
+    logs = np.log(result["slots"])
+    half = t_quantile(1 - 0.025 / 20, 5) * logs.std(ddof=1) / np.sqrt(6)
+    assert result["ci"] == pytest.approx([np.exp(logs.mean() - half), np.exp(logs.mean() + half)])
+    plain = ratio_to_first(first, other, level=0.99)  # without slots: the rounds' bootstrap at that level
+    assert plain["ci"][0] <= plain["ci95"][0] and plain["ci95"][1] <= plain["ci"][1]
+    with pytest.raises(ValueError, match="two slots"):
+        slot_interval([1.0])
 
 
 # ------------------------------------------------------------------------------------------- interleaving
