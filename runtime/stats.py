@@ -16,6 +16,7 @@ range of the three slots' ratios, which excludes the true ratio a quarter of the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -45,6 +46,7 @@ def summarize(samples_s: Sequence[float], batch: int) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=256)  # ~35 ms a call, and --auto asks for the same few quantiles for every ratio
 def t_quantile(probability: float, df: int) -> float:
     """Student's t quantile: the x with P(T <= x) = `probability`, T with `df` degrees of freedom (0.5 < p < 1).
 

@@ -81,12 +81,15 @@ def _print_auto(auto: dict) -> None:
                f"comparison and batch: {auto['close_candidates']} close candidate(s), {len(auto['kept'])} kept "
                f"({auto['seconds']:.1f} s)")
     for decision in auto["decisions"]:
+        looks = f" ({decision['looks']} timings pooled)" if decision.get("looks", 1) > 1 else ""
         click.echo(f"  {decision['decision']} {decision['pass']} {decision['id']} ({decision['where']}): "
-                   f"vs {decision['against']} {_ratio_text(decision['ratios'])}")
+                   f"vs {decision['against']} {_ratio_text(decision['ratios'])}{looks}")
     for skipped in auto["not_timed"]:
         click.echo(f"  not timed {skipped['pass']} {skipped['id']}: {skipped['why']}")
     for name, per_batch in auto["final"].items():
         click.echo(f"  {name.replace('_', ' ')}: {_ratio_text(per_batch)}")
+    if auto.get("final_looks", 1) > 1 or "budget" in auto.get("final_stop", ""):
+        click.echo(f"  final comparison: {auto['final_looks']} timing(s) on new sessions, pooled: {auto['final_stop']}")
     if auto.get("simplified_note"):
         click.echo(f"  note: {auto['simplified_note']}")
     click.echo(f"  emitted: {auto['emitted']} ({auto['why']})")
