@@ -14,8 +14,8 @@ four sessions per model take turns, and the intervals are Student's t over the s
 the ~1 % offset between two sessions of one model),
 then the issue's done-when criteria with each failure flagged (bench/zoo_report.py). A latency flag is a screen: the
 row's flagged tools are timed again at once against their references (8 sessions, another seed) and, when the run is
-done, each flag stands only if that timing confirms it at the family-wise level 1 - 0.05 / m (m: the run's screen
-flags; --no-confirm leaves them unconfirmed). Rows are written as they finish
+done, a flag stands when that re-timing reproduces it (bench/zoo_report.py's docstring; --no-confirm skips the
+re-timing and every flag stands). Rows are written as they finish
 to bench/results/zoo-<date>.json (+ .md); a rerun skips the rows already there unless --force, so an interrupted
 run resumes. The PNG (bench/zoo_plot.py) is drawn at the end. Exports are cached (cnnc.zoo.exports).
 """
@@ -175,13 +175,13 @@ def _paired(comparison: dict, label: str, reference: str, seed: int) -> dict:
     own = models[label]
     sessions = comparison.get("sessions_per_model", 1)
     every = own["samples_kept_every"]  # the kept samples are rounds 0, every, 2 every, ... of every model alike
-    groups = [(i * every) % sessions for i in range(len(own["samples_ms"]))] if sessions > 1 else None
+    groups = bench.session_slots(comparison["rounds"], sessions)[::every] if sessions > 1 else None
     return ratio_to_first(models[reference]["samples_ms"], own["samples_ms"], seed, groups=groups)
 
 
 def _confirm(row: dict, original_model, entries: list[dict], args) -> None:
-    """Time the row's screen-flagged tools again against their references, on new sessions with another seed, and
-    store each pair's session-slot ratios: zoo_report.score confirms or clears each flag from them."""
+    """Time the row's screen-flagged tools again against their references, on new sessions with another seed (in this
+    process), and store each pair's session-slot ratios: zoo_report.score keeps or clears each flag from them."""
     tools, batches = zoo_report.needed_for_confirmation(row)
     if not tools:
         return
@@ -195,18 +195,18 @@ def _confirm(row: dict, original_model, entries: list[dict], args) -> None:
                                     batch=[int(b) for b in confirmation["batches"]], provider="cpu",
                                     duration=args.duration, threads=args.threads, sessions=args.confirm_sessions,
                                     seed=seed)
+        pairs: dict = {}
+        for comparison in report["comparisons"]:
+            for tool in labels:
+                for reference in ["original", *labels]:
+                    ratio = _paired(comparison, tool, reference, seed) if reference != tool else {}
+                    if "slots" in ratio:  # a pair over fewer than two kept slots has none: not timed again
+                        pairs.setdefault(zoo_report.pair_key(tool, reference), {})[str(comparison["batch"])] = {
+                            "ratio": round(ratio["ratio"], 5), "slots": [round(v, 5) for v in ratio["slots"]]}
     except Exception as error:  # noqa: BLE001 - an untimed confirmation leaves the flags standing, with why
         confirmation["error"] = f"{type(error).__name__}: {first_line(error)}"
         row["confirmation"] = confirmation
         return
-    pairs: dict = {}
-    for comparison in report["comparisons"]:
-        for tool in labels:
-            for reference in ["original", *labels]:
-                if reference != tool:
-                    ratio = _paired(comparison, tool, reference, seed)
-                    pairs.setdefault(zoo_report.pair_key(tool, reference), {})[str(comparison["batch"])] = {
-                        "ratio": round(ratio["ratio"], 5), "slots": [round(v, 5) for v in ratio["slots"]]}
     confirmation["pairs"] = pairs
     confirmation["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     row["confirmation"] = confirmation

@@ -60,7 +60,7 @@ import onnx
 from cnnc.errors import UsageError
 from cnnc.pipeline.contract import Pass
 from cnnc.pipeline.manager import PipelineReport
-from cnnc.runtime.bench import DEFAULT_WARMUP, SessionFactory, Timer, interleave, prepare, session_slots
+from cnnc.runtime.bench import DEFAULT_WARMUP, SessionFactory, Timer, create_slot, interleave, prepare, session_slots
 from cnnc.runtime.session import cuda_available, first_line, make_session
 from cnnc.runtime.stats import ratio_to_first
 
@@ -185,9 +185,10 @@ class _Measure:
         s = self.settings
         result = {}
         for batch in self.batches:
-            slots = [[prepare(model, label, provider=self.device, batch=batch, input_shapes=self.input_shapes,
-                              threads=s.threads, seed=s.seed, timer=s.timer, session_factory=s.session_factory)
-                      for model, label in zip(models, labels)] for _ in range(s.sessions)]
+            slots = [create_slot(lambda i, batch=batch: prepare(
+                models[i], labels[i], provider=self.device, batch=batch, input_shapes=self.input_shapes,
+                threads=s.threads, seed=s.seed, timer=s.timer, session_factory=s.session_factory), len(models), slot)
+                for slot in range(s.sessions)]  # creation order rotated per slot (create_slot)
             runners = [[p.run for p in per_model] for per_model in zip(*slots)]
             # Each slot's ratio is a median of its rounds: two rounds a slot (interleave's least) let one
             # disturbed call swing a slot. Three rounds a slot at least, whatever the duration.
@@ -272,7 +273,7 @@ def autotune(original: onnx.ModelProto, pipeline: Sequence[Pass], compiled: onnx
                     "sessions": settings.sessions, "min_gain": settings.min_gain,
                     "max_extra_looks": settings.max_extra_looks,
                     "rule": (f"kept when, at every batch size, the 95 % interval of its latency ratio (Student's t over "
-                             f"the session slots) lies below 1 and the ratio is <= {1 - settings.min_gain:g}; timed "
+                             f"the session slots of every look) lies below 1 and the ratio is <= {1 - settings.min_gain:g}; timed "
                              f"again on new sessions (at most {settings.max_extra_looks} times, pooled) while only "
                              f"the interval stands in the way"),
                     "close_candidates": len(candidates), "decisions": [], "not_timed": []}

@@ -165,23 +165,22 @@ def test_t_quantile_rejects_what_it_cannot_compute():
             t_quantile(probability, df)
 
 
-def test_interval_at_a_family_wise_level_is_wider_and_matches_the_slots():
-    """`level` adds the interval at that level beside the 95 % one; slot_interval gives it back from the stored
-    slots alone (how bench/zoo.py rescores a confirmation at 1 - 0.05 / m)."""
+def test_slot_interval_at_a_family_wise_level_is_wider_and_is_ratio_to_firsts_at_95():
+    """slot_interval gives the interval from stored slots alone, at any level (how bench/zoo.py scores a
+    confirmation at a family-wise level); at 95 % it is ratio_to_first's over the same slots."""
     rng = np.random.default_rng(3)
     slots = bench.session_slots(120, 6)
     first = 1e-3 * (1 + 0.01 * rng.standard_normal(120))
     other = first * 1.03 * (1 + 0.01 * rng.standard_normal(120))
-    result = ratio_to_first(first, other, groups=slots, level=1 - 0.05 / 20)
-    assert result["level"] == pytest.approx(0.9975)
-    assert result["ci"][0] < result["ci95"][0] <= result["ratio"] <= result["ci95"][1] < result["ci"][1]
-    again = slot_interval(result["slots"], 1 - 0.05 / 20)
-    assert again["ci95"] == pytest.approx(result["ci"]) and again["ratio"] == pytest.approx(result["ratio"])
+    result = ratio_to_first(first, other, groups=slots)
+    at_95 = slot_interval(result["slots"])
+    assert at_95["ci"] == pytest.approx(result["ci95"]) and at_95["ratio"] == pytest.approx(result["ratio"])
+    wide = slot_interval(result["slots"], 1 - 0.05 / 20)
+    assert wide["level"] == pytest.approx(0.9975)
+    assert wide["ci"][0] < result["ci95"][0] <= result["ratio"] <= result["ci95"][1] < wide["ci"][1]
     logs = np.log(result["slots"])
     half = t_quantile(1 - 0.025 / 20, 5) * logs.std(ddof=1) / np.sqrt(6)
-    assert result["ci"] == pytest.approx([np.exp(logs.mean() - half), np.exp(logs.mean() + half)])
-    plain = ratio_to_first(first, other, level=0.99)  # without slots: the rounds' bootstrap at that level
-    assert plain["ci"][0] <= plain["ci95"][0] and plain["ci95"][1] <= plain["ci"][1]
+    assert wide["ci"] == pytest.approx([np.exp(logs.mean() - half), np.exp(logs.mean() + half)])
     with pytest.raises(ValueError, match="two slots"):
         slot_interval([1.0])
 
@@ -442,6 +441,28 @@ def test_bench_models_with_several_sessions_per_model():
     assert comparison["models"][1]["ratio_to_first"]["ratio"] == pytest.approx(1.0)
     with pytest.raises(UsageError, match="sessions"):
         bench.bench_models([_conv_model(0)], sessions=0, iters=1)
+
+
+def test_each_session_slot_creates_the_models_in_a_rotated_order():
+    created = []
+    slots = [bench.create_slot(lambda i, slot=slot: created.append((slot, i)) or f"m{i}s{slot}", 3, slot)
+             for slot in range(4)]
+    assert slots == [[f"m{i}s{slot}" for i in range(3)] for slot in range(4)]  # returned in model order
+    assert [i for _, i in created] == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]  # each model in each position in turn
+
+
+def test_bench_models_rotates_session_creation_over_the_slots():
+    order = []
+
+    def recording_factory(model, *args, **kwargs):
+        order.append(model.graph.name)
+        return make_session(model, *args, **kwargs)
+
+    models = [_conv_model(0), _conv_model(1)]
+    models[0].graph.name, models[1].graph.name = "a", "b"
+    bench.bench_models(models, ["a", "b"], batch=1, provider="cpu", warmup=1, iters=4, sessions=2,
+                       session_factory=recording_factory)
+    assert order == ["a", "b", "b", "a"]
 
 
 def test_labels_and_errors():
