@@ -57,6 +57,7 @@ def run_cnnc(path: Path, batches: list[int], auto: bool = False) -> tuple[onnx.M
     if "auto" in result.report:
         auto = result.report["auto"]
         notes.append(f"--auto emitted the {auto['emitted']}: {auto['why']}")
+        notes.append(f"--auto final comparison: {auto.get('final_looks', 1)} look(s), {auto.get('final_stop', '')}")
         notes += [f"--auto {name} b{batch}: {record['ratio']:.3f} [{record['ci95'][0]:.3f}, {record['ci95'][1]:.3f}]"
                   for name, per_batch in (auto.get("final") or {}).items() if isinstance(per_batch, dict)
                   for batch, record in per_batch.items() if isinstance(record, dict) and "ci95" in record]
