@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/ holds scripts, not a package
 
 import numpy as np
+import onnx
+import onnx.helper as oh
+import zoo
 import zoo_report
+from helpers import make_model
 
 
 def _latency(speedup: float, low: float, high: float, rounds: int = 60) -> dict:
@@ -160,3 +165,35 @@ def test_the_family_wise_mark_falls_on_equal_models_less_than_5_percent_of_runs(
         reproduced += sum(o != "cleared" for o in outcomes)
     assert marked / runs < 0.06
     assert 0.018 < reproduced / (10 * runs) < 0.032
+
+
+def _relu(batch: str = "N") -> onnx.ModelProto:
+    return make_model([oh.make_node("Relu", ["x"], ["y"])], [("x", [batch, 8, 16, 16])], [("y", [batch, 8, 16, 16])])
+
+
+def test_the_re_timing_times_the_flagged_pairs_on_real_sessions_and_scoring_reads_them():
+    """bench/zoo.py's re-timing on tiny real models: the pairs the flags name, keyed by batch as the screen is,
+    with one ratio per session slot; an equal model's flags are cleared or reproduced, never left untimed."""
+    row = _flagged_row(None)
+    tools = {entry["tool"]: entry for entry in row["tools"]}
+    tools["cnnc"]["model"], tools["onnxslim"]["model"] = _relu(), _relu()
+    args = SimpleNamespace(seed=0, confirm_sessions=3, duration=0.05, threads=1)
+    zoo._confirm(row, _relu(), row["tools"], args)
+    confirmation = row["confirmation"]
+    assert confirmation["tools"] == ["cnnc", "onnxslim"] and confirmation["batches"] == ["1"]
+    assert set(confirmation["pairs"]) >= {"cnnc/original", "cnnc/onnxslim"}
+    assert len(confirmation["pairs"]["cnnc/original"]["1"]["slots"]) == 3
+    checks = zoo_report.score(row, 1 - 0.05 / 2, 2)["checks"]
+    for name in ("cnnc never slower b1", "cnnc not behind peers b1"):
+        assert checks[name]["confirmation"].split(" ")[0] in ("cleared", "REPRODUCED", "CONFIRMED")
+
+
+def test_a_re_timing_that_cannot_run_leaves_the_flags_standing_with_why():
+    row = _flagged_row(None)
+    tools = {entry["tool"]: entry for entry in row["tools"]}
+    tools["cnnc"]["model"] = make_model([oh.make_node("Relu", ["missing"], ["y"])], [("x", [1, 8])], [("y", [1, 8])])
+    tools["onnxslim"]["model"] = _relu()
+    zoo._confirm(row, _relu(), row["tools"], SimpleNamespace(seed=0, confirm_sessions=2, duration=0.05, threads=1))
+    assert "error" in row["confirmation"] and "pairs" not in row["confirmation"]
+    check = zoo_report.score(row, 0.99, 2)["checks"]["cnnc never slower b1"]
+    assert check["ok"] is False and check["confirmation"].startswith("not timed again")
